@@ -1,0 +1,275 @@
+"""Llama-family decoder-only transformer in Flax (linen).
+
+RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention, optional tied
+embeddings, optional QKV biases (Qwen2), compute dtype f32 or bf16 with f32
+parameters, optional remat and scan over layers. Attention honours packed rows:
+a token attends only to earlier tokens of its own segment, and rotary phases
+come from per-document `positions`.
+
+Every parameter carries logical axis names (see `cpt_jax/parallel/sharding.py`
+for the rules that map them onto the mesh). Shape suffixes: B batch, L length,
+D d_model, H query heads, K kv heads, G = H / K, E head dim, F mlp dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cpt_jax.model import rope
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters (mirrors `config.model`)."""
+
+  vocab_size: int = 259
+  vocab_pad_multiple: int = 128  # tables padded so 'vocab' shards evenly; logits sliced back
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0: d_model // num_heads
+  mlp_dim: int = 1024
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: str = ""  # '', 'linear' or 'llama3'
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype: 'float32' or 'bfloat16'
+  remat: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = False
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    m = max(1, self.vocab_pad_multiple)
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    """Builds from a ConfigDict/dict holding (a superset of) these fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    items = cfg.items() if hasattr(cfg, "items") else dict(cfg).items()
+    return cls(**{k: v for k, v in items if k in names})
+
+
+def _init(std: float, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm; statistics in float32."""
+
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    scale_D = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        (x_BxLxD.shape[-1],), jnp.float32)
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_D).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) with logical axis names."""
+
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  std: float
+  dtype: Any
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(self.std, self.names),
+                        self.in_shape + self.out_shape, jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
+                      axes=len(self.in_shape))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.names[len(self.in_shape):]), self.out_shape, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention over packed rows."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    c = self.cfg
+    h, k, e = c.num_heads, c.num_kv_heads, c.resolved_head_dim
+    g = h // k
+    dt = c.compute_dtype
+    out_std = c.init_std / (2 * c.num_layers) ** 0.5
+
+    def proj(name, heads, axis_name):
+      return Dense((c.d_model,), (heads, e), ("embed", axis_name, "head_dim"), c.init_std,
+                   dt, use_bias=c.qkv_bias, name=name)(x_BxLxD)
+
+    q_BxLxHxE = proj("q", h, "q_heads")
+    k_BxLxKxE = proj("k", k, "kv_heads")
+    v_BxLxKxE = proj("v", k, "kv_heads")
+
+    sin_BxLxE, cos_BxLxE = rope.sin_cos(positions_BxL, e, c)
+    q_BxLxHxE = rope.apply(q_BxLxHxE, sin_BxLxE, cos_BxLxE)
+    k_BxLxKxE = rope.apply(k_BxLxKxE, sin_BxLxE, cos_BxLxE)
+
+    b, l = segment_ids_BxL.shape
+    q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k, g, e) * jnp.asarray(e ** -0.5, dt)
+    logits_BxKxGxLxL = jnp.einsum(
+        "bqkge,btke->bkgqt", q_BxLxKxGxE, k_BxLxKxE).astype(jnp.float32)
+    causal_LxL = jnp.tril(jnp.ones((l, l), jnp.bool_))
+    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    mask_Bx1x1xLxL = (same_doc_BxLxL & causal_LxL)[:, None, None]
+    logits_BxKxGxLxL = jnp.where(mask_Bx1x1xLxL, logits_BxKxGxLxL, -1e30)
+    probs = jax.nn.softmax(logits_BxKxGxLxL, axis=-1).astype(dt)
+    out_BxLxKxGxE = jnp.einsum("bkgqt,btke->bqkge", probs, v_BxLxKxE)
+    out_BxLxHxE = out_BxLxKxGxE.reshape(b, l, h, e)
+    out_BxLxHxE = nn.with_logical_constraint(
+        out_BxLxHxE, ("activation_batch", "activation_length", "activation_heads", None))
+    return Dense((h, e), (c.d_model,), ("q_heads", "head_dim", "embed"), out_std, dt,
+                 name="o")(out_BxLxHxE)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    c = self.cfg
+    dt = c.compute_dtype
+
+    def dense(name, n_in, n_out, names, std, x):
+      return Dense((n_in,), (n_out,), names, std, dt, name=name)(x)
+
+    gate_BxLxF = dense("gate", c.d_model, c.mlp_dim, ("embed", "mlp"), c.init_std, x_BxLxD)
+    up_BxLxF = dense("up", c.d_model, c.mlp_dim, ("embed", "mlp"), c.init_std, x_BxLxD)
+    h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
+    h_BxLxF = nn.with_logical_constraint(
+        h_BxLxF, ("activation_batch", "activation_length", "activation_mlp"))
+    out_std = c.init_std / (2 * c.num_layers) ** 0.5
+    return dense("down", c.mlp_dim, c.d_model, ("mlp", "embed"), out_std, h_BxLxF)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    c = self.cfg
+    x_BxLxD = nn.with_logical_constraint(
+        x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+    h = RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + Attention(c, name="attn")(h, segment_ids_BxL, positions_BxL)
+    h = RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + MLP(c, name="mlp")(h)
+    if c.scan_layers:
+      return x_BxLxD, None
+    return x_BxLxD
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM: tokens [B, L] -> logits [B, L, V] (and final hidden [B, L, D])."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None,
+               return_hidden: bool = False):
+    c = self.cfg
+    b, l = tokens_BxL.shape
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+
+    embed = nn.Embed(
+        num_embeddings=c.padded_vocab_size, features=c.d_model, dtype=c.compute_dtype,
+        param_dtype=jnp.float32, name="embed",
+        embedding_init=_init(c.init_std if c.tie_embeddings else 1.0,
+                             ("vocab", "embed")))
+    x_BxLxD = embed(tokens_BxL)
+
+    layer_cls = DecoderLayer
+    if c.remat != "none":
+      if c.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={c.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+      layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[c.remat],
+                           prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(
+          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
+      x_BxLxD, _ = stack(x_BxLxD, segment_ids_BxL, positions_BxL)
+    else:
+      for i in range(c.num_layers):
+        x_BxLxD = layer_cls(c, name=f"layers_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL)
+
+    hidden_BxLxD = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x_BxLxD)
+    if c.tie_embeddings:
+      logits_BxLxV = embed.attend(hidden_BxLxD)
+    else:
+      logits_BxLxV = Dense((c.d_model,), (c.padded_vocab_size,), ("embed", "vocab"),
+                           c.init_std, c.compute_dtype, name="lm_head")(hidden_BxLxD)
+    if c.padded_vocab_size != c.vocab_size:
+      logits_BxLxV = logits_BxLxV[..., :c.vocab_size]
+    logits_BxLxV = nn.with_logical_constraint(
+        logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
+    if return_hidden:
+      return logits_BxLxV, hidden_BxLxD
+    return logits_BxLxV
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters that take part in matmuls (embedding lookup excluded)."""
+  e = cfg.resolved_head_dim
+  attn = cfg.d_model * e * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = 3 * cfg.d_model * cfg.mlp_dim
+  return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+  """Model FLOPs per token: 2 per matmul weight and attention score (x3 for training).
+
+  Attention is counted over the full L x L score matrix (PaLM's convention).
+  """
+  fwd = 2 * matmul_params(cfg) + 4 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+  return 3 * fwd if training else fwd

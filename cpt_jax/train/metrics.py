@@ -1,0 +1,96 @@
+"""Metric sinks (JSONL + TensorBoard via clu) and a matmul peak probe for MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _jsonable(v: Any) -> Any:
+  if isinstance(v, (np.floating, float)):
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+  if isinstance(v, (np.integer, int)):
+    return int(v)
+  if isinstance(v, Mapping):
+    return {str(k): _jsonable(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple, np.ndarray)):
+    return [_jsonable(x) for x in np.asarray(v).tolist()] if isinstance(v, np.ndarray) \
+        else [_jsonable(x) for x in v]
+  return v
+
+
+def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """{'a': {'b': 1}} -> {'a/b': 1.0}, keeping scalars only."""
+  out = {}
+  for k, v in metrics.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "/"))
+    elif np.ndim(v) == 0 and isinstance(v, (int, float, np.number)):
+      out[key] = float(v)
+  return out
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to DIR/metrics.jsonl and writes
+  scalars to TensorBoard event files under DIR/tensorboard (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")
+      if tensorboard:
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+        self._tb = metric_writers.create_default_writer(
+            os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "time": time.time(), **_jsonable(dict(metrics))}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.write_scalars(int(step), flatten(metrics))
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of DIR/metrics.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of an n x n matmul on the default device (best of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best

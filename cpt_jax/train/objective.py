@@ -1,0 +1,149 @@
+"""The continued pre-training objective over rows with roles.
+
+  loss = CE(new rows) + lambda_replay * CE(replay rows)            [one token mean]
+       + lambda_kd * tau^2 * KL(teacher || student)(distill rows)  [distill-token mean]
+       + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
+       + z_loss * mean(log Z^2)
+
+The CE terms share one normaliser (all CE tokens), so lambda_replay = 1 is plain
+data mixing. The teacher is a frozen copy of the stage's starting model; it runs
+only on the distill rows, gathered by `distill_index` (see `make_loss_fn`).
+Every term is returned on its own in `aux`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from cpt_jax import batch as batch_lib
+from cpt_jax.train import loss as loss_lib
+
+Array = jax.Array
+
+
+def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array, tau: float) -> Array:
+  """KL(softmax(t/tau) || softmax(s/tau)) per token: [N, L]."""
+  t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+  s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+  return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+def teacher_topk(teacher_logits_NxLxV: Array, k: int, tau: float) -> tuple[Array, Array]:
+  """The teacher's top-k log-probabilities [N, L, k] and their token ids [N, L, k].
+
+  This is all the top-k KL needs, so teacher outputs can be precomputed and stored.
+  """
+  t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+  logp_NxLxK, ids_NxLxK = jax.lax.top_k(t, k)
+  return logp_NxLxK, ids_NxLxK
+
+
+def kl_topk(teacher_logp_NxLxK: Array, teacher_ids_NxLxK: Array,
+            student_logits_NxLxV: Array, tau: float) -> Array:
+  """KL over k+1 buckets (the teacher's top-k tokens and 'the rest'): [N, L].
+
+  Exactly zero when student == teacher, positive otherwise; needs only the
+  teacher's top-k log-probabilities.
+  """
+  s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+  s_top = jnp.take_along_axis(s, teacher_ids_NxLxK, axis=-1)
+  p_top = jnp.exp(teacher_logp_NxLxK)
+  kl_top = jnp.sum(p_top * (teacher_logp_NxLxK - s_top), axis=-1)
+  eps = 1e-6
+  t_rest = jnp.clip(1.0 - jnp.sum(p_top, axis=-1), eps, 1.0)
+  s_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(s_top), axis=-1), eps, 1.0)
+  return kl_top + t_rest * (jnp.log(t_rest) - jnp.log(s_rest))
+
+
+def l2_to_anchor(params: Any, anchor: Any, weights: Any | None = None) -> Array:
+  """sum w * (theta - theta_0)^2 over all leaves (w = 1 for L2-SP, Fisher for EWC)."""
+  if weights is None:
+    terms = jax.tree.map(lambda p, a: jnp.sum(jnp.square(p - a)), params, anchor)
+  else:
+    terms = jax.tree.map(lambda p, a, f: jnp.sum(f * jnp.square(p - a)), params, anchor, weights)
+  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+
+
+def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0):
+  """Returns loss_fn(params, batch, frozen) -> (loss, aux).
+
+  apply_fn(params, inputs, segment_ids, positions) -> logits [B, L, V].
+  batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [Bd]
+    (row indices of distill rows, -1 = unused slot). Without it, or with
+    lambda_kd == 0, no teacher forward is traced at all.
+  frozen: {'teacher': params, 'fisher': tree} as the objective needs.
+  """
+  lambda_replay = float(obj_cfg.lambda_replay)
+  lambda_kd = float(obj_cfg.lambda_kd)
+  tau = float(obj_cfg.kd_temperature)
+  topk = int(obj_cfg.kd_topk)
+  l2sp = float(obj_cfg.l2sp)
+  ewc = float(obj_cfg.ewc)
+  nroles = len(batch_lib.ROLES)
+  # CE weight per role: new, replay, distill (KL only), eval (never trained).
+  ce_role_weight = jnp.asarray([1.0, lambda_replay, 0.0, 0.0], jnp.float32)
+
+  def loss_fn(params, batch, frozen):
+    logits_BxLxV = apply_fn(params, batch["inputs"], batch["segment_ids"], batch["positions"])
+    ce_BxL, log_z_BxL = loss_lib.cross_entropy(logits_BxLxV, batch["targets"])
+    weights_BxL = batch["loss_weights"].astype(jnp.float32)
+    roles_B = batch["roles"]
+
+    # Monitoring sums: CE per row -> per domain and per role.
+    ce_row_B = loss_lib.row_sums(ce_BxL, weights_BxL)
+    tok_row_B = jnp.sum(weights_BxL, axis=-1)
+    aux = {
+        "domain_ce_sum": loss_lib.group_sums(ce_row_B, batch["domain_ids"], num_domains),
+        "domain_tokens": loss_lib.group_sums(tok_row_B, batch["domain_ids"], num_domains),
+        "role_ce_sum": loss_lib.group_sums(ce_row_B, roles_B, nroles),
+        "role_tokens": loss_lib.group_sums(tok_row_B, roles_B, nroles),
+    }
+
+    ce_w_BxL = weights_BxL * ce_role_weight[roles_B][:, None]
+    ce_den = jnp.sum(ce_w_BxL)
+    ce_term = loss_lib.safe_div(jnp.sum(ce_BxL * ce_w_BxL), ce_den)
+    loss = ce_term
+    aux["ce_term"] = ce_term
+    if z_loss:
+      z_term = z_loss * loss_lib.safe_div(jnp.sum(jnp.square(log_z_BxL) * ce_w_BxL), ce_den)
+      aux["z_term"] = z_term
+      loss = loss + z_term
+
+    teacher_rows = 0
+    if lambda_kd > 0 and "distill_index" in batch:
+      idx_N = batch["distill_index"]
+      valid_N = (idx_N >= 0) & (roles_B[jnp.maximum(idx_N, 0)] == batch_lib.DISTILL)
+      safe_N = jnp.maximum(idx_N, 0)
+      take = lambda x: jnp.take(x, safe_N, axis=0)
+      teacher_logits = apply_fn(frozen["teacher"], take(batch["inputs"]),
+                                take(batch["segment_ids"]), take(batch["positions"]))
+      teacher_logits = jax.lax.stop_gradient(teacher_logits)
+      student_logits = take(logits_BxLxV)
+      if topk > 0:
+        t_logp, t_ids = teacher_topk(teacher_logits, topk, tau)
+        kl_NxL = kl_topk(t_logp, t_ids, student_logits, tau)
+      else:
+        kl_NxL = kl_full(teacher_logits, student_logits, tau)
+      w_NxL = take(weights_BxL) * valid_N[:, None]
+      kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), jnp.sum(w_NxL))
+      aux["kd_term"] = kd_term
+      aux["kd_tokens"] = jnp.sum(w_NxL)
+      loss = loss + lambda_kd * tau ** 2 * kd_term
+      teacher_rows = idx_N.shape[0]
+    aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
+
+    if l2sp > 0:
+      term = 0.5 * l2_to_anchor(params, frozen["teacher"])
+      aux["l2sp_term"] = term
+      loss = loss + l2sp * term
+    if ewc > 0:
+      term = 0.5 * l2_to_anchor(params, frozen["teacher"], frozen["fisher"])
+      aux["ewc_term"] = term
+      loss = loss + ewc * term
+    aux["loss"] = loss
+    return loss, aux
+
+  return loss_fn

@@ -1,0 +1,124 @@
+"""The jit-compiled, sharded train step (with gradient accumulation)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cpt_jax import batch as batch_lib
+from cpt_jax.parallel import sharding as shd
+from cpt_jax.train.state import TrainState
+
+# aux entries that add up over microbatches; every other entry is averaged.
+_SUMMED = ("domain_ce_sum", "domain_tokens", "role_ce_sum", "role_tokens", "kd_tokens",
+           "teacher_rows")
+
+
+def _combine_micro(aux_list: dict, num_micro: int) -> dict:
+  return {k: (v if k in _SUMMED else v / num_micro) for k, v in aux_list.items()}
+
+
+def microbatch_split(x_BxX: jax.Array, num_micro: int) -> jax.Array:
+  """[B, ...] -> [A, B/A, ...] with microbatch m = rows m, A+m, 2A+m, ...
+
+  Strided (not contiguous) so every device's shard contributes to every
+  microbatch and no resharding is needed.
+  """
+  b = x_BxX.shape[0]
+  return x_BxX.reshape(b // num_micro, num_micro, *x_BxX.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    grad_accum: int = 1) -> Callable:
+  """step(state, batch) -> (state, metrics); pure, jit it with `jit_train_step`.
+
+  With grad_accum = A > 1 the batch is cut into A microbatches (see
+  `microbatch_split`); `batch['distill_index']`, if present, is then [A, Bd]
+  with indices local to each microbatch.
+  """
+
+  def grads_and_aux(params, batch, frozen):
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
+    return grads, aux
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    if grad_accum == 1:
+      mb = dict(batch)
+      if "distill_index" in mb:
+        mb["distill_index"] = mb["distill_index"][0]
+      grads, aux = grads_and_aux(state.params, mb, state.frozen)
+    else:
+      micro = {k: (v if k == "distill_index" else microbatch_split(v, grad_accum))
+               for k, v in batch.items()}
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      _, aux_shape = jax.eval_shape(
+          grads_and_aux, state.params, jax.tree.map(lambda x: x[0], micro), state.frozen)
+      zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+
+      def body(carry, mb):
+        g_acc, a_acc = carry
+        g, a = grads_and_aux(state.params, mb, state.frozen)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
+
+      (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
+      grads = jax.tree.map(lambda g: g / grad_accum, grads)
+      aux = _combine_micro(aux, grad_accum)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    aux["grad_norm"] = optax.global_norm(grads)
+    aux["update_norm"] = optax.global_norm(updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, aux
+
+  return step
+
+
+def batch_shardings(mesh: Mesh, keys) -> dict[str, NamedSharding]:
+  """Batch fields sharded by rows; `distill_index` replicated."""
+  bsh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+  return {k: (rep if k == "distill_index" else bsh) for k in keys}
+
+
+def jit_train_step(step: Callable, state_sh: TrainState, mesh: Mesh, rules,
+                   batch_keys=batch_lib.FIELDS) -> Callable:
+  """jax.jit with in/out shardings and the state donated.
+
+  The returned function traces under the mesh and logical axis rules, so the
+  model's activation constraints resolve.
+  """
+  jitted = jax.jit(step, in_shardings=(state_sh, batch_shardings(mesh, batch_keys)),
+                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=(0,))
+
+  def run(state, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run
+
+
+def distill_index(roles_B: np.ndarray, grad_accum: int, min_bucket: int = 1) -> np.ndarray | None:
+  """Host-side: [A, Bd] indices of distill rows per microbatch, or None if none.
+
+  Bd is rounded up to a power of two (>= min_bucket) so only a few step
+  variants are ever compiled; unused slots are -1.
+  """
+  roles_B = np.asarray(roles_B)
+  per_micro = [np.nonzero(roles_B[m::grad_accum] == batch_lib.DISTILL)[0]
+               for m in range(grad_accum)]
+  most = max(len(ix) for ix in per_micro)
+  if most == 0:
+    return None
+  rows = len(roles_B) // grad_accum
+  bucket = min(max(min_bucket, 1 << (most - 1).bit_length()), rows)
+  out = np.full((grad_accum, bucket), -1, np.int32)
+  for m, ix in enumerate(per_micro):
+    out[m, :len(ix)] = ix
+  return out

@@ -1,0 +1,313 @@
+"""The training loop: one run (one stage) from a config to a checkpointed model.
+
+Init order: (1) resume from the latest checkpoint in `<workdir>/checkpoints`;
+else (2) warm-start params from `train.init_checkpoint` (continued
+pre-training; the optimizer starts fresh); else (3) random init.
+
+Side effects (I/O, logging, checkpoints) live here; everything inside
+`jit` is pure (see step.py / objective.py). Metrics are fetched one step
+late so dispatch stays asynchronous; a NaN/Inf loss raises FloatingPointError
+before any checkpoint of that step is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cpt_jax import batch as batch_lib
+from cpt_jax import config as config_lib
+from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
+from cpt_jax.parallel import distributed
+from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import checkpoint as ckpt_lib
+from cpt_jax.train import metrics as metrics_lib
+from cpt_jax.train import objective as objective_lib
+from cpt_jax.train import optimizer as optimizer_lib
+from cpt_jax.train import state as state_lib
+from cpt_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What a run builds before its first step (also used by eval and benchmarks)."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model_cfg: ModelConfig
+  model: Transformer
+  tx: Any
+  schedule: Callable
+  state_sh: state_lib.TrainState
+  frozen_keys: tuple[str, ...]
+
+  def apply_fn(self, params, inputs, segment_ids, positions):
+    return self.model.apply({"params": params}, inputs, segment_ids, positions)
+
+
+def needs_teacher(obj_cfg) -> bool:
+  return obj_cfg.lambda_kd > 0 or obj_cfg.l2sp > 0 or obj_cfg.ewc > 0
+
+
+def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext:
+  """Validates the config and builds mesh, model, optimizer and shardings."""
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate_config(config, len(devices), jax.process_count())
+  mesh = shd.make_mesh(config.sharding.mesh_shape, devices)
+  rules = shd.rules_from_config(config.sharding.logical_axis_rules)
+  model_cfg = ModelConfig.from_config(config.model)
+  model = Transformer(model_cfg)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  frozen_keys = ("teacher",) if needs_teacher(config.objective) else ()
+  if config.objective.ewc > 0:
+    frozen_keys += ("fisher",)
+  state_sh = state_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len, frozen_keys)
+  return RunContext(config, mesh, rules, model_cfg, model, tx, schedule, state_sh, frozen_keys)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class Trainer:
+  """Runs `config.train.steps` steps of one stage in `workdir`.
+
+  Hooks for later components: `frozen_fn(ctx, params, pipeline) -> dict` builds
+  the frozen trees (teacher, Fisher) at a fresh start; `on_metrics(step,
+  metrics, pipeline)` sees every logged record (rate controllers use it).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               pipeline=None, frozen_fn: Callable | None = None,
+               on_metrics: Callable | None = None, devices=None):
+    distributed.maybe_initialize(config.distributed)
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.ctx = build_context(config, devices)
+    self.is_lead = jax.process_index() == 0
+    os.makedirs(self.workdir, exist_ok=True)
+    if pipeline is None:
+      from cpt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+      pipeline = data_lib.make_pipeline(
+          config.data, global_batch_size=config.train.global_batch_size,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          workdir=self.workdir)
+    self.pipeline = pipeline
+    self.frozen_fn = frozen_fn
+    self.on_metrics = on_metrics
+    self.checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+        async_save=config.train.async_checkpoints)
+    obj = config.objective
+    self.loss_fn = objective_lib.make_loss_fn(
+        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss)
+    self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.tx,
+                                             config.train.grad_accum_steps)
+    self._jitted: dict[bool, Callable] = {}
+    self.teacher_skipped_steps = 0
+    self.teacher_rows = 0
+    self.state: state_lib.TrainState | None = None
+
+  # ------------------------------------------------------------------ init
+  def _jit_for(self, with_distill: bool) -> Callable:
+    if with_distill not in self._jitted:
+      keys = batch_lib.FIELDS + (("distill_index",) if with_distill else ())
+      self._jitted[with_distill] = step_lib.jit_train_step(
+          self._step_fn, self.ctx.state_sh, self.ctx.mesh, self.ctx.rules, keys)
+    return self._jitted[with_distill]
+
+  def initial_state(self) -> tuple[state_lib.TrainState, str]:
+    """Resume > warm start > scratch; returns (state, how)."""
+    c, ctx = self.config, self.ctx
+    if self.checkpointer.latest_step() is not None:
+      abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len,
+                                          ctx.frozen_keys)
+      state, host = self.checkpointer.restore(abstract)
+      self.pipeline.restore(host["data"])
+      self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
+      return state, f"resumed from step {int(state.step)}"
+    if c.train.init_checkpoint:
+      abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len)
+      params = ckpt_lib.restore_params(c.train.init_checkpoint, abstract.params)
+      state = state_lib.with_params(params, ctx.tx, ctx.state_sh)
+      how = f"warm start from {c.train.init_checkpoint}"
+    else:
+      state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len)
+      how = "random init"
+    if ctx.frozen_keys:
+      frozen = self.frozen_fn(ctx, state.params, self.pipeline) if self.frozen_fn else {
+          "teacher": state.params}
+      frozen = jax.tree.map(lambda x, s: jax.device_put(x, s), frozen,
+                            {k: ctx.state_sh.frozen[k] for k in frozen})
+      state = state.replace(frozen=frozen)
+    return state, how
+
+  # ------------------------------------------------------------------ batches
+  def _device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, self.ctx.mesh)
+    if self.config.objective.lambda_kd > 0:
+      roles = local["roles"]
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        roles = np.asarray(multihost_utils.process_allgather(roles, tiled=True))
+      idx = step_lib.distill_index(roles, self.config.train.grad_accum_steps)
+      if idx is not None:
+        batch["distill_index"] = jax.device_put(idx, shd.replicated(self.ctx.mesh))
+    return batch
+
+  # ------------------------------------------------------------------ loop
+  def run(self) -> dict[str, Any]:
+    """Trains to `train.steps`; returns a summary (final step, last metrics, ...)."""
+    c, ctx = self.config, self.ctx
+    t = c.train
+    self.state, how = self.initial_state()
+    start = int(jax.device_get(self.state.step))
+    logging.info("cpt_jax: %s; training steps %d..%d", how, start, t.steps)
+    if self.is_lead:
+      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(c.to_json_best_effort(indent=2))
+    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
+    peak = float(t.peak_flops) or metrics_lib.measure_matmul_peak(
+        dtype=jnp.dtype(c.model.dtype))
+    flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len)
+    tokens_per_step = t.global_batch_size * c.data.seq_len
+    domains = list(self.pipeline.domains)
+
+    bar = None
+    if t.progress_bar and self.is_lead:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=t.steps, initial=start, desc=os.path.basename(self.workdir) or "train",
+                 unit="step", dynamic_ncols=True)
+
+    window = _Window(len(domains))
+    pending = None  # (step, device metrics) of the last dispatched step
+    last: dict[str, Any] = {}
+    t_window = time.perf_counter()
+
+    def settle(pending_item):
+      """Fetches a step's metrics; raises on a non-finite loss."""
+      s, m = pending_item
+      m = jax.device_get(m)
+      loss = float(m["loss"])
+      if not np.isfinite(loss):
+        latest = self.checkpointer.latest_step()
+        self.checkpointer.wait()
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {s} (run {self.workdir}); stopping. The last good "
+            f"checkpoint is step {latest}" if latest is not None else
+            f"loss is {loss} at step {s} (run {self.workdir}); stopping before any checkpoint")
+      if int(m["teacher_rows"]) == 0:
+        self.teacher_skipped_steps += 1
+      self.teacher_rows += int(m["teacher_rows"])
+      window.add(m)
+      return s, m
+
+    try:
+      for step in range(start, t.steps):
+        local = self.pipeline.next_batch()
+        batch = self._device_batch(local)
+        fn = self._jit_for("distill_index" in batch)
+        self.state, m = fn(self.state, batch)
+        if pending is not None:
+          settle(pending)
+        pending = (step + 1, m)
+        done = step + 1
+        is_last = done == t.steps
+        if done % t.log_every == 0 or is_last or done % t.checkpoint_every == 0:
+          settle(pending)
+          pending = None
+        if done % t.log_every == 0 or is_last:
+          dt = time.perf_counter() - t_window
+          record = window.summary(domains)
+          tps = window.steps * tokens_per_step / max(dt, 1e-9)
+          record.update(
+              learning_rate=float(ctx.schedule(done - 1)), tokens_per_sec=tps,
+              mfu=tps * flops_tok / peak, teacher_skipped_steps=self.teacher_skipped_steps,
+              teacher_rows=self.teacher_rows, weights=_named(domains, self.pipeline.weights),
+              data=self.pipeline.stats())
+          writer.write(done, record)
+          if self.on_metrics is not None:
+            self.on_metrics(done, record, self.pipeline)
+          last = record
+          window = _Window(len(domains))
+          t_window = time.perf_counter()
+          if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        if done % t.checkpoint_every == 0 or is_last:
+          self.save(done)
+        if bar is not None:
+          bar.update(1)
+      if pending is not None:
+        settle(pending)
+    finally:
+      if bar is not None:
+        bar.close()
+      writer.close()
+      self.checkpointer.wait()
+    return {"step": int(jax.device_get(self.state.step)), "init": how, "last": last,
+            "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak}
+
+  def save(self, step: int) -> None:
+    host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps}
+    self.checkpointer.save(step, self.state, host)
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.pipeline.close()
+
+
+def _named(domains, weights) -> dict[str, float]:
+  w = np.asarray(weights, np.float64)
+  return {d: float(x) for d, x in zip(domains, w)}
+
+
+class _Window:
+  """Accumulates fetched step metrics between two log writes."""
+
+  def __init__(self, num_domains: int):
+    self.steps = 0
+    self.scalars: dict[str, float] = {}
+    self.domain_ce = np.zeros(num_domains)
+    self.domain_tok = np.zeros(num_domains)
+    self.role_ce = np.zeros(len(batch_lib.ROLES))
+    self.role_tok = np.zeros(len(batch_lib.ROLES))
+
+  def add(self, m: dict) -> None:
+    self.steps += 1
+    self.domain_ce += m["domain_ce_sum"]
+    self.domain_tok += m["domain_tokens"]
+    self.role_ce += m["role_ce_sum"]
+    self.role_tok += m["role_tokens"]
+    for k, v in m.items():
+      if np.ndim(v) == 0 and k != "teacher_rows":
+        self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
+
+  def summary(self, domains) -> dict[str, Any]:
+    out = {k: v / max(self.steps, 1) for k, v in self.scalars.items()}
+    out["domain_loss"] = {d: float(self.domain_ce[i] / self.domain_tok[i])
+                          for i, d in enumerate(domains) if self.domain_tok[i] > 0}
+    out["domain_tokens"] = {d: int(self.domain_tok[i])
+                            for i, d in enumerate(domains) if self.domain_tok[i] > 0}
+    out["role_loss"] = {r: float(self.role_ce[i] / self.role_tok[i])
+                        for i, r in enumerate(batch_lib.ROLES) if self.role_tok[i] > 0}
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:
+  """Builds a Trainer, runs it and closes it; returns the run summary."""
+  trainer = Trainer(config, workdir, **kwargs)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()

@@ -1,0 +1,30 @@
+"""Test set-up: 8 host CPU devices (before JAX initialises) and shared tiny configs."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] += "" if "device_count" in os.environ["XLA_FLAGS"] else \
+    " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def corpora_dir() -> pathlib.Path | None:
+  """The shared real-text corpora, or None when absent."""
+  path = pathlib.Path(os.environ.get("CPT_CORPORA", REPO.parent / "shared" / "corpora"))
+  return path if path.is_dir() else None
+
+
+@pytest.fixture
+def corpora():
+  path = corpora_dir()
+  if path is None:
+    pytest.skip("shared corpora not found (set CPT_CORPORA)")
+  return path

@@ -1,0 +1,53 @@
+"""Tiny configs and synthetic corpora shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from cpt_jax import config as config_lib
+
+
+def tiny_config(**overrides):
+  """A model small enough to compile in seconds on 2 cores."""
+  c = config_lib.default_config()
+  c.model.update(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                 mlp_dim=64)
+  c.data.seq_len = 32
+  c.train.update(steps=8, global_batch_size=8, log_every=2, checkpoint_every=4,
+                 progress_bar=False, peak_flops=1e11, async_checkpoints=False)
+  c.optimizer.update(lr=3e-3, warmup_steps=2)
+  c.data.prefetch = 0
+  c.data.new = "alpha"
+  c.data.replay = "beta,gamma"
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  return c
+
+
+WORDS = {
+    "alpha": "the quick brown fox jumps over the lazy dog",
+    "beta": "def f(x): return x * 2 + 1  # python code",
+    "gamma": "lorem ipsum dolor sit amet consectetur adipiscing",
+    "delta": "0123456789 ABCDEFGHIJ abcdefghij !@#$%^&*()",
+}
+
+
+def write_corpus(root: pathlib.Path, domains=("alpha", "beta", "gamma"), docs: int = 40,
+                 seed: int = 0) -> pathlib.Path:
+  """A small JSONL corpus: one folder per domain with train/validation splits."""
+  rng = np.random.default_rng(seed)
+  for d in domains:
+    base = WORDS.get(d, d * 5).split()
+    folder = root / d
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", docs), ("validation", max(4, docs // 8))):
+      with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+          k = int(rng.integers(3, 12))
+          text = " ".join(rng.choice(base, size=k).tolist())
+          f.write(json.dumps({"id": f"{d}-{split}-{i}", "text": text}) + "\n")
+  return root
