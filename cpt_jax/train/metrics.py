@@ -50,32 +50,36 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(self.path, "a", encoding="utf-8")
+      self._eval_file = open(os.path.join(workdir, "eval.jsonl"), "a", encoding="utf-8")
       if tensorboard:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
         self._tb = metric_writers.create_default_writer(
             os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
 
-  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+  def write(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
+    """kind 'train' goes to metrics.jsonl, 'eval' to eval.jsonl (and TensorBoard 'eval/')."""
     if not self.enabled:
       return
     record = {"step": int(step), "time": time.time(), **_jsonable(dict(metrics))}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    f = self._file if kind == "train" else self._eval_file
+    f.write(json.dumps(record) + "\n")
+    f.flush()
     if self._tb is not None:
-      self._tb.write_scalars(int(step), flatten(metrics))
+      self._tb.write_scalars(int(step), flatten(metrics, "" if kind == "train" else kind + "/"))
 
   def close(self) -> None:
     if not self.enabled:
       return
     self._file.close()
+    self._eval_file.close()
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All records of DIR/metrics.jsonl."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def read_metrics(workdir: str, kind: str = "train") -> list[dict]:
+  """All records of DIR/metrics.jsonl (kind 'train') or DIR/eval.jsonl ('eval')."""
+  path = os.path.join(workdir, "metrics.jsonl" if kind == "train" else "eval.jsonl")
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:

@@ -27,6 +27,7 @@ from absl import logging
 
 from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
+from cpt_jax.eval import evaluate as eval_lib
 from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
@@ -76,6 +77,12 @@ def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext
   return RunContext(config, mesh, rules, model_cfg, model, tx, schedule, state_sh, frozen_keys)
 
 
+def log(msg: str) -> None:
+  """Prints a status line from the lead process."""
+  if jax.process_index() == 0:
+    print(f"[cpt_jax] {msg}", flush=True)
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -115,6 +122,7 @@ class Trainer:
     self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.tx,
                                              config.train.grad_accum_steps)
     self._jitted: dict[bool, Callable] = {}
+    self._eval_step = None
     self.teacher_skipped_steps = 0
     self.teacher_rows = 0
     self.state: state_lib.TrainState | None = None
@@ -153,6 +161,19 @@ class Trainer:
       state = state.replace(frozen=frozen)
     return state, how
 
+  # ------------------------------------------------------------------ eval
+  def evaluate(self, params=None, domains=None) -> dict[str, dict[str, float]]:
+    """Per-domain validation loss and bits/byte (default: every domain of the run)."""
+    if self._eval_step is None:
+      table = eval_lib.token_byte_lengths(self.pipeline.vocab, self.ctx.model_cfg.vocab_size)
+      self._eval_step = eval_lib.make_eval_step(self.ctx.apply_fn, table, self.ctx.mesh,
+                                                self.ctx.rules)
+    params = self.state.params if params is None else params
+    return eval_lib.evaluate_domains(
+        self._eval_step, params, self.pipeline, self.pipeline.domains if domains is None
+        else domains, self.config.train.global_batch_size // self.config.train.grad_accum_steps,
+        self.config.train.eval_batches, self.ctx.mesh)
+
   # ------------------------------------------------------------------ batches
   def _device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, self.ctx.mesh)
@@ -173,7 +194,8 @@ class Trainer:
     t = c.train
     self.state, how = self.initial_state()
     start = int(jax.device_get(self.state.step))
-    logging.info("cpt_jax: %s; training steps %d..%d", how, start, t.steps)
+    log(f"{os.path.basename(self.workdir)}: {how}; steps {start}..{t.steps}; "
+        f"{state_lib.param_count(self.state.params):,} params on mesh {dict(ctx.mesh.shape)}")
     if self.is_lead:
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(c.to_json_best_effort(indent=2))
@@ -193,6 +215,7 @@ class Trainer:
     window = _Window(len(domains))
     pending = None  # (step, device metrics) of the last dispatched step
     last: dict[str, Any] = {}
+    last_eval: dict[str, Any] = {}
     t_window = time.perf_counter()
 
     def settle(pending_item):
@@ -244,6 +267,10 @@ class Trainer:
           t_window = time.perf_counter()
           if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        if (t.eval_every and done % t.eval_every == 0) or is_last:
+          evals = self.evaluate()
+          writer.write(done, evals, kind="eval")
+          last_eval = evals
         if done % t.checkpoint_every == 0 or is_last:
           self.save(done)
         if bar is not None:
@@ -255,8 +282,19 @@ class Trainer:
         bar.close()
       writer.close()
       self.checkpointer.wait()
+    if not last_eval:  # already finished before this call (e.g. a re-run)
+      last_eval = self.evaluate()
+    steps_run = t.steps - start
+    fwd_flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len, training=False)
     return {"step": int(jax.device_get(self.state.step)), "init": how, "last": last,
-            "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak}
+            "eval": last_eval, "domains": list(self.pipeline.domains),
+            "roles": list(self.pipeline.roles), "steps_run": steps_run,
+            "train_tokens": steps_run * tokens_per_step,
+            "train_tflops": steps_run * tokens_per_step * flops_tok / 1e12,
+            "teacher_rows": self.teacher_rows,
+            "teacher_tflops": self.teacher_rows * c.data.seq_len * fwd_flops_tok / 1e12,
+            "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
+            "data": self.pipeline.stats()}
 
   def save(self, step: int) -> None:
     host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps}
@@ -268,7 +306,9 @@ class Trainer:
 
 
 def _named(domains, weights) -> dict[str, float]:
+  """Mixture weights as a distribution over domains."""
   w = np.asarray(weights, np.float64)
+  w = w / max(w.sum(), 1e-30)
   return {d: float(x) for d, x in zip(domains, w)}
 
 

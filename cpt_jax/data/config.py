@@ -1,0 +1,220 @@
+"""The `config.data` group: defaults, domain/role resolution and validation."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from typing import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+from cpt_jax import batch as batch_lib
+
+SOURCES = ("jsonl", "text", "tfrecord", "tfds")
+ON_BAD_LINE = ("error", "skip")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Returns the `config.data` group with a comment on every field."""
+  c = ml_collections.ConfigDict()
+  # Where documents come from: 'jsonl' | 'text' | 'tfrecord' | 'tfds'.
+  # jsonl: <corpus_dir>/<domain>/{train,validation}.jsonl ({"id","text"} lines).
+  # text: <corpus_dir>/<domain>/{train,validation}.txt (one document per line).
+  # tfrecord: <corpus_dir>/<domain>/{train,validation}.tfrecord* (tf.Example).
+  # tfds: every domain name is a TFDS dataset name (e.g. 'imdb_reviews').
+  c.source = "jsonl"
+  # Corpus root; '' -> $CPT_CORPORA, else <repo>/../shared/corpora.
+  c.corpus_dir = ""
+  # Roles: comma-separated domain names or glob patterns. Explicit names win
+  # over patterns; a pattern only takes domains no other field claims
+  # (replay='*' = every domain not named elsewhere). Patterns need a folder
+  # corpus (not tfds).
+  c.new = ""  # T: cross-entropy on its train split.
+  c.replay = ""  # D with data: cross-entropy on its train split.
+  c.distill = ""  # D without train data: its validation rows, KL to teacher.
+  c.eval = ""  # Evaluation only; never in a training batch.
+  # Mixture weights: '' = proportional to each domain's packed rows, else
+  # 'name=w,pattern=w,...' (first matching key wins; every trainable domain
+  # must match a key). Changeable at any step via pipeline.set_weights.
+  c.weights = ""
+  # 'byte' (seqio.ByteVocabulary, no download) or a SentencePiece .model path.
+  c.vocab = "byte"
+  # Packed row length L (tokens per row).
+  c.seq_len = 256
+  # Append EOS to every document before packing.
+  c.append_eos = True
+  # Seed of the mixer (domain choice per row) and of per-epoch row shuffles.
+  c.seed = 0
+  # Batches prepared ahead in a background thread; 0 = synchronous.
+  c.prefetch = 4
+  # Malformed JSON / invalid UTF-8 line: 'error' (names file:line) | 'skip'.
+  c.on_bad_line = "error"
+  # Packed-row cache; '' -> <workdir>/data_cache, else <tmp>/cpt_jax_data_cache.
+  c.cache_dir = ""
+  # Keep at most this many documents per domain and split (0 = all).
+  c.max_docs = 0
+  # tf.Example / TFDS feature holding the document text.
+  c.text_feature = "text"
+  # TFDS only: data_dir ('' = TFDS default) and split names.
+  c.tfds_data_dir = ""
+  c.tfds_train_split = "train"
+  c.tfds_validation_split = "validation"
+  return c
+
+
+def add_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the `data` group to `config` (in place) and returns `config`."""
+  config.data = default_data_config()
+  return config
+
+
+def _err(key: str, msg: str) -> ValueError:
+  return ValueError(f"data.{key}: {msg}")
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+  """Checks field values that need no corpus; raises ValueError naming the key."""
+  if cfg.source not in SOURCES:
+    raise _err("source", f"{cfg.source!r} is not one of {SOURCES}")
+  if cfg.on_bad_line not in ON_BAD_LINE:
+    raise _err("on_bad_line", f"{cfg.on_bad_line!r} is not one of {ON_BAD_LINE}")
+  if not isinstance(cfg.seq_len, int) or cfg.seq_len < 1:
+    raise _err("seq_len", f"must be a positive int, got {cfg.seq_len!r}")
+  if not isinstance(cfg.prefetch, int) or cfg.prefetch < 0:
+    raise _err("prefetch", f"must be an int >= 0, got {cfg.prefetch!r}")
+  if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
+    raise _err("max_docs", f"must be an int >= 0, got {cfg.max_docs!r}")
+  if cfg.vocab != "byte" and not os.path.isfile(cfg.vocab):
+    raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
+  if not any(split_list(cfg[r]) for r in ("new", "replay", "distill")):
+    raise _err("new", "no training domain: set data.new, data.replay or data.distill")
+  parse_weights(cfg.weights)  # syntax only
+
+
+def split_list(s: str) -> list[str]:
+  """'a, b,,c' -> ['a', 'b', 'c']."""
+  return [t.strip() for t in (s or "").split(",") if t.strip()]
+
+
+def is_pattern(name: str) -> bool:
+  return any(ch in name for ch in "*?[")
+
+
+def resolve_roles(cfg: ml_collections.ConfigDict,
+                  available: Sequence[str] | None) -> dict[str, str]:
+  """Maps every domain of the run to its role.
+
+  Args:
+    cfg: the data config.
+    available: domain names in the corpus (None when the source cannot list
+      them, e.g. tfds: then patterns are an error).
+  Returns:
+    {domain: role}; explicit names first, then patterns in role order.
+  """
+  out: dict[str, str] = {}
+  for role in batch_lib.ROLES:
+    for name in split_list(cfg[role]):
+      if is_pattern(name):
+        continue
+      if name in out and out[name] != role:
+        raise _err(role, f"domain {name!r} also listed in data.{out[name]}")
+      out[name] = role
+  for role in batch_lib.ROLES:
+    for pat in split_list(cfg[role]):
+      if not is_pattern(pat):
+        continue
+      if available is None:
+        raise _err(role, f"pattern {pat!r} needs a folder corpus, not source={cfg.source!r}")
+      for name in available:
+        if name not in out and fnmatch.fnmatchcase(name, pat):
+          out[name] = role
+  if not out:
+    raise _err("new", "no domain selected by data.new/replay/distill/eval")
+  return out
+
+
+def parse_weights(spec: str) -> list[tuple[str, float]]:
+  """'a=1,b*=0.5' -> [('a', 1.0), ('b*', 0.5)]; raises naming data.weights."""
+  out = []
+  for item in split_list(spec):
+    if "=" not in item:
+      raise _err("weights", f"item {item!r} is not name=weight")
+    k, v = item.rsplit("=", 1)
+    try:
+      w = float(v)
+    except ValueError:
+      raise _err("weights", f"weight of {k.strip()!r} is not a number: {v!r}") from None
+    out.append((k.strip(), w))
+  return out
+
+
+def weights_from_spec(spec: str, domains: Sequence[str], roles: Sequence[str],
+                      sizes: Sequence[int]) -> np.ndarray:
+  """Per-domain weight vector from the config string ('' = by size)."""
+  trainable = np.array([r != "eval" for r in roles])
+  if not (spec or "").strip():
+    w = np.where(trainable, np.asarray(sizes, np.float64), 0.0)
+    return check_weights(w, domains, roles)
+  items = parse_weights(spec)
+  w = np.zeros(len(domains), np.float64)
+  used = [False] * len(items)
+  for i, d in enumerate(domains):
+    for j, (k, v) in enumerate(items):
+      if k == d or (is_pattern(k) and fnmatch.fnmatchcase(d, k)):
+        used[j] = True
+        w[i] = v if trainable[i] else (v if k == d else 0.0)
+        break
+    else:
+      if trainable[i]:
+        raise _err("weights", f"no weight for domain {d!r} (add {d}=w or *=w)")
+  for (k, _), u in zip(items, used):
+    if not u:
+      raise _err("weights", f"{k!r} matches no domain of the run")
+  return check_weights(w, domains, roles)
+
+
+def check_weights(w: np.ndarray | Mapping[str, float], domains: Sequence[str],
+                  roles: Sequence[str]) -> np.ndarray:
+  """Validates a weight vector: finite, >= 0, sum > 0, eval domains at 0."""
+  w = np.asarray(w, np.float64)
+  if w.shape != (len(domains),):
+    raise _err("weights", f"expected {len(domains)} weights, got shape {w.shape}")
+  for i, (d, r) in enumerate(zip(domains, roles)):
+    if not math.isfinite(w[i]):
+      raise _err("weights", f"weight of domain {d!r} is not finite: {w[i]}")
+    if w[i] < 0:
+      raise _err("weights", f"weight of domain {d!r} is negative: {w[i]}")
+    if r == "eval" and w[i] != 0:
+      raise _err("weights", f"domain {d!r} has role eval and must have weight 0, got {w[i]}")
+  if not w.sum() > 0:
+    raise _err("weights", f"weights sum to {w.sum()}; at least one training domain needs weight > 0")
+  return w
+
+
+BUILTIN_STDLIB = "builtin:stdlib"
+
+
+def find_corpus_dir(corpus_dir: str = "") -> str:
+  """corpus_dir, else $CPT_CORPORA, else <repo>/../shared/corpora.
+
+  'builtin:stdlib' builds (once, cached by Python version) the corpus of
+  `builtin_corpus.write_stdlib_corpus` and returns its folder.
+  """
+  if corpus_dir == BUILTIN_STDLIB:
+    import sys  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from cpt_jax.data import builtin_corpus  # pylint: disable=g-import-not-at-top
+    tag = "py%d.%d.%d" % sys.version_info[:3]
+    out = os.path.join(os.environ.get("CPT_BUILTIN_CORPUS_DIR", tempfile.gettempdir()),
+                       f"cpt_jax_stdlib_corpus_{tag}")
+    if not os.path.isfile(os.path.join(out, "py_tests", "validation.jsonl")):
+      builtin_corpus.write_stdlib_corpus(out)
+    return out
+  if corpus_dir:
+    return corpus_dir
+  if os.environ.get("CPT_CORPORA"):
+    return os.environ["CPT_CORPORA"]
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.join(os.path.dirname(repo), "shared", "corpora")

@@ -1,0 +1,142 @@
+"""Deterministic host-side mixer over per-domain packed-row stores.
+
+State is tiny: the step and, per domain, rows consumed so far (epoch =
+consumed // rows, cursor = consumed % rows) and tokens delivered. The batch of
+step s is a pure function of (seed, s, weights at s, state at s), and the state
+at s is a function of the seed and the weights in force at steps < s, so
+replaying the same weights from a checkpointed state gives the same batches.
+
+Row choice at step s: `default_rng([seed, s])` places B systematic-sampling
+points on the cumulative weights (each domain gets floor or ceil of B*p_d rows,
+a zero-weight domain none) and shuffles the slots. Domain d's stream is epoch
+after epoch of permutations of its rows, epoch e seeded by (seed, crc32(d), e).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+from cpt_jax.data import packing
+from cpt_jax.data import store as store_lib
+
+_MIX_TAG = 0x6D6978  # 'mix'
+_PERM_TAG = 0x70726D  # 'prm'
+
+
+@dataclasses.dataclass
+class MixerState:
+  """Where the mixer stands: the step of the next batch and per-domain counters."""
+  step: int
+  consumed_D: np.ndarray  # int64 rows taken from each domain's stream
+  tokens_D: np.ndarray  # int64 non-padding tokens delivered (global batch)
+
+  def copy(self) -> "MixerState":
+    return MixerState(self.step, self.consumed_D.copy(), self.tokens_D.copy())
+
+  def to_json(self) -> dict:
+    return {"step": int(self.step), "consumed": [int(x) for x in self.consumed_D],
+            "tokens": [int(x) for x in self.tokens_D]}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "MixerState":
+    return cls(int(d["step"]), np.asarray(d["consumed"], np.int64),
+               np.asarray(d["tokens"], np.int64))
+
+
+def assign_slots(seed: int, step: int, weights_D: np.ndarray, batch_size: int) -> np.ndarray:
+  """Domain of each of the B rows of `step` (pure function of its arguments)."""
+  rng = np.random.default_rng([seed, step, _MIX_TAG])
+  cum_D = np.cumsum(np.asarray(weights_D, np.float64))
+  total = cum_D[-1]
+  x_B = (rng.random() + np.arange(batch_size)) / batch_size * total
+  x_B = np.minimum(x_B, np.nextafter(total, 0.0))
+  dom_B = np.searchsorted(cum_D, x_B, side="right")
+  return dom_B[rng.permutation(batch_size)].astype(np.int64)
+
+
+class Mixer:
+  """Produces (per-process slices of) global batches from per-domain stores."""
+
+  def __init__(self, stores: Sequence[store_lib.PackedStore | None], domains: Sequence[str],
+               role_ids: Sequence[int], seed: int, global_batch_size: int,
+               process_index: int = 0, process_count: int = 1):
+    if global_batch_size % process_count:
+      raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                       f"process_count {process_count}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    self.stores = list(stores)
+    self.domains = list(domains)
+    self.role_ids_D = np.asarray(role_ids, np.int32)
+    self.seed = int(seed)
+    self.batch_size = global_batch_size
+    per = global_batch_size // process_count
+    self.local = slice(process_index * per, (process_index + 1) * per)
+    self.rows_D = np.array([s.num_rows if s is not None else 0 for s in self.stores], np.int64)
+    self._name_seed = [zlib.crc32(d.encode("utf-8")) for d in self.domains]
+    self._perms: collections.OrderedDict = collections.OrderedDict()
+    self._perm_lock = threading.Lock()
+    self._max_perms = 2 * len(self.domains) + 8
+
+  def initial_state(self) -> MixerState:
+    n = len(self.domains)
+    return MixerState(0, np.zeros(n, np.int64), np.zeros(n, np.int64))
+
+  def perm(self, d: int, epoch: int) -> np.ndarray:
+    """Row order of epoch `epoch` of domain d."""
+    key = (d, epoch)
+    with self._perm_lock:
+      p = self._perms.get(key)
+      if p is not None:
+        self._perms.move_to_end(key)
+        return p
+    p = np.random.default_rng([self.seed, self._name_seed[d], epoch, _PERM_TAG]).permutation(
+        self.rows_D[d])
+    with self._perm_lock:
+      self._perms[key] = p
+      while len(self._perms) > self._max_perms:
+        self._perms.popitem(last=False)
+    return p
+
+  def plan(self, state: MixerState, weights_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(domain_B, row_B) of the global batch at state.step."""
+    dom_B = assign_slots(self.seed, state.step, weights_D, self.batch_size)
+    if (self.rows_D[dom_B] == 0).any():
+      bad = self.domains[int(dom_B[self.rows_D[dom_B] == 0][0])]
+      raise ValueError(f"domain {bad!r} was sampled but has no training rows")
+    order = np.argsort(dom_B, kind="stable")
+    sorted_dom = dom_B[order]
+    first = np.searchsorted(sorted_dom, sorted_dom, side="left")
+    rank_B = np.empty_like(dom_B)
+    rank_B[order] = np.arange(dom_B.size) - first
+    c_B = state.consumed_D[dom_B] + rank_B
+    n_B = self.rows_D[dom_B]
+    epoch_B, pos_B = c_B // n_B, c_B % n_B
+    row_B = np.empty_like(dom_B)
+    for d, e in set(zip(dom_B.tolist(), epoch_B.tolist())):
+      m = (dom_B == d) & (epoch_B == e)
+      row_B[m] = self.perm(d, e)[pos_B[m]]
+    return dom_B, row_B
+
+  def produce(self, state: MixerState, weights_D: np.ndarray) -> tuple[dict, MixerState]:
+    """This process's slice of the batch at state.step, and the next state."""
+    dom_B, row_B = self.plan(state, weights_D)
+    new = state.copy()
+    new.step += 1
+    np.add.at(new.consumed_D, dom_B, 1)
+    for d in np.unique(dom_B):
+      m = dom_B == d
+      new.tokens_D[d] += int(self.stores[d].row_tokens_N[row_B[m]].sum())
+    ld_b, lr_b = dom_B[self.local], row_B[self.local]
+    L = self.stores[int(ld_b[0])].rows_3xNxL.shape[2]
+    planes = np.empty((3, ld_b.size, L), np.int32)
+    for d in np.unique(ld_b):
+      m = ld_b == d
+      planes[:, m] = self.stores[d].gather(lr_b[m])
+    return packing.rows_to_batch(planes, ld_b, self.role_ids_D[ld_b]), new

@@ -1,0 +1,191 @@
+"""Document sources: JSONL, plain text, TFRecord and TFDS, with bad-input checks.
+
+A source yields the texts of one (domain, split) in a fixed order. TensorFlow
+is imported only by the TFRecord and TFDS readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Iterator
+
+SPLITS = ("train", "validation")
+
+
+class DataError(ValueError):
+  """Bad or missing input data; the message names the file (and line)."""
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """Counts of one read: documents kept and lines skipped (on_bad_line='skip')."""
+  docs: int = 0
+  skipped: int = 0
+  first_skip: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where one (domain, split) lives and how to read it."""
+  kind: str  # jsonl | text | tfrecord | tfds
+  domain: str
+  split: str
+  files: tuple[str, ...] = ()
+  text_feature: str = "text"
+  tfds_name: str = ""
+  tfds_split: str = ""
+  tfds_data_dir: str = ""
+
+  def fingerprint(self) -> list:
+    """What the cache key depends on: files with size and mtime, or the TFDS name."""
+    if self.kind == "tfds":
+      return [self.kind, self.tfds_name, self.tfds_split, self.tfds_data_dir, self.text_feature]
+    out = [self.kind, self.text_feature]
+    for f in self.files:
+      st = os.stat(f)
+      out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+_EXT = {"jsonl": ".jsonl", "text": ".txt", "tfrecord": ".tfrecord"}
+
+
+def list_domains(corpus_dir: str, kind: str) -> list[str] | None:
+  """Sorted domain folders of a corpus (None for tfds, which cannot list)."""
+  if kind == "tfds":
+    return None
+  if not os.path.isdir(corpus_dir):
+    raise DataError(f"corpus directory {corpus_dir!r} does not exist")
+  ext = _EXT[kind]
+  return sorted(
+      d for d in os.listdir(corpus_dir)
+      if os.path.isdir(os.path.join(corpus_dir, d))
+      and glob.glob(os.path.join(corpus_dir, d, f"*{ext}*")))
+
+
+def make_source(cfg, corpus_dir: str, domain: str, split: str) -> Source:
+  """Finds the files of (domain, split); raises DataError naming the missing path."""
+  if cfg.source == "tfds":
+    tsplit = cfg.tfds_train_split if split == "train" else cfg.tfds_validation_split
+    return Source("tfds", domain, split, text_feature=cfg.text_feature, tfds_name=domain,
+                  tfds_split=tsplit, tfds_data_dir=cfg.tfds_data_dir)
+  ddir = os.path.join(corpus_dir, domain)
+  if not os.path.isdir(ddir):
+    raise DataError(f"domain {domain!r}: missing domain folder {ddir}")
+  if cfg.source == "tfrecord":
+    files = sorted(glob.glob(os.path.join(ddir, f"{split}.tfrecord*")))
+    if not files:
+      raise DataError(f"domain {domain!r}: missing split {split!r}: no {ddir}/{split}.tfrecord*")
+    return Source("tfrecord", domain, split, tuple(files), text_feature=cfg.text_feature)
+  path = os.path.join(ddir, split + _EXT[cfg.source])
+  if not os.path.isfile(path):
+    raise DataError(f"domain {domain!r}: missing split {split!r}: no file {path}")
+  return Source(cfg.source, domain, split, (path,))
+
+
+def read_texts(src: Source, on_bad_line: str = "error", max_docs: int = 0,
+               stats: ReadStats | None = None) -> Iterator[str]:
+  """Yields the documents of `src` in file order; bad lines raise or are counted."""
+  stats = stats if stats is not None else ReadStats()
+  reader = {"jsonl": _read_jsonl, "text": _read_text, "tfrecord": _read_tfrecord,
+            "tfds": _read_tfds}[src.kind]
+  for text in reader(src, on_bad_line, stats):
+    yield text
+    stats.docs += 1
+    if max_docs and stats.docs >= max_docs:
+      return
+
+
+def _bad(stats: ReadStats, on_bad_line: str, where: str, msg: str) -> None:
+  if on_bad_line != "skip":
+    raise DataError(f"{where}: {msg}")
+  stats.skipped += 1
+  stats.first_skip = stats.first_skip or f"{where}: {msg}"
+
+
+def _check_text(text, where, stats, on_bad_line) -> bool:
+  """True when text encodes as UTF-8 (no lone surrogates)."""
+  try:
+    text.encode("utf-8")
+    return True
+  except UnicodeEncodeError as e:
+    _bad(stats, on_bad_line, where, f"invalid UTF-8 in text ({e.reason} at {e.start})")
+    return False
+
+
+def _read_jsonl(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
+  for path in src.files:
+    with open(path, "rb") as f:
+      for lineno, raw in enumerate(f, 1):
+        where = f"{path}:{lineno}"
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          _bad(stats, on_bad_line, where, f"invalid UTF-8 (byte {e.start})")
+          continue
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          _bad(stats, on_bad_line, where, f"malformed JSON ({e.msg}, column {e.colno})")
+          continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+          _bad(stats, on_bad_line, where, 'malformed record: expected {"id", "text": str}')
+          continue
+        if _check_text(obj["text"], where, stats, on_bad_line):
+          yield obj["text"]
+
+
+def _read_text(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
+  for path in src.files:
+    with open(path, "rb") as f:
+      for lineno, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          _bad(stats, on_bad_line, f"{path}:{lineno}", f"invalid UTF-8 (byte {e.start})")
+          continue
+        line = line.rstrip("\r\n")
+        if line.strip():
+          yield line
+
+
+def _decode(value: bytes, where: str, stats: ReadStats, on_bad_line: str) -> str | None:
+  try:
+    return value.decode("utf-8")
+  except UnicodeDecodeError as e:
+    _bad(stats, on_bad_line, where, f"invalid UTF-8 (byte {e.start})")
+    return None
+
+
+def _read_tfrecord(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for path in src.files:
+    for i, rec in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
+      where = f"{path}:record {i}"
+      ex = tf.train.Example.FromString(rec)
+      feat = ex.features.feature.get(src.text_feature)
+      if feat is None or not feat.bytes_list.value:
+        _bad(stats, on_bad_line, where, f"no bytes feature {src.text_feature!r}")
+        continue
+      text = _decode(feat.bytes_list.value[0], where, stats, on_bad_line)
+      if text is not None and text.strip():
+        yield text
+
+
+def _read_tfds(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ds = tfds.load(src.tfds_name, split=src.tfds_split, data_dir=src.tfds_data_dir or None,
+                 shuffle_files=False)
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    where = f"tfds:{src.tfds_name}/{src.tfds_split}:example {i}"
+    if src.text_feature not in ex:
+      raise DataError(f"{where}: no feature {src.text_feature!r}; has {sorted(ex)}")
+    value = ex[src.text_feature]
+    text = value if isinstance(value, str) else _decode(bytes(value), where, stats, on_bad_line)
+    if text is not None and text.strip():
+      yield text

@@ -1,0 +1,31 @@
+r"""Command line entry point.
+
+  python -m cpt_jax.main --config=configs/demo.py --workdir=/tmp/cpt_demo \
+      [--config.train.steps=100 ...]
+
+A config with a non-empty `stages` list runs them in order (continued
+pre-training); otherwise it is a single training run.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library chatter off; --verbosity=0 restores it
+  from cpt_jax import run  # pylint: disable=g-import-not-at-top
+  run.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

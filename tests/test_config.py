@@ -1,0 +1,77 @@
+"""Config validation: clear errors naming the key, before anything compiles."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cpt_jax import config as config_lib
+from tests.conftest import REPO
+from tests.helpers import tiny_config
+
+
+def test_defaults_validate():
+  config_lib.validate_config(tiny_config(), num_devices=8)
+
+
+def test_unknown_key_is_named_with_suggestion():
+  c = tiny_config()
+  c.train.learning_rate = 0.1
+  with pytest.raises(ValueError, match=r"unknown config key 'train.learning_rate'"):
+    config_lib.validate_config(c)
+  c = tiny_config()
+  c.optimzer = {"lr": 1.0}
+  with pytest.raises(ValueError, match=r"'optimzer' \(did you mean 'optimizer'\?\)"):
+    config_lib.validate_config(c)
+
+
+@pytest.mark.parametrize("mesh,match", [
+    ((3, 1, 1), "needs 3 devices, but 8 are available"),
+    ((-1, 3, 1), "not divisible by 3"),
+    ((2, 2), "must have 3 entries"),
+    ((-1, -1, 2), "at most one entry may be -1"),
+])
+def test_bad_mesh(mesh, match):
+  c = tiny_config()
+  c.sharding.mesh_shape = mesh
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(c, num_devices=8)
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+  c = tiny_config(**{"train.global_batch_size": 12})
+  c.sharding.mesh_shape = (-1, 1, 1)
+  with pytest.raises(ValueError, match=r"train.global_batch_size=12 .* data-parallel size 8"):
+    config_lib.validate_config(c, num_devices=8)
+  c = tiny_config(**{"train.global_batch_size": 8, "train.grad_accum_steps": 3})
+  with pytest.raises(ValueError, match="grad_accum_steps"):
+    config_lib.validate_config(c)
+
+
+def test_heads_not_divisible_by_tensor_axis():
+  c = tiny_config()
+  c.model.num_kv_heads = 1
+  c.sharding.mesh_shape = (4, 1, 2)
+  with pytest.raises(ValueError, match="model.num_kv_heads=1 is not divisible by the tensor"):
+    config_lib.validate_config(c, num_devices=8)
+
+
+def test_cli_rejects_unknown_key_before_compiling(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "cpt_jax.main", f"--config={REPO}/configs/tiny.py",
+       f"--workdir={tmp_path}", "--config.train.stepz=3"],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode != 0
+  assert "stepz" in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_config_file_validates():
+  import importlib.util
+  for path in sorted((REPO / "configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config_lib.validate_config(config)
+    assert "python -m cpt_jax.main" in (module.__doc__ or "") or path.stem == "__init__", path

@@ -1,0 +1,105 @@
+"""End-to-end trainer tests: metrics, checkpoints, resume, warm start, NaN stop."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from cpt_jax.train import checkpoint as ckpt_lib
+from cpt_jax.train import metrics as metrics_lib
+from cpt_jax.train import trainer as trainer_lib
+from tests.helpers import tiny_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _config(corpus, **kw):
+  c = tiny_config(**kw)
+  c.data.corpus_dir = str(corpus)
+  c.optimizer.schedule = "constant"
+  c.sharding.mesh_shape = (1, 1, 1)
+  return c
+
+
+def _train(config, workdir, **kw):
+  return trainer_lib.train(config, str(workdir), devices=jax.devices()[:1], **kw)
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_metrics_checkpoints_and_resume_match_uninterrupted(corpus, tmp_path):
+  config = _config(corpus)
+  _train(config, tmp_path / "a")
+  ref = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(tmp_path / "a")}
+  assert sorted(ref) == [2, 4, 6, 8]
+  rec = metrics_lib.read_metrics(tmp_path / "a")[-1]
+  for key in ("loss", "learning_rate", "tokens_per_sec", "mfu", "domain_loss", "weights"):
+    assert key in rec, key
+  assert set(rec["domain_loss"]) <= {"alpha", "beta", "gamma"} and rec["domain_loss"]
+  assert os.listdir(tmp_path / "a" / "tensorboard")
+  assert ckpt_lib.Checkpointer(str(tmp_path / "a" / "checkpoints")).all_steps() == [4, 8]
+
+  def crash_after_checkpoint(step, record, pipeline):
+    if step == 6:
+      raise _Crash()
+
+  with pytest.raises(_Crash):
+    _train(config, tmp_path / "b", on_metrics=crash_after_checkpoint)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "b" / "checkpoints")).all_steps() == [4]
+  summary = _train(config, tmp_path / "b")
+  assert summary["init"] == "resumed from step 4"
+  got = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(tmp_path / "b")}
+  assert got[6] == pytest.approx(ref[6], abs=1e-6) and got[8] == pytest.approx(ref[8], abs=1e-6)
+
+
+def test_half_written_checkpoint_is_ignored(corpus, tmp_path):
+  config = _config(corpus, **{"train.steps": 4})
+  _train(config, tmp_path)
+  ckpt_dir = tmp_path / "checkpoints"
+  # A save that died half-way: Orbax only renames the temporary folder when complete.
+  partial = ckpt_dir / "8.orbax-checkpoint-tmp-1234567"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+  assert ckpt_lib.Checkpointer(str(ckpt_dir)).latest_step() == 4
+  config.train.steps = 6
+  assert _train(config, tmp_path)["init"] == "resumed from step 4"
+
+
+def test_warm_start_from_another_run(corpus, tmp_path):
+  config = _config(corpus, **{"train.steps": 4})
+  base = trainer_lib.Trainer(config, str(tmp_path / "base"), devices=jax.devices()[:1])
+  base.run()
+  base.close()
+  cpt = _config(corpus, **{"train.steps": 2, "train.init_checkpoint": str(tmp_path / "base")})
+  cpt.optimizer.update(schedule="rewarm_cosine", init_lr=1e-4)
+  warm = trainer_lib.Trainer(cpt, str(tmp_path / "cpt"), devices=jax.devices()[:1])
+  state, how = warm.initial_state()
+  warm.close()
+  assert how.startswith("warm start") and int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+               jax.device_get(base.state.params))
+  # The optimizer starts fresh: Adam moments are zero.
+  assert all(float(np.abs(x).max()) == 0 for x in jax.tree.leaves(
+      jax.device_get(state.opt_state)) if np.ndim(x) > 0)
+  with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+    bad = _config(corpus, **{"train.init_checkpoint": str(tmp_path / "missing")})
+    _train(bad, tmp_path / "bad")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+  config = _config(corpus, **{"train.steps": 12})
+  config.optimizer.update(lr=1e12, warmup_steps=1, clip_norm=0.0)  # diverges quickly
+  with pytest.raises(FloatingPointError, match="loss is"):
+    _train(config, tmp_path)
+  steps = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps()
+  losses = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(tmp_path)}
+  for s in steps:
+    assert np.isfinite(losses[s]), (s, losses)
