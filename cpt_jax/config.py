@@ -58,6 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2,  # Checkpoints kept in the workdir.
       async_checkpoints=True,  # Write checkpoints in the background.
       init_checkpoint="",  # Warm-start params from this checkpoint dir (another run).
+      init_from_hf="",  # Warm-start from a Hugging Face folder (config.json + safetensors);
+      # sets config.model from it and data.vocab to its tokenizer when data.vocab='byte'.
       progress_bar=True,  # tqdm progress bar with rate and ETA.
       peak_flops=0.0,  # FLOP/s of the hardware for MFU (0: measure a matmul at start).
   )
@@ -101,6 +103,12 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
   c.data = _data_config()
+  from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
+  c.mixing = mixing_config.default_mixing_config()
+
+  # Stages (continued pre-training): see cpt_jax/stages.py. Empty = one run.
+  c.stage_order = ""  # Comma-separated stage names, in run order.
+  c.stages = ml_collections.ConfigDict()  # name -> {init_from, data, train, optimizer, ...}
   return c
 
 
@@ -116,9 +124,32 @@ def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, li
     if key not in schema:
       out.append((path, list(schema.keys())))
       continue
+    if path == "stages":  # stage contents are checked by stages.validate_stages
+      continue
     sub, ref = cfg[key], schema[key]
     if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, ml_collections.ConfigDict):
       out += _unknown_keys(sub, ref, path + ".")
+  return out
+
+
+def apply_init_from_hf(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of cfg whose model (and byte vocab) come from `train.init_from_hf`."""
+  if not cfg.train.init_from_hf:
+    return cfg
+  import copy  # pylint: disable=g-import-not-at-top
+  from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
+  out = copy.deepcopy(cfg)
+  path = cfg.train.init_from_hf
+  with out.unlocked():
+    keep = {k: out.model[k] for k in ("dtype", "remat", "scan_layers", "vocab_pad_multiple",
+                                      "init_std")}
+    out.model.update(hf.hf_model_config(path, seq_len=cfg.data.seq_len))
+    out.model.update(keep)
+    if out.data.vocab == "byte":
+      try:
+        out.data.vocab = hf.hf_vocab(path)
+      except FileNotFoundError:
+        pass  # no tokenizer in the folder: keep the byte vocabulary
   return out
 
 
@@ -166,9 +197,24 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         raise ValueError(f"model.{key}={m[key]} is not divisible by the tensor axis "
                          f"({tp}) of sharding.mesh_shape={shape}")
   from cpt_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
-  data_config.validate_data_config(cfg.data)
+  if cfg.stage_order or len(cfg.stages):
+    from cpt_jax import stages  # pylint: disable=g-import-not-at-top
+    stages.validate_stages(cfg)
+    for name in stages.stage_names(cfg):
+      data_config.validate_data_config(stages.stage_config(cfg, name).data)
+  else:
+    data_config.validate_data_config(cfg.data)
+  from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
+  mixing_config.validate_mixing_config(cfg.mixing, log_every=t.log_every)
   o = cfg.objective
   if o.lambda_kd < 0 or o.lambda_replay < 0 or o.l2sp < 0 or o.ewc < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / l2sp / ewc must be >= 0")
+  if t.init_checkpoint and t.init_from_hf:
+    raise ValueError("set one of train.init_checkpoint and train.init_from_hf, not both")
+  if (o.lambda_kd > 0 or o.l2sp > 0 or o.ewc > 0) and not t.init_checkpoint \
+      and not t.init_from_hf \
+      and not (cfg.stage_order or len(cfg.stages)):
+    raise ValueError("objective.lambda_kd / l2sp / ewc need a starting model (the teacher): "
+                     "set train.init_checkpoint, or run them as a stage with init_from")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from cpt_jax import stages
 from cpt_jax.train import trainer
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Entry point shared by the CLI and notebooks; returns the run summary."""
-  return trainer.train(config, workdir)
+def run(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
+  """Entry point shared by the CLI and notebooks.
+
+  Returns the run summary, or for a staged config the report (see stages.py).
+  """
+  if config.stage_order or len(config.stages):
+    return stages.run_stages(config, workdir, **trainer_kwargs)
+  return trainer.train(config, workdir, **trainer_kwargs)

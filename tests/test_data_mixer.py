@@ -248,8 +248,9 @@ def test_eval_batches_fixed_order_and_padding(corpus):
   a = list(p.eval_batches("d003", 4))
   b = list(p.eval_batches("d003", 4))
   assert_same(a, b)
-  store = p._store("d003", "validation")  # pylint: disable=protected-access
+  store = p._eval_store("d003")  # pylint: disable=protected-access
   n = store.num_rows
+  assert n < p._store("d003", "validation").num_rows  # eval_holdout keeps only the tail
   assert len(a) == -(-n // 4)
   lw = np.concatenate([x["loss_weights"] for x in a])
   assert (lw[:n].sum(1) > 0).all() and (lw[n:] == 0).all()
@@ -261,6 +262,20 @@ def test_eval_batches_fixed_order_and_padding(corpus):
   np.testing.assert_array_equal(c[0]["targets"], a[0]["targets"][2:])
   p.close()
   q.close()
+
+
+def test_distill_rows_never_overlap_eval_rows(corpus):
+  cfg = make_cfg(corpus, new="d000", distill="d003", prefetch=0)
+  p = pipeline_lib.make_pipeline(cfg, global_batch_size=8)
+  d = p.domains.index("d003")
+  train_rows = set()
+  for _ in range(20):
+    b = p.next_batch()
+    train_rows |= {r.tobytes() for r, dom in zip(b["targets"], b["domain_ids"]) if dom == d}
+  eval_rows = {r.tobytes() for x in p.eval_batches("d003", 4) for r, w in
+               zip(x["targets"], x["loss_weights"]) if w.sum() > 0}
+  assert train_rows and eval_rows and not train_rows & eval_rows
+  p.close()
 
 
 def test_prefetch_error_surfaces(corpus):

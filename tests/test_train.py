@@ -103,3 +103,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
   losses = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(tmp_path)}
   for s in steps:
     assert np.isfinite(losses[s]), (s, losses)
+
+
+def test_init_from_hf_folder(corpus, tmp_path):
+  pytest.importorskip("safetensors")
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
+  from cpt_jax.model.transformer import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  config = _config(corpus, **{"train.steps": 1})
+  model_cfg = ModelConfig.from_config(config.model)
+  params = nn.unbox(Transformer(model_cfg).init(jax.random.key(7), np.zeros((1, 8), np.int32))
+                    ["params"])
+  hf.save_hf(params, model_cfg, str(tmp_path / "hf_model"))
+  config.model.update(d_model=16, num_layers=1)  # overwritten from config.json
+  config.train.init_from_hf = str(tmp_path / "hf_model")
+  trainer = trainer_lib.Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  state, how = trainer.initial_state()
+  trainer.close()
+  assert "Hugging Face" in how and trainer.config.model.d_model == 32
+  params = jax.tree.map(np.array, params)
+  params["embed"]["embedding"][259:] = 0  # vocab padding is not part of the HF tensors
+  params["lm_head"]["kernel"][:, 259:] = 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)

@@ -53,6 +53,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.on_bad_line = "error"
   # Packed-row cache; '' -> <workdir>/data_cache, else <tmp>/cpt_jax_data_cache.
   c.cache_dir = ""
+  # Fraction of each domain's validation rows (the tail) kept for evaluation
+  # only; distill-role training uses the rest, so distilled domains are never
+  # evaluated on rows they were distilled on. 0 = evaluate on every row.
+  c.eval_holdout = 0.5
   # Keep at most this many documents per domain and split (0 = all).
   c.max_docs = 0
   # tf.Example / TFDS feature holding the document text.
@@ -84,6 +88,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise _err("seq_len", f"must be a positive int, got {cfg.seq_len!r}")
   if not isinstance(cfg.prefetch, int) or cfg.prefetch < 0:
     raise _err("prefetch", f"must be an int >= 0, got {cfg.prefetch!r}")
+  if not 0.0 <= float(cfg.eval_holdout) < 1.0:
+    raise _err("eval_holdout", f"must be in [0, 1), got {cfg.eval_holdout!r}")
   if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
     raise _err("max_docs", f"must be an int >= 0, got {cfg.max_docs!r}")
   if cfg.vocab != "byte" and not os.path.isfile(cfg.vocab):

@@ -56,7 +56,7 @@ class Pipeline:
     self.domains: list[str] = sorted(role_of)
     self.roles: list[str] = [role_of[d] for d in self.domains]
     self.role_ids = np.array([batch_lib.role_id(r) for r in self.roles], np.int32)
-    self.vocab = vocab_lib.Vocab(cfg.vocab)
+    self.vocab = vocab_lib.make_vocab(cfg.vocab)
     self.cache_dir = default_cache_dir(cfg, workdir)
     # Check every needed split exists before building anything.
     self._sources = {}
@@ -65,8 +65,7 @@ class Pipeline:
       self._sources[(d, need)] = sources_lib.make_source(cfg, self.corpus_dir, d, need)
     self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
     self._store_lock = threading.Lock()
-    train_stores = [self._store(d, training_split(r)) if training_split(r) else None
-                    for d, r in zip(self.domains, self.roles)]
+    train_stores = [self._training_store(d, r) for d, r in zip(self.domains, self.roles)]
     rows = [s.num_rows if s is not None else 0 for s in train_stores]
     self._weights = config_lib.weights_from_spec(cfg.weights, self.domains, self.roles, rows)
     self.mixer = mixer_lib.Mixer(train_stores, self.domains, self.role_ids, cfg.seed,
@@ -88,6 +87,33 @@ class Pipeline:
                  sum(rows), self.batch_size, global_batch_size, self.seq_len)
 
   # -- stores ---------------------------------------------------------------
+  def _validation_split_rows(self, domain: str) -> tuple[int, int]:
+    """(rows distill training may use, total rows) of a domain's validation store.
+
+    The tail fraction `data.eval_holdout` is kept for evaluation only, so a
+    distill domain is never evaluated on rows it was distilled on.
+    """
+    n = self._store(domain, "validation").num_rows
+    held = int(round(n * float(self.cfg.eval_holdout)))
+    if self.cfg.eval_holdout > 0:
+      held = min(max(held, 1), n - 1) if n > 1 else 0
+    return n - held, n
+
+  def _training_store(self, domain: str, role: str):
+    split = training_split(role)
+    if split is None:
+      return None
+    store = self._store(domain, split)
+    if split == "validation":
+      usable, _ = self._validation_split_rows(domain)
+      store = store.slice(0, usable)
+    return store
+
+  def _eval_store(self, domain: str) -> store_lib.PackedStore:
+    start, n = self._validation_split_rows(domain)
+    store = self._store(domain, "validation")
+    return store.slice(start, n) if self.cfg.eval_holdout > 0 else store
+
   def _store(self, domain: str, split: str) -> store_lib.PackedStore:
     with self._store_lock:
       key = (domain, split)
@@ -216,6 +242,30 @@ class Pipeline:
         "weights": {d: float(x) for d, x in zip(self.domains, w)},
     }
 
+  def training_rows(self, domains: list[str], num_rows: int, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+    """`num_rows` rows drawn round-robin from the training data of `domains`.
+
+    Uses the rows each domain's role may train on (distill: the non-held-out
+    validation rows), without touching the mixer's state. For estimates made
+    at a stage's start (EWC Fisher, teacher reference losses). Global rows: the
+    same on every process.
+    """
+    rng = np.random.default_rng([seed, 7919])
+    planes, dom_ids, roles = [], [], []
+    stores = {d: self._training_store(d, self.roles[self.domains.index(d)]) for d in domains}
+    stores = {d: s for d, s in stores.items() if s is not None and s.num_rows > 0}
+    if not stores:
+      raise ValueError(f"no training rows in domains {domains}")
+    names = sorted(stores)
+    for i in range(num_rows):
+      d = names[i % len(names)]
+      planes.append(stores[d].gather(rng.integers(0, stores[d].num_rows, size=1)))
+      dom_ids.append(self.domains.index(d))
+      roles.append(batch_lib.role_id(self.roles[self.domains.index(d)]))
+    return packing.rows_to_batch(np.concatenate(planes, axis=1), np.asarray(dom_ids, np.int32),
+                                 np.asarray(roles, np.int32))
+
   def eval_batches(self, domain: str, batch_size: int,
                    max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Validation rows of `domain` in fixed order, packed like training rows.
@@ -227,7 +277,7 @@ class Pipeline:
       raise ValueError(f"unknown domain {domain!r}; the run has {self.num_domains} domains")
     if batch_size % self.process_count:
       raise ValueError(f"eval batch_size {batch_size} not divisible by {self.process_count}")
-    store = self._store(domain, "validation")
+    store = self._eval_store(domain)
     d = self.domains.index(domain)
     n = store.num_rows if max_rows is None else min(store.num_rows, max_rows)
     per = batch_size // self.process_count

@@ -46,6 +46,14 @@ class PackedStore:
     """Rows idx_B -> planes_3xBxL (int32, in memory)."""
     return self.rows_3xNxL[:, np.asarray(idx_B, np.int64)]
 
+  def slice(self, start: int, stop: int) -> "PackedStore":
+    """A view of rows [start, stop) (no copy)."""
+    view = object.__new__(PackedStore)
+    view.path, view.meta = self.path, dict(self.meta, row_range=[start, stop])
+    view.rows_3xNxL = self.rows_3xNxL[:, start:stop]
+    view.row_tokens_N = self.row_tokens_N[start:stop]
+    return view
+
 
 def cache_key(src: sources_lib.Source, vocab: vocab_lib.Vocab, seq_len: int,
               append_eos: bool, on_bad_line: str, max_docs: int) -> str:

@@ -32,7 +32,7 @@ def register_tasks(cfg, splits=sources_lib.SPLITS, prefix: str = "cpt") -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   corpus_dir = config_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
   role_of = config_lib.resolve_roles(cfg, sources_lib.list_domains(corpus_dir, cfg.source))
-  vocab = vocab_lib.Vocab(cfg.vocab).seqio_vocabulary()
+  vocab = vocab_lib.make_vocab(cfg.vocab).seqio_vocabulary()
   out = {}
   for domain in sorted(role_of):
     for split in splits:

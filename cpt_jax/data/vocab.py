@@ -55,3 +55,11 @@ class Vocab:
     if self._sp is None:
       return seqio.ByteVocabulary()
     return seqio.SentencePieceVocabulary(self.spec)
+
+
+def make_vocab(spec: str):
+  """'byte', a SentencePiece .model path, or a Hugging Face tokenizer.json path."""
+  if spec.endswith(".json"):
+    from cpt_jax.model.hf_vocab import TokenizerJsonVocab  # pylint: disable=g-import-not-at-top
+    return TokenizerJsonVocab(spec)
+  return Vocab(spec)

@@ -22,6 +22,10 @@ from cpt_jax.train import loss as loss_lib
 def token_byte_lengths(vocab: Any, size: int) -> np.ndarray:
   """[size] UTF-8 bytes each token id stands for (0 for pad/eos/control ids)."""
   out = np.zeros((size,), np.float32)
+  if hasattr(vocab, "decode") and not hasattr(vocab, "_sp"):  # tokenizer.json
+    for i in range(min(size, vocab.vocab_size)):
+      out[i] = len(vocab.decode([i]).encode("utf-8"))
+    return out
   sp = getattr(vocab, "_sp", None)
   if sp is None:  # byte vocabulary: ids 3..258 are the bytes 0..255
     out[3:min(size, 259)] = 1.0

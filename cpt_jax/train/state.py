@@ -56,6 +56,7 @@ def abstract_state(model, tx, shardings: TrainState, seq_len: int,
   shape = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                      opt_state=jax.eval_shape(tx.init, params),
                      frozen={k: params for k in frozen_keys})
+  shardings = shardings.replace(frozen={k: shardings.frozen[k] for k in frozen_keys})
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, shardings)
 

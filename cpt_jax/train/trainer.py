@@ -35,6 +35,7 @@ from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
 from cpt_jax.train import optimizer as optimizer_lib
+from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import step as step_lib
 
@@ -77,6 +78,19 @@ def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext
   return RunContext(config, mesh, rules, model_cfg, model, tx, schedule, state_sh, frozen_keys)
 
 
+def default_frozen(ctx: RunContext, params, pipeline) -> dict:
+  """The teacher is the stage's starting params; EWC adds a Fisher from the old domains."""
+  frozen = {"teacher": jax.tree.map(jnp.copy, params)}
+  if "fisher" in ctx.frozen_keys:
+    old = [d for d, r in zip(pipeline.domains, pipeline.roles) if r in ("replay", "distill")]
+    if not old:
+      raise ValueError("objective.ewc > 0 needs old-domain data: set data.replay or data.distill")
+    rows = ctx.config.objective.ewc_batches * ctx.config.train.global_batch_size
+    frozen["fisher"] = regularizers.estimate_fisher(ctx, params, pipeline, old, rows,
+                                                    ctx.config.seed)
+  return frozen
+
+
 def log(msg: str) -> None:
   """Prints a status line from the lead process."""
   if jax.process_index() == 0:
@@ -99,6 +113,7 @@ class Trainer:
                pipeline=None, frozen_fn: Callable | None = None,
                on_metrics: Callable | None = None, devices=None):
     distributed.maybe_initialize(config.distributed)
+    config = config_lib.apply_init_from_hf(config)
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.ctx = build_context(config, devices)
@@ -113,6 +128,10 @@ class Trainer:
     self.pipeline = pipeline
     self.frozen_fn = frozen_fn
     self.on_metrics = on_metrics
+    from cpt_jax import mixing  # pylint: disable=g-import-not-at-top
+    mixing.validate_mixing_config(config.mixing, pipeline.domains, pipeline.roles,
+                                  config.train.log_every)
+    self.controller = mixing.Controller.for_pipeline(config.mixing, pipeline)
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), keep=config.train.keep_checkpoints,
         async_save=config.train.async_checkpoints)
@@ -144,30 +163,61 @@ class Trainer:
       state, host = self.checkpointer.restore(abstract)
       self.pipeline.restore(host["data"])
       self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
+      self.teacher_rows = int(host.get("teacher_rows", 0))
+      if "mixing" in host:
+        self.controller.load_state_dict(host["mixing"])
+      self.controller.start(self.pipeline)
       return state, f"resumed from step {int(state.step)}"
     if c.train.init_checkpoint:
       abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len)
       params = ckpt_lib.restore_params(c.train.init_checkpoint, abstract.params)
       state = state_lib.with_params(params, ctx.tx, ctx.state_sh)
       how = f"warm start from {c.train.init_checkpoint}"
+    elif c.train.init_from_hf:
+      from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
+      params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, ctx.state_sh.params)
+      state = state_lib.with_params(params, ctx.tx, ctx.state_sh)
+      how = f"warm start from Hugging Face model {c.train.init_from_hf}"
     else:
       state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len)
       how = "random init"
     if ctx.frozen_keys:
-      frozen = self.frozen_fn(ctx, state.params, self.pipeline) if self.frozen_fn else {
-          "teacher": state.params}
+      frozen = (self.frozen_fn or default_frozen)(ctx, state.params, self.pipeline)
       frozen = jax.tree.map(lambda x, s: jax.device_put(x, s), frozen,
                             {k: ctx.state_sh.frozen[k] for k in frozen})
       state = state.replace(frozen=frozen)
+    if c.mixing.controller in ("doremi", "forgetting"):
+      self.controller.set_reference(self.reference_losses(state.params))
+    self.controller.start(self.pipeline)
     return state, how
 
+  def reference_losses(self, params, rows_per_domain: int | None = None) -> dict[str, float]:
+    """Per-domain CE of `params` (the stage's starting model) on training rows.
+
+    The reference the rate controllers compare the running loss against.
+    """
+    rows = rows_per_domain or self.config.train.global_batch_size
+    out = {}
+    self._ensure_eval_step()
+    for d, r in zip(self.pipeline.domains, self.pipeline.roles):
+      if r not in ("new", "replay", "distill"):
+        continue
+      batch = self.pipeline.training_rows([d], rows, self.config.seed)
+      m = jax.device_get(self._eval_step(params, {
+          k: jax.device_put(v, shd.replicated(self.ctx.mesh)) for k, v in batch.items()}))
+      out[d] = float(m["ce_sum"]) / max(float(m["tokens"]), 1.0)
+    return out
+
   # ------------------------------------------------------------------ eval
-  def evaluate(self, params=None, domains=None) -> dict[str, dict[str, float]]:
-    """Per-domain validation loss and bits/byte (default: every domain of the run)."""
+  def _ensure_eval_step(self) -> None:
     if self._eval_step is None:
       table = eval_lib.token_byte_lengths(self.pipeline.vocab, self.ctx.model_cfg.vocab_size)
       self._eval_step = eval_lib.make_eval_step(self.ctx.apply_fn, table, self.ctx.mesh,
                                                 self.ctx.rules)
+
+  def evaluate(self, params=None, domains=None) -> dict[str, dict[str, float]]:
+    """Per-domain validation loss and bits/byte (default: every domain of the run)."""
+    self._ensure_eval_step()
     params = self.state.params if params is None else params
     return eval_lib.evaluate_domains(
         self._eval_step, params, self.pipeline, self.pipeline.domains if domains is None
@@ -192,6 +242,7 @@ class Trainer:
     """Trains to `train.steps`; returns a summary (final step, last metrics, ...)."""
     c, ctx = self.config, self.ctx
     t = c.train
+    t_start = time.perf_counter()
     self.state, how = self.initial_state()
     start = int(jax.device_get(self.state.step))
     log(f"{os.path.basename(self.workdir)}: {how}; steps {start}..{t.steps}; "
@@ -259,6 +310,9 @@ class Trainer:
               mfu=tps * flops_tok / peak, teacher_skipped_steps=self.teacher_skipped_steps,
               teacher_rows=self.teacher_rows, weights=_named(domains, self.pipeline.weights),
               data=self.pipeline.stats())
+          self.controller.maybe_update(done, record, self.pipeline)
+          record.update(self.controller.metrics())
+          record["controller_seconds"] = self.controller.seconds
           writer.write(done, record)
           if self.on_metrics is not None:
             self.on_metrics(done, record, self.pipeline)
@@ -288,6 +342,7 @@ class Trainer:
     fwd_flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len, training=False)
     return {"step": int(jax.device_get(self.state.step)), "init": how, "last": last,
             "eval": last_eval, "domains": list(self.pipeline.domains),
+            "seconds": time.perf_counter() - t_start,
             "roles": list(self.pipeline.roles), "steps_run": steps_run,
             "train_tokens": steps_run * tokens_per_step,
             "train_tflops": steps_run * tokens_per_step * flops_tok / 1e12,
@@ -297,7 +352,8 @@ class Trainer:
             "data": self.pipeline.stats()}
 
   def save(self, step: int) -> None:
-    host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps}
+    host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps,
+            "teacher_rows": self.teacher_rows, "mixing": self.controller.state_dict()}
     self.checkpointer.save(step, self.state, host)
 
   def close(self) -> None:

@@ -1,0 +1,19 @@
+"""Online data mixing: controllers that move the mixture weights during a stage.
+
+`config.mixing` (default_mixing_config) picks the controller; `Controller`
+wraps the pure `init_state` / `update` functions for the trainer's on_metrics
+hook and the checkpoint. Importing this package needs only numpy.
+"""
+
+from cpt_jax.mixing.config import CONTROLLERS
+from cpt_jax.mixing.config import default_mixing_config
+from cpt_jax.mixing.config import parse_schedule
+from cpt_jax.mixing.config import validate_mixing_config
+from cpt_jax.mixing.controllers import accumulate
+from cpt_jax.mixing.controllers import Controller
+from cpt_jax.mixing.controllers import controller_overhead_seconds
+from cpt_jax.mixing.controllers import exp3_exploration
+from cpt_jax.mixing.controllers import init_state
+from cpt_jax.mixing.controllers import schedule_weights
+from cpt_jax.mixing.controllers import update
+from cpt_jax.mixing.controllers import window_loss

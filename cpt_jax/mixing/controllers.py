@@ -1,0 +1,409 @@
+"""Online mixture-weight controllers: pure functions of (config, state, losses).
+
+Every `mixing.update_every` steps a controller turns the per-domain training
+loss of the last window (and the teacher's held-out loss per domain, measured
+once at the stage start) into new mixture weights for the data pipeline:
+
+  static      the configured `data.weights`, never changed.
+  schedule    piecewise-constant stages (levanter's staged mixtures); see
+              cpt_jax/mixing/config.py for the format.
+  doremi      exponentiated gradient on excess loss (Xie et al. 2023, DoReMi):
+                e_i   = max(0, loss_i - ref_i)
+                alpha = softmax(log alpha + doremi_lr * e)
+                alpha = (1 - smoothing) * alpha + smoothing / K
+                w     = floor + (1 - K floor) * alpha
+              DoReMi clips the per-token excess; only per-domain means exist
+              here, so the mean excess is clipped. alpha starts at the
+              configured weights (DoReMi starts uniform).
+  exp3        Online Data Mixing (Albalak et al. 2023), loss as reward. As in
+              ODM, round t is a training step (batch index s is round s + 1).
+              The update at step s sees the window trained with weights pi:
+                r_i   = loss_i / pi_i   (loss_i if not exp3_importance_weighting)
+                R_i   = a R_i + (1 - a) r_i          (a = exp3_reward_decay)
+                pi    = (1 - K eps_s+1) softmax(eps_s R) + eps_s+1
+                w     = floor + (1 - K floor) pi
+              with eps_t = min(1/K, sqrt(ln K / (K t))) ('odm', ODM's schedule)
+              or min(1/K, exp3_eps) ('constant'); state['eps'] is the rate in
+              force. The first window uses the configured weights (ODM starts
+              uniform); R starts at 0. Unlike ODM, every domain seen in the
+              window (not one sampled arm) updates its reward.
+  forgetting  replay/distill domains (set R) gain weight in proportion to their
+              loss increase over the teacher; the new domains (set N, data T)
+              keep at least `new_min_share`; replay + distill stay within
+              `replay_budget`. With b = configured weights normalised over the
+              controlled domains, f = floor, e_i = max(0, loss_i - ref_i):
+                d_i  = max(f, b_i + forgetting_gain * e_i)          i in R
+                cap  = min(replay_budget, 1 - max(new_min_share, |N| f))
+                if sum(d) > cap:  d_i = f + (d_i - f) (cap - |R| f) / (sum(d) - |R| f)
+                w_j  = f + (1 - sum(d) - |N| f) b_j / sum(b_N)      j in N
+              (uniform over N if sum(b_N) = 0). The initial weights already
+              follow this rule with e = 0.
+
+Controlled domains are those with role new/replay/distill and a configured
+weight > 0; the others (eval domains always) keep weight 0. Losses that are
+missing from a window or not finite leave that domain's signal (excess,
+reward) as it was; domains missing from the reference get excess 0.
+
+The state is a JSON-serialisable dict; all math is numpy float64 in a fixed
+order, and Python floats survive `json.dumps`/`json.loads` exactly, so a run
+resumed from a checkpointed state continues the same weight trajectory bit for
+bit. `Controller` wraps the functions for the trainer's `on_metrics` hook.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from cpt_jax.mixing import config as config_lib
+
+STATE_VERSION = 1
+_TINY = 1e-12  # exp3: smallest pi used in the importance weight.
+
+
+# -- helpers ----------------------------------------------------------------
+def _vector(domains: Sequence[str], values: Mapping[str, float] | None) -> np.ndarray:
+  """values by domain name -> float64 vector; NaN where missing or not finite."""
+  out = np.full(len(domains), np.nan, np.float64)
+  if values:
+    for i, d in enumerate(domains):
+      v = values.get(d)
+      if v is not None and math.isfinite(float(v)):
+        out[i] = float(v)
+  return out
+
+
+def _floats(x) -> list[float]:
+  return [float(v) for v in np.asarray(x, np.float64)]
+
+
+def _apply_floor(p_D: np.ndarray, mask_D: np.ndarray, floor: float) -> np.ndarray:
+  """floor + (1 - K floor) p over the controlled domains; 0 elsewhere."""
+  k = int(mask_D.sum())
+  return np.where(mask_D, floor + (1.0 - k * floor) * p_D, 0.0)
+
+
+def _softmax(x_D: np.ndarray, mask_D: np.ndarray) -> np.ndarray:
+  z = np.where(mask_D, x_D, -np.inf)
+  e = np.exp(z - z[mask_D].max())
+  return e / e.sum()
+
+
+def exp3_exploration(cfg: ml_collections.ConfigDict, t: int, k: int) -> float:
+  """Exploration rate eps_t (t = 1, 2, ...) for K = k arms; see the module doc."""
+  if t < 1:
+    raise ValueError(f"exp3 time step must be >= 1, got {t}")
+  if k <= 1:
+    return 0.0
+  if cfg.exp3_schedule == "odm":
+    return min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
+  return min(1.0 / k, float(cfg.exp3_eps))
+
+
+def _update_excess(state: dict, loss_D: np.ndarray, ref_D: np.ndarray) -> np.ndarray:
+  """Excess max(0, loss - ref) where observed (0 without a reference); else the old one."""
+  old = np.asarray(state["excess"], np.float64)
+  seen = ~np.isnan(loss_D)
+  exc = np.where(np.isnan(ref_D), 0.0, np.maximum(0.0, loss_D - np.nan_to_num(ref_D)))
+  new = np.where(seen & np.asarray(state["controlled"]), exc, old)
+  state["excess"] = _floats(new)
+  return new
+
+
+def _forgetting_weights(cfg, state: dict, excess_D: np.ndarray) -> np.ndarray:
+  mask = np.asarray(state["controlled"])
+  roles = np.asarray(state["roles"])
+  rep = mask & np.isin(roles, config_lib.REPLAY_ROLES)
+  new = mask & (roles == "new")
+  base = np.asarray(state["base"], np.float64)
+  f = float(cfg.floor)
+  n_rep, n_new = int(rep.sum()), int(new.sum())
+  w = np.zeros(len(base), np.float64)
+  d = np.where(rep, np.maximum(f, base + float(cfg.forgetting_gain) * excess_D), 0.0)
+  cap = min(float(cfg.replay_budget), 1.0 - max(float(cfg.new_min_share), n_new * f))
+  total = d.sum()
+  if total > cap:
+    d = np.where(rep, f + (d - f) * ((cap - n_rep * f) / (total - n_rep * f)), 0.0)
+  w[rep] = d[rep]
+  rest = 1.0 - d.sum() - n_new * f
+  bn = np.where(new, base, 0.0)
+  share = bn / bn.sum() if bn.sum() > 0 else new / max(n_new, 1)
+  w[new] = f + rest * share[new]
+  return w
+
+
+# -- the pure API -------------------------------------------------------------
+def init_state(cfg: ml_collections.ConfigDict, domains: Sequence[str], roles: Sequence[str],
+               initial_weights: Sequence[float] | np.ndarray) -> dict:
+  """The controller's state at the start of a stage (JSON-serialisable).
+
+  `initial_weights` are the pipeline's configured weights (any positive scale).
+  """
+  domains, roles = list(domains), list(roles)
+  config_lib.validate_mixing_config(cfg, domains, roles)
+  w0 = np.asarray(initial_weights, np.float64)
+  if w0.shape != (len(domains),) or not np.all(np.isfinite(w0)) or np.any(w0 < 0):
+    raise ValueError(f"initial_weights must be {len(domains)} finite weights >= 0, got {w0}")
+  mask = np.array([r in config_lib.TRAINABLE_ROLES for r in roles]) & (w0 > 0)
+  if not mask.any():
+    raise ValueError("no trainable domain has a positive initial weight")
+  base = np.where(mask, w0, 0.0)
+  base = base / base.sum()
+  state: dict[str, Any] = {
+      "version": STATE_VERSION, "controller": cfg.controller, "domains": domains,
+      "roles": roles, "controlled": [bool(m) for m in mask], "base": _floats(base),
+      "updates": 0, "step": 0, "reference": None, "window": {},
+      "config": json.loads(cfg.to_json()),
+  }
+  name = cfg.controller
+  if name == "static":
+    w = base
+  elif name == "schedule":
+    w = schedule_weights(cfg, domains, roles, 0)
+  elif name == "doremi":
+    state["excess"] = [0.0] * len(domains)
+    state["alpha"] = _floats(base)
+    state["alpha_sum"] = [0.0] * len(domains)  # running sum of alpha (DoReMi's output average)
+    w = _apply_floor(base, mask, float(cfg.floor))
+  elif name == "exp3":
+    state["reward"] = [0.0] * len(domains)
+    state["eps"] = exp3_exploration(cfg, 1, int(mask.sum()))
+    w = _apply_floor(base, mask, float(cfg.floor))
+  elif name == "forgetting":
+    state["excess"] = [0.0] * len(domains)
+    w = _forgetting_weights(cfg, state, np.zeros(len(domains)))
+  else:
+    raise ValueError(f"mixing.controller: {name!r} is not one of {config_lib.CONTROLLERS}")
+  state["weights"] = _floats(w)
+  return state
+
+
+def schedule_weights(cfg: ml_collections.ConfigDict, domains: Sequence[str],
+                     roles: Sequence[str], step: int) -> np.ndarray:
+  """The weights of the schedule stage in force for the batch at `step`."""
+  stages = _stages(cfg.schedule, tuple(domains), tuple(roles))
+  w = stages[0][1]
+  for start, ws in stages:
+    if start <= step:
+      w = ws
+  return np.array(w, np.float64)
+
+
+@functools.lru_cache(maxsize=16)
+def _stages(spec: str, domains: tuple[str, ...], roles: tuple[str, ...]):
+  return tuple((s, tuple(w)) for s, w in config_lib.resolve_schedule(spec, domains, roles))
+
+
+def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
+           domain_loss: Mapping[str, float],
+           reference_loss: Mapping[str, float] | None = None) -> tuple[dict, np.ndarray]:
+  """One controller update; returns (new state, weights for the batches from `step` on).
+
+  Pure: `state` is not modified. `domain_loss` is the mean training CE per
+  domain over the window since the last update; `reference_loss` the teacher's
+  held-out CE per domain.
+  """
+  state = dict(state)  # values are replaced, never mutated, so a shallow copy is pure
+  if state.get("version") != STATE_VERSION:
+    raise ValueError(f"mixing state version {state.get('version')} != {STATE_VERSION}")
+  if state["controller"] != cfg.controller:
+    raise ValueError(f"mixing state is for controller {state['controller']!r}, config says "
+                     f"{cfg.controller!r}")
+  domains = state["domains"]
+  mask = np.asarray(state["controlled"])
+  loss_D = _vector(domains, domain_loss)
+  ref_D = _vector(domains, reference_loss)
+  name = cfg.controller
+  f = float(cfg.floor)
+  if name == "static":
+    w = np.asarray(state["weights"], np.float64)
+  elif name == "schedule":
+    w = schedule_weights(cfg, domains, state["roles"], step)
+  elif name == "doremi":
+    exc = _update_excess(state, loss_D, ref_D)
+    alpha = np.asarray(state["alpha"], np.float64)
+    with np.errstate(divide="ignore"):
+      logit = np.log(alpha) + float(cfg.doremi_lr) * exc
+    alpha = _softmax(logit, mask)
+    c = float(cfg.smoothing)
+    alpha = np.where(mask, (1.0 - c) * alpha + c / mask.sum(), 0.0)
+    state["alpha"] = _floats(alpha)
+    state["alpha_sum"] = _floats(np.asarray(state["alpha_sum"], np.float64) + alpha)
+    w = _apply_floor(alpha, mask, f)
+  elif name == "exp3":
+    k = int(mask.sum())
+    pi = np.asarray(state["weights"], np.float64)
+    seen = mask & ~np.isnan(loss_D)
+    r = np.nan_to_num(loss_D)
+    if cfg.exp3_importance_weighting:
+      r = r / np.maximum(pi, _TINY)
+    a = float(cfg.exp3_reward_decay)
+    reward = np.asarray(state["reward"], np.float64)
+    reward = np.where(seen, a * reward + (1.0 - a) * r, reward)
+    # ODM's round t is the training step: batch `step` (0-based) is round step + 1.
+    eps_prev, eps = exp3_exploration(cfg, max(int(step), 1), k), exp3_exploration(cfg, step + 1, k)
+    p = np.where(mask, (1.0 - k * eps) * _softmax(eps_prev * reward, mask) + eps, 0.0)
+    state["reward"] = _floats(reward)
+    state["eps"] = eps
+    w = _apply_floor(p, mask, f)
+  elif name == "forgetting":
+    exc = _update_excess(state, loss_D, ref_D)
+    w = _forgetting_weights(cfg, state, exc)
+  else:
+    raise ValueError(f"mixing.controller: {name!r} is not one of {config_lib.CONTROLLERS}")
+  state["weights"] = _floats(w)
+  state["updates"] = int(state["updates"]) + 1
+  state["step"] = int(step)
+  return state, np.asarray(state["weights"], np.float64)
+
+
+def accumulate(state: Mapping, domain_loss: Mapping[str, float],
+               domain_tokens: Mapping[str, int] | None = None) -> dict:
+  """Adds one log window's per-domain loss (token-weighted) to the update window."""
+  state = dict(state)
+  win = state["window"] = dict(state["window"])
+  for d, v in (domain_loss or {}).items():
+    v = float(v)
+    if not math.isfinite(v):
+      continue
+    n = float((domain_tokens or {}).get(d, 1))
+    if n <= 0:
+      continue
+    ce, tok = win.get(d, (0.0, 0.0))
+    win[d] = [ce + v * n, tok + n]
+  return state
+
+
+def window_loss(state: Mapping) -> dict[str, float]:
+  """Mean loss per domain over the accumulated window."""
+  return {d: ce / tok for d, (ce, tok) in state["window"].items() if tok > 0}
+
+
+# -- the trainer's wrapper ----------------------------------------------------
+class Controller:
+  """Holds config and state; call `maybe_update` from the trainer's on_metrics.
+
+      ctl = Controller(config.mixing, pipeline.domains, pipeline.roles, pipeline.weights)
+      if resuming: ctl.load_state_dict(host["mixing"])
+      ctl.set_reference(teacher_loss)        # kept once set (checkpointed)
+      ctl.start(pipeline)                    # weights for the first batch
+      on_metrics = lambda step, record, p: ctl.maybe_update(step, record, p)
+      host["mixing"] = ctl.state_dict()      # in the checkpoint
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, domains: Sequence[str],
+               roles: Sequence[str], initial_weights: Sequence[float] | np.ndarray):
+    self.cfg = cfg
+    self.state = init_state(cfg, domains, roles, initial_weights)
+    self.seconds = 0.0  # wall time spent in maybe_update (controller overhead)
+
+  @classmethod
+  def for_pipeline(cls, cfg: ml_collections.ConfigDict, pipeline) -> "Controller":
+    return cls(cfg, pipeline.domains, pipeline.roles, pipeline.weights)
+
+  @property
+  def weights(self) -> np.ndarray:
+    return np.asarray(self.state["weights"], np.float64)
+
+  def weights_dict(self) -> dict[str, float]:
+    return dict(zip(self.state["domains"], self.state["weights"]))
+
+  def set_reference(self, reference_loss: Mapping[str, float] | None) -> None:
+    """Stores the teacher's per-domain loss, unless the (restored) state has one."""
+    if reference_loss is not None and self.state["reference"] is None:
+      self.state["reference"] = {d: float(v) for d, v in reference_loss.items()
+                                 if math.isfinite(float(v))}
+
+  def start(self, pipeline) -> None:
+    """Sets the controller's current weights on the pipeline (not for 'static')."""
+    if self.cfg.controller != "static":
+      pipeline.set_weights(self.weights)
+
+  def maybe_update(self, step: int, record: Mapping[str, Any], pipeline=None,
+                   reference_loss: Mapping[str, float] | None = None) -> dict[str, float] | None:
+    """Accumulates the record's losses; at multiples of update_every updates the weights.
+
+    Returns the new weights by domain (also set on `pipeline`), or None.
+    """
+    t0 = time.perf_counter()
+    name = self.cfg.controller
+    if name == "static":
+      return None
+    self.set_reference(reference_loss)
+    if name != "schedule":
+      self.state = accumulate(self.state, record.get("domain_loss") or {},
+                              record.get("domain_tokens"))
+    if step <= 0 or step % self.cfg.update_every:
+      self.seconds += time.perf_counter() - t0
+      return None
+    losses = window_loss(self.state)
+    self.state["window"] = {}
+    self.state, w = update(self.cfg, self.state, step, losses, self.state["reference"])
+    if pipeline is not None:
+      pipeline.set_weights(w)
+    self.seconds += time.perf_counter() - t0
+    return self.weights_dict()
+
+  def metrics(self) -> dict[str, float]:
+    """Scalars worth logging beside the weights."""
+    out = {"mixing/updates": float(self.state["updates"])}
+    if "eps" in self.state:
+      out["mixing/exp3_eps"] = float(self.state["eps"])
+    if "excess" in self.state:
+      out["mixing/excess_sum"] = float(sum(self.state["excess"]))
+    return out
+
+  def state_dict(self) -> dict:
+    return copy.deepcopy(self.state)
+
+  def load_state_dict(self, state: Mapping) -> None:
+    """Restores a checkpointed state of the same controller and domains."""
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"mixing state version {state.get('version')} != {STATE_VERSION}")
+    for key, mine in (("controller", self.cfg.controller), ("domains", self.state["domains"]),
+                      ("roles", self.state["roles"])):
+      if state[key] != mine:
+        raise ValueError(f"mixing state {key} {state[key]!r} differs from the run's {mine!r}")
+    if state.get("config") != self.state["config"]:
+      logging.warning("mixing config differs from the checkpoint's; the weight trajectory "
+                      "will not match the original run")
+    self.state = copy.deepcopy(dict(state))
+
+
+def controller_overhead_seconds(cfg: ml_collections.ConfigDict, num_domains: int = 200,
+                                iters: int = 50, seed: int = 0) -> float:
+  """Mean wall seconds of one controller update (maybe_update) over `num_domains` domains.
+
+  Domains: a quarter new, the rest alternating replay/distill, with synthetic
+  losses drifting above a reference; the schedule controller gets a two-stage
+  schedule over all domains. Excludes pipeline.set_weights.
+  """
+  cfg = copy.deepcopy(cfg)
+  domains = [f"d{i:04d}" for i in range(num_domains)]
+  n_new = max(1, num_domains // 4)
+  roles = ["new"] * n_new + [("replay", "distill")[i % 2] for i in range(num_domains - n_new)]
+  cfg.floor = min(float(cfg.floor), 0.1 / num_domains)
+  cfg.update_every = 1
+  if cfg.controller == "schedule":
+    cfg.schedule = f"0:*=1;{max(1, iters // 2)}:{domains[0]}=1,*=0.5"
+  rng = np.random.default_rng(seed)
+  ref = {d: 2.0 + rng.random() for d in domains}
+  ctl = Controller(cfg, domains, roles, np.ones(num_domains))
+  ctl.set_reference(ref)
+  records = []
+  for i in range(iters):
+    loss = {d: ref[d] + 0.01 * i * rng.random() for d in domains}
+    records.append({"domain_loss": loss, "domain_tokens": {d: 1000 for d in domains}})
+  t0 = time.perf_counter()
+  for i, rec in enumerate(records):
+    ctl.maybe_update(i + 1, rec)
+  return (time.perf_counter() - t0) / iters
+

@@ -1,0 +1,117 @@
+"""The CPT objective: KL distillation, role routing, regularisers, teacher skipping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpt_jax import batch as batch_lib
+from cpt_jax.train import objective
+from tests.helpers import tiny_config
+
+
+def _logits(seed, shape=(2, 5, 11)):
+  return jax.random.normal(jax.random.key(seed), shape) * 2.0
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_full_kl_zero_iff_equal(tau):
+  t = _logits(0)
+  assert float(jnp.abs(objective.kl_full(t, t, tau)).max()) < 1e-6
+  assert float(objective.kl_full(t, _logits(1), tau).min()) > 0
+
+
+def test_topk_kl_zero_iff_equal_and_matches_full_kl_for_full_k():
+  t, s = _logits(0), _logits(1)
+  lp, ids = objective.teacher_topk(t, 3, 1.0)
+  assert float(jnp.abs(objective.kl_topk(lp, ids, t, 1.0)).max()) < 1e-5
+  assert float(objective.kl_topk(lp, ids, s, 1.0).min()) > 0
+  lp_all, ids_all = objective.teacher_topk(t, 11, 1.0)
+  np.testing.assert_allclose(objective.kl_topk(lp_all, ids_all, s, 1.0),
+                             objective.kl_full(t, s, 1.0), atol=1e-4)
+
+
+class _Counting:
+  """A toy apply_fn (embedding + linear) that counts how often it is traced."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def __call__(self, params, inputs, segment_ids, positions):
+    self.calls += 1
+    return params["emb"][inputs] @ params["out"]
+
+
+def _toy(seed=0, v=13, d=4):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {"emb": jax.random.normal(k1, (v, d)), "out": jax.random.normal(k2, (d, v))}
+
+
+def _batch(roles):
+  b = batch_lib.synthetic_batch(np.random.default_rng(0), len(roles), 6, 13, roles=tuple(roles))
+  return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def _obj(**kw):
+  c = tiny_config().objective
+  c.update({"lambda_kd": 1.0, **kw})
+  return c
+
+
+def test_kd_only_on_distill_rows_and_no_teacher_gradient():
+  apply_fn = _Counting()
+  loss_fn = objective.make_loss_fn(apply_fn, _obj(), num_domains=1)
+  student, teacher = _toy(0), _toy(1)
+  roles = [batch_lib.NEW, batch_lib.DISTILL, batch_lib.REPLAY, batch_lib.DISTILL]
+  batch = _batch(roles)
+  # distill_index also points at a `new` row (0): it must be masked out.
+  batch["distill_index"] = jnp.asarray([1, 3, 0, -1], jnp.int32)
+  loss, aux = loss_fn(student, batch, {"teacher": teacher})
+  assert apply_fn.calls == 2  # student + teacher
+  assert float(aux["kd_tokens"]) == float(batch["loss_weights"][np.array([1, 3])].sum())
+  assert float(aux["kd_term"]) > 0
+  g_teacher = jax.grad(lambda t: loss_fn(student, batch, {"teacher": t})[0])(teacher)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g_teacher))
+  # Student == teacher: the KL term vanishes.
+  _, aux_same = loss_fn(student, batch, {"teacher": student})
+  assert abs(float(aux_same["kd_term"])) < 1e-6
+  # Distill rows carry no CE: changing their targets leaves the CE term unchanged.
+  b2 = dict(batch)
+  b2["targets"] = batch["targets"].at[1].set((batch["targets"][1] + 1) % 13)
+  np.testing.assert_allclose(loss_fn(student, b2, {"teacher": teacher})[1]["ce_term"],
+                             aux["ce_term"], rtol=1e-6)
+
+
+def test_no_distill_rows_means_no_teacher_forward():
+  apply_fn = _Counting()
+  loss_fn = objective.make_loss_fn(apply_fn, _obj(), num_domains=1)
+  batch = _batch([batch_lib.NEW, batch_lib.REPLAY])
+  _, aux = loss_fn(_toy(0), batch, {"teacher": _toy(1)})
+  assert apply_fn.calls == 1 and int(aux["teacher_rows"]) == 0 and "kd_term" not in aux
+
+
+def test_replay_weight_and_regularisers():
+  apply_fn = _Counting()
+  batch = _batch([batch_lib.NEW, batch_lib.REPLAY])
+  p, t = _toy(0), _toy(1)
+  logits = apply_fn(p, batch["inputs"], None, None)
+  ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+      logits, batch["targets"][..., None], -1)[..., 0]
+  w = batch["loss_weights"]
+  for lam in (0.0, 1.0, 3.0):
+    fn = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, lambda_replay=lam), 1)
+    rw = jnp.asarray([1.0, lam])[:, None] * w
+    want = float(jnp.sum(ce * rw) / jnp.sum(rw))
+    assert float(fn(p, batch, {})[0]) == pytest.approx(want, rel=1e-5)
+  l2 = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, l2sp=1.0), 1)
+  loss_same, _ = l2(p, batch, {"teacher": p})
+  loss_far, aux = l2(p, batch, {"teacher": t})
+  assert float(loss_far) > float(loss_same)
+  expected = 0.5 * sum(float(jnp.sum((p[k] - t[k]) ** 2)) for k in p)
+  assert float(aux["l2sp_term"]) == pytest.approx(expected, rel=1e-5)
+  ewc = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, ewc=1.0), 1)
+  zero_f = jax.tree.map(jnp.zeros_like, p)
+  assert float(ewc(p, batch, {"teacher": t, "fisher": zero_f})[1]["ewc_term"]) == 0.0
+  ones_f = jax.tree.map(jnp.ones_like, p)
+  assert float(ewc(p, batch, {"teacher": t, "fisher": ones_f})[1]["ewc_term"]) == \
+      pytest.approx(expected, rel=1e-5)

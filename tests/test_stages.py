@@ -1,0 +1,84 @@
+"""Staged runs: warm starts between stages, skipping, resuming, and the report."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from cpt_jax import config as config_lib
+from cpt_jax import run as run_lib
+from cpt_jax import stages
+from tests.helpers import tiny_config, write_corpus
+
+REPORT_KEYS = ("stages", "domains", "loss_matrix", "bpb_matrix", "bwt", "fwt", "forgetting")
+
+
+def staged_config(corpus):
+  c = tiny_config()
+  c.data.update(corpus_dir=str(corpus), new="", replay="")
+  c.sharding.mesh_shape = (1, 1, 1)
+  c.train.update(steps=4, log_every=2, checkpoint_every=2, eval_batches=2)
+  c.stage_order = "pretrain,cpt"
+  c.stages.pretrain = {"data": {"new": "alpha,beta"}}
+  c.stages.cpt = {"init_from": "pretrain",
+                  "data": {"new": "gamma", "replay": "alpha", "distill": "beta",
+                           "weights": "gamma=0.5,alpha=0.25,beta=0.25"},
+                  "objective": {"lambda_kd": 1.0},
+                  "optimizer": {"schedule": "rewarm_cosine", "init_lr": 1e-4}}
+  return c
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_two_stage_run_report_skip_and_resume(tmp_path):
+  corpus = write_corpus(tmp_path / "corpus")
+  config = staged_config(corpus)
+  config_lib.validate_config(config)
+  work = tmp_path / "run"
+
+  def crash_in_cpt(step, record, pipeline):
+    if "gamma" in record.get("domain_loss", {}) and step == 4:
+      raise _Crash()
+
+  with pytest.raises(_Crash):
+    run_lib.run(config, str(work), devices=jax.devices()[:1], on_metrics=crash_in_cpt)
+  assert os.path.exists(work / "stages" / "pretrain" / "summary.json")
+  assert not os.path.exists(work / "stages" / "cpt" / "summary.json")
+
+  report = run_lib.run(config, str(work), devices=jax.devices()[:1])
+  cpt = json.load(open(work / "stages" / "cpt" / "summary.json"))
+  assert cpt["init"] == "resumed from step 2"  # interrupted stage resumed, not restarted
+  for key in REPORT_KEYS:
+    assert key in report, key
+  assert report["domains"] == ["alpha", "beta", "gamma"]
+  assert len(report["loss_matrix"]) == 2 and len(report["loss_matrix"][0]) == 3
+  assert set(report["forgetting"]) == {"alpha", "beta"}
+  cpt_stage = report["stages"][1]
+  assert cpt_stage["tokens"]["teacher"] > 0 and cpt_stage["tflops"]["teacher"] > 0
+  assert set(cpt_stage["tflops"]) == {"train", "teacher", "selection"}
+  assert report["comparison"][0]["distill"] == ["beta"]
+  md = open(work / "report.md").read()
+  assert "Loss matrix" in md and "domain_loss.png" in md
+  assert os.path.getsize(work / "domain_loss.png") > 1000
+  assert os.path.getsize(work / "mixture_weights.png") > 1000
+  # A finished run is skipped stage by stage; the report is rebuilt identically.
+  again = run_lib.run(config, str(work), devices=jax.devices()[:1])
+  assert again["loss_matrix"] == report["loss_matrix"]
+
+
+def test_stage_validation_errors():
+  c = staged_config("/nonexistent")
+  c.stages.cpt.init_from = "later"
+  with pytest.raises(ValueError, match="init_from='later' must name an earlier stage"):
+    stages.validate_stages(c)
+  c = staged_config("/nonexistent")
+  c.stages.cpt.train = {"stepz": 3}
+  with pytest.raises(ValueError, match="stages.cpt.train.stepz"):
+    stages.validate_stages(c)
+  c = staged_config("/nonexistent")
+  c.stage_order = "pretrain"
+  with pytest.raises(ValueError, match="does not list"):
+    stages.stage_names(c)
