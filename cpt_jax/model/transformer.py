@@ -14,6 +14,7 @@ D d_model, H query heads, K kv heads, G = H / K, E head dim, F mlp dim, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -113,8 +114,13 @@ class Dense(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", _init(self.std, self.names),
                         self.in_shape + self.out_shape, jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
-                      axes=len(self.in_shape))
+    # One 2-D matmul [M, K] @ [K, N]: on CPU a dot contracting over several
+    # batch-like dims runs at half speed in the backward pass.
+    n_in = len(self.in_shape)
+    lead = x.shape[:x.ndim - n_in]
+    k = math.prod(self.in_shape)
+    x_MxK = x.astype(self.dtype).reshape(-1, k)
+    y = (x_MxK @ kernel.astype(self.dtype).reshape(k, -1)).reshape(*lead, *self.out_shape)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[len(self.in_shape):]), self.out_shape, jnp.float32)
@@ -148,16 +154,26 @@ class Attention(nn.Module):
     k_BxLxKxE = rope.apply(k_BxLxKxE, sin_BxLxE, cos_BxLxE)
 
     b, l = segment_ids_BxL.shape
-    q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k, g, e) * jnp.asarray(e ** -0.5, dt)
+    # Heads-major layout [B, K, G, L, E] so both attention matmuls are batched
+    # GEMMs with leading batch dims (twice as fast on CPU as a mixed layout).
+    q_BxKxGxLxE = jnp.transpose(
+        (q_BxLxHxE * jnp.asarray(e ** -0.5, dt)).reshape(b, l, k, g, e), (0, 2, 3, 1, 4))
+    k_BxKxLxE = jnp.transpose(k_BxLxKxE, (0, 2, 1, 3))
+    v_BxKxLxE = jnp.transpose(v_BxLxKxE, (0, 2, 1, 3))
     logits_BxKxGxLxL = jnp.einsum(
-        "bqkge,btke->bkgqt", q_BxLxKxGxE, k_BxLxKxE).astype(jnp.float32)
+        "bkgqe,bkte->bkgqt", q_BxKxGxLxE, k_BxKxLxE).astype(jnp.float32)
     causal_LxL = jnp.tril(jnp.ones((l, l), jnp.bool_))
     same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
     mask_Bx1x1xLxL = (same_doc_BxLxL & causal_LxL)[:, None, None]
     logits_BxKxGxLxL = jnp.where(mask_Bx1x1xLxL, logits_BxKxGxLxL, -1e30)
-    probs = jax.nn.softmax(logits_BxKxGxLxL, axis=-1).astype(dt)
-    out_BxLxKxGxE = jnp.einsum("bkgqt,btke->bqkge", probs, v_BxLxKxE)
-    out_BxLxHxE = out_BxLxKxGxE.reshape(b, l, h, e)
+    # Softmax with the normalisation applied after the value matmul (one
+    # [L, E] divide instead of an [L, L] one); the max shift is a constant.
+    shift = jax.lax.stop_gradient(jnp.max(logits_BxKxGxLxL, axis=-1, keepdims=True))
+    unnorm_BxKxGxLxL = jnp.exp(logits_BxKxGxLxL - shift)
+    denom_BxKxGxLx1 = jnp.sum(unnorm_BxKxGxLxL, axis=-1, keepdims=True)
+    out_BxKxGxLxE = jnp.einsum("bkgqt,bkte->bkgqe", unnorm_BxKxGxLxL.astype(dt), v_BxKxLxE)
+    out_BxKxGxLxE = out_BxKxGxLxE / denom_BxKxGxLx1.astype(dt)
+    out_BxLxHxE = jnp.transpose(out_BxKxGxLxE, (0, 3, 1, 2, 4)).reshape(b, l, h, e)
     out_BxLxHxE = nn.with_logical_constraint(
         out_BxLxHxE, ("activation_batch", "activation_length", "activation_heads", None))
     return Dense((h, e), (c.d_model,), ("q_heads", "head_dim", "embed"), out_std, dt,
