@@ -105,6 +105,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = _data_config()
   from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
   c.mixing = mixing_config.default_mixing_config()
+  # --- replay selection (cpt_jax/replay) ---
+  from cpt_jax.replay import config as replay_config  # pylint: disable=g-import-not-at-top
+  c.replay = replay_config.default_replay_config()
+  # --- end replay selection ---
+
+  # --- sigma / tau decomposition (cpt_jax/train/decomposition.py) ---
+  c.decomposition = config_dict.create(
+      mode="",  # '' (off), 'lora' (tau = LoRA adapters) or 'subtree' (tau = delta on leaves).
+      targets=r"attn/(q|v)/kernel",  # Regex over param paths ('layers_0/attn/q/kernel'): tau.
+      lora_rank=8,  # LoRA rank r.
+      lora_alpha=16.0,  # LoRA scale alpha: delta = alpha / r * A @ B.
+      routing=True,  # sigma <- replay/distill rows (+ L2-SP/EWC), tau <- new rows.
+      freeze_sigma=False,  # sigma gets no gradient and no optimizer state.
+      skip_idle_updates=True,  # A group with no signal in a step gets an exactly-zero update.
+      tau_lr=-1.0,  # tau's peak LR (<0: optimizer.lr).
+      tau_schedule="",  # tau's LR schedule ('': optimizer.schedule).
+      tau_warmup_steps=-1,  # tau's warmup (<0: optimizer.warmup_steps).
+      tau_weight_decay=-1.0,  # tau's weight decay (<0: optimizer.weight_decay).
+      eval_without_tau=True,  # Also evaluate every domain with sigma alone (summary).
+  )
+  # --- end sigma / tau decomposition ---
 
   # Stages (continued pre-training): see cpt_jax/stages.py. Empty = one run.
   c.stage_order = ""  # Comma-separated stage names, in run order.
@@ -206,6 +227,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     data_config.validate_data_config(cfg.data)
   from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
   mixing_config.validate_mixing_config(cfg.mixing, log_every=t.log_every)
+  from cpt_jax.replay import config as replay_config  # pylint: disable=g-import-not-at-top
+  replay_config.validate_replay_config(cfg.replay)  # replay selection
   o = cfg.objective
   if o.lambda_kd < 0 or o.lambda_replay < 0 or o.l2sp < 0 or o.ewc < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / l2sp / ewc must be >= 0")
@@ -218,3 +241,5 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      "set train.init_checkpoint, or run them as a stage with init_from")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
+  from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
+  decomposition.validate_config(cfg)  # sigma / tau decomposition

@@ -29,7 +29,8 @@ from cpt_jax.data import config as data_config
 from cpt_jax.data import sources as sources_lib
 
 # Groups a stage may override (the model, mesh and runtime are per run).
-STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay")
+STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
+                "decomposition")  # decomposition: each stage may add its own tau
 STAGE_FIELDS = ("init_from", "description")
 SUMMARY = "summary.json"
 

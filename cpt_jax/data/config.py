@@ -59,6 +59,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.eval_holdout = 0.5
   # Keep at most this many documents per domain and split (0 = all).
   c.max_docs = 0
+  # Replay selection (cpt_jax/replay): a selection folder or selection.jsonl;
+  # replay domains then train only on the selected rows ('' = all rows).
+  c.replay_selection = ""
   # tf.Example / TFDS feature holding the document text.
   c.text_feature = "text"
   # TFDS only: data_dir ('' = TFDS default) and split names.

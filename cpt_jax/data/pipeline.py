@@ -65,6 +65,11 @@ class Pipeline:
       self._sources[(d, need)] = sources_lib.make_source(cfg, self.corpus_dir, d, need)
     self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
     self._store_lock = threading.Lock()
+    # --- replay selection: replay domains restricted to selected rows (cpt_jax/replay) ---
+    self._row_select: dict[str, np.ndarray] = {}
+    if cfg.get("replay_selection", ""):
+      self._load_replay_selection(cfg.replay_selection)
+    # --- end replay selection ---
     train_stores = [self._training_store(d, r) for d, r in zip(self.domains, self.roles)]
     rows = [s.num_rows if s is not None else 0 for s in train_stores]
     self._weights = config_lib.weights_from_spec(cfg.weights, self.domains, self.roles, rows)
@@ -107,7 +112,64 @@ class Pipeline:
     if split == "validation":
       usable, _ = self._validation_split_rows(domain)
       store = store.slice(0, usable)
+    if role == "replay" and domain in self._row_select:  # replay selection
+      store = IndexedStore(store, self._row_select[domain])
     return store
+
+  # --- replay selection (cpt_jax/replay) ------------------------------------
+  def full_training_store(self, domain: str):
+    """A replay domain's whole train store, ignoring any replay selection."""
+    return self._store(domain, "train")
+
+  def store_names(self) -> dict[str, str]:
+    """{replay domain: its packed train store's folder name (embeds the cache key)}."""
+    return {d: os.path.basename(self._store(d, "train").path)
+            for d, r in zip(self.domains, self.roles) if r == "replay"}
+
+  def _load_replay_selection(self, path: str) -> None:
+    from cpt_jax.replay import selection as selection_lib  # pylint: disable=g-import-not-at-top
+    rows, meta = selection_lib.read_selection(path)
+    selection_lib.check_stores(meta, self.store_names(), path)
+    for d, idx in rows.items():
+      if d not in self.domains or self.roles[self.domains.index(d)] != "replay":
+        logging.warning("replay selection %s: domain %s is not a replay domain of this run; "
+                        "ignored", path, d)
+        continue
+      n = self._store(d, "train").num_rows
+      if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"data.replay_selection={path!r}: row ids of {d!r} outside [0, {n})")
+      self._row_select[d] = np.asarray(idx, np.int64)
+
+  def set_replay_rows(self, rows: Mapping[str, np.ndarray],
+                      weights: Mapping[str, float] | None = None) -> None:
+    """Restricts replay domains to `rows` (ids in their train stores) from the next batch.
+
+    Rebuilds the mixer (the stores it indexes change) and, if given, sets the
+    mixture weights; the consumer's counters are kept and prefetched batches
+    are discarded.
+    """
+    with self._cv:
+      for d, idx in rows.items():
+        if d not in self.domains or self.roles[self.domains.index(d)] != "replay":
+          raise ValueError(f"set_replay_rows: {d!r} is not a replay domain of this run")
+        self._row_select[d] = np.asarray(idx, np.int64)
+      stores = [self._training_store(d, r) for d, r in zip(self.domains, self.roles)]
+      self.mixer = mixer_lib.Mixer(stores, self.domains, self.role_ids, self.cfg.seed,
+                                   self.global_batch_size, self.process_index,
+                                   self.process_count)
+      if weights is not None:
+        w = self._weights.copy()
+        for name, v in weights.items():
+          w[self.domains.index(name)] = float(v)
+        self._weights = config_lib.check_weights(w, self.domains, self.roles)
+      self._reset_producer()
+
+  @property
+  def replay_rows(self) -> dict[str, np.ndarray]:
+    """{replay domain: selected row ids} of the domains restricted by a selection."""
+    with self._cv:
+      return {d: v.copy() for d, v in self._row_select.items()}
+  # --- end replay selection -------------------------------------------------
 
   def _eval_store(self, domain: str) -> store_lib.PackedStore:
     start, n = self._validation_split_rows(domain)
@@ -342,6 +404,24 @@ class Pipeline:
           self._queue.append((gen, batch, new))
           self._pstate = new
           self._cv.notify_all()
+
+
+class IndexedStore:
+  """A PackedStore restricted to rows `idx_K` (no copy): row i is base row idx_K[i]."""
+
+  def __init__(self, base, idx_K: np.ndarray):
+    self.base, self.idx_K = base, np.asarray(idx_K, np.int64)
+    self.path = base.path
+    self.meta = dict(base.meta, selected_rows=int(self.idx_K.size))
+    self.rows_3xNxL = base.rows_3xNxL  # the mixer reads only its row length
+    self.row_tokens_N = np.asarray(base.row_tokens_N)[self.idx_K]
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.idx_K.size)
+
+  def gather(self, idx_B: np.ndarray) -> np.ndarray:
+    return self.base.gather(self.idx_K[np.asarray(idx_B, np.int64)])
 
 
 def make_pipeline(data_config: ml_collections.ConfigDict, *, global_batch_size: int,

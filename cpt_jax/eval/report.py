@@ -84,6 +84,11 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
       "mean_forgetting": main["mean_forgetting"], "average_loss": main["average_loss"],
       "tracks": tracks, "comparison": comparison_rows(names, summaries, loss, domains),
   }
+  # sigma / tau decomposition: every domain with and without the stage's tau.
+  report["without_tau"] = {
+      n: {d: {"with_tau": summaries[n]["eval"][d]["loss"], "without_tau": v["loss"]}
+          for d, v in summaries[n]["eval_without_tau"].items()}
+      for n in names if summaries[n].get("eval_without_tau")}
   with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   plots = write_plots(names, domains, workdir)
@@ -135,6 +140,12 @@ def markdown(report: dict, plots: list[str]) -> str:
       [[s["name"], s["steps"], s["tflops"]["train"], s["tflops"]["teacher"],
         s["tflops"]["selection"], s["tokens"]["train"], s["tokens"]["teacher"],
         s["seconds"] if s["seconds"] is not None else "-"] for s in report["stages"]]))
+  if report.get("without_tau"):  # sigma / tau decomposition
+    parts += ["", "## With and without each stage's tau (validation loss)", ""]
+    parts.append(_table(
+        ["stage", "domain", "with tau", "without tau (sigma)"],
+        [[n, d, v["with_tau"], v["without_tau"]] for n, per in report["without_tau"].items()
+         for d, v in per.items()]))
   parts += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
   return "\n".join(parts)
 

@@ -89,7 +89,12 @@ def restore_for_export(checkpoint: str, model_cfg: ModelConfig, step: int | None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           abstract)
-  return ckpt_lib.restore_params(checkpoint, abstract, step)
+  # A run with sigma / tau decomposition is exported merged (sigma + tau).
+  from cpt_jax.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
+  from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
+  return decomposition.restore_merged_params(
+      checkpoint, abstract, state_lib.abstract_boxed_params(Transformer(model_cfg), 1),
+      shd.make_mesh((1, 1, 1), jax.local_devices()[:1]), shd.DEFAULT_RULES, step)
 
 
 def main(argv=None) -> None:

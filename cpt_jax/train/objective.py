@@ -67,7 +67,8 @@ def l2_to_anchor(params: Any, anchor: Any, weights: Any | None = None) -> Array:
   return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
 
 
-def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0):
+def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0,
+                 decomp: Any = None):
   """Returns loss_fn(params, batch, frozen) -> (loss, aux).
 
   apply_fn(params, inputs, segment_ids, positions) -> logits [B, L, V].
@@ -75,6 +76,11 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     (row indices of distill rows, -1 = unused slot). Without it, or with
     lambda_kd == 0, no teacher forward is traced at all.
   frozen: {'teacher': params, 'fisher': tree} as the objective needs.
+  decomp: a `decomposition.Decomposition` (sigma / tau). Then params is
+    {'sigma', 'tau'}, the model runs on sigma + delta(tau), L2-SP / EWC act on sigma
+    alone, and `loss` is the vector [loss_T, loss_D]: T = CE (+ z-loss) of `new` rows,
+    D = CE of `replay` rows + KL of `distill` rows + L2-SP / EWC (their sum is the loss
+    of the plain objective; aux['loss'] is that sum). The step routes their gradients.
   """
   lambda_replay = float(obj_cfg.lambda_replay)
   lambda_kd = float(obj_cfg.lambda_kd)
@@ -87,7 +93,9 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   ce_role_weight = jnp.asarray([1.0, lambda_replay, 0.0, 0.0], jnp.float32)
 
   def loss_fn(params, batch, frozen):
-    logits_BxLxV = apply_fn(params, batch["inputs"], batch["segment_ids"], batch["positions"])
+    model_params = params if decomp is None else decomp.merge(params)
+    logits_BxLxV = apply_fn(model_params, batch["inputs"], batch["segment_ids"],
+                            batch["positions"])
     ce_BxL, log_z_BxL = loss_lib.cross_entropy(logits_BxLxV, batch["targets"])
     weights_BxL = batch["loss_weights"].astype(jnp.float32)
     roles_B = batch["roles"]
@@ -111,6 +119,12 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       z_term = z_loss * loss_lib.safe_div(jnp.sum(jnp.square(log_z_BxL) * ce_w_BxL), ce_den)
       aux["z_term"] = z_term
       loss = loss + z_term
+    if decomp is not None:  # T part: CE (+ z-loss) of new rows; everything else is D
+      new_w_BxL = ce_w_BxL * (roles_B == batch_lib.NEW)[:, None]
+      old_w_BxL = ce_w_BxL * (roles_B != batch_lib.NEW)[:, None]
+      tok_BxL = ce_BxL + z_loss * jnp.square(log_z_BxL) if z_loss else ce_BxL
+      loss_t = loss_lib.safe_div(jnp.sum(tok_BxL * new_w_BxL), ce_den)
+      loss_d = loss_lib.safe_div(jnp.sum(tok_BxL * old_w_BxL), ce_den)
 
     teacher_rows = 0
     if lambda_kd > 0 and "distill_index" in batch:
@@ -132,18 +146,28 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       aux["kd_term"] = kd_term
       aux["kd_tokens"] = jnp.sum(w_NxL)
       loss = loss + lambda_kd * tau ** 2 * kd_term
+      if decomp is not None:
+        loss_d = loss_d + lambda_kd * tau ** 2 * kd_term
       teacher_rows = idx_N.shape[0]
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 
+    reg_params = params if decomp is None else params["sigma"]
     if l2sp > 0:
-      term = 0.5 * l2_to_anchor(params, frozen["teacher"])
+      term = 0.5 * l2_to_anchor(reg_params, frozen["teacher"])
       aux["l2sp_term"] = term
       loss = loss + l2sp * term
+      if decomp is not None:
+        loss_d = loss_d + l2sp * term
     if ewc > 0:
-      term = 0.5 * l2_to_anchor(params, frozen["teacher"], frozen["fisher"])
+      term = 0.5 * l2_to_anchor(reg_params, frozen["teacher"], frozen["fisher"])
       aux["ewc_term"] = term
       loss = loss + ewc * term
+      if decomp is not None:
+        loss_d = loss_d + ewc * term
     aux["loss"] = loss
+    if decomp is not None:
+      aux["loss_new"], aux["loss_old"] = loss_t, loss_d
+      return jnp.stack([loss_t, loss_d]), aux
     return loss, aux
 
   return loss_fn

@@ -36,37 +36,54 @@ def abstract_boxed_params(model: nn.Module, seq_len: int) -> Any:
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules, seq_len: int, frozen_keys: tuple[str, ...] = ()) -> TrainState:
-  """NamedShardings for every leaf of the TrainState (frozen trees shard like params)."""
+                    rules, seq_len: int, frozen_keys: tuple[str, ...] = (),
+                    decomp: Any = None) -> TrainState:
+  """NamedShardings for every leaf of the TrainState (frozen trees shard like params).
+
+  With `decomp` (sigma / tau, see decomposition.py) params are {'sigma', 'tau'} and
+  frozen trees shard like the model params (= sigma).
+  """
   boxed = abstract_boxed_params(model, seq_len)
-  param_sh = shd.logical_shardings(boxed, mesh, rules)
-  abstract_params = nn.unbox(boxed)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  model_sh = shd.logical_shardings(boxed, mesh, rules)
   rep = shd.replicated(mesh)
-  opt_sh = optax.tree_utils.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep)
+  if decomp is None:
+    param_sh = model_sh
+    abstract_params = nn.unbox(boxed)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep)
+  else:
+    from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
+    boxed_params = decomp.boxed_params(boxed)
+    param_sh = shd.logical_shardings(boxed_params, mesh, rules)
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed_params))
+    opt_sh = decomposition.opt_state_shardings(abstract_opt, param_sh, rep)
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh,
-                    frozen={k: param_sh for k in frozen_keys})
+                    frozen={k: model_sh for k in frozen_keys})
 
 
 def abstract_state(model, tx, shardings: TrainState, seq_len: int,
-                   frozen_keys: tuple[str, ...] = ()) -> TrainState:
+                   frozen_keys: tuple[str, ...] = (), decomp: Any = None) -> TrainState:
   """ShapeDtypeStructs (with shardings) of the TrainState, for restoring."""
-  params = nn.unbox(abstract_boxed_params(model, seq_len))
+  boxed = abstract_boxed_params(model, seq_len)
+  model_params = nn.unbox(boxed)
+  params = model_params if decomp is None else nn.unbox(decomp.boxed_params(boxed))
   shape = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                      opt_state=jax.eval_shape(tx.init, params),
-                     frozen={k: params for k in frozen_keys})
+                     frozen={k: model_params for k in frozen_keys})
   shardings = shardings.replace(frozen={k: shardings.frozen[k] for k in frozen_keys})
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, shardings)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState,
-               seed: int, seq_len: int) -> TrainState:
+               seed: int, seq_len: int, decomp: Any = None) -> TrainState:
   """Initialises params and optimizer state directly in their sharded layout."""
 
   def init(rng):
     params = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
+    if decomp is not None:
+      params = decomp.init(params, jax.random.fold_in(rng, 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), frozen={})
 
@@ -75,11 +92,16 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: Tr
 
 
 def with_params(params: Any, tx: optax.GradientTransformation,
-                shardings: TrainState) -> TrainState:
-  """A fresh state (step 0, new optimizer state) around given params (warm start)."""
+                shardings: TrainState, decomp: Any = None, seed: int = 0) -> TrainState:
+  """A fresh state (step 0, new optimizer state) around given params (warm start).
+
+  With `decomp`, model-shaped params become sigma and tau starts fresh.
+  """
   out_sh = shardings.replace(frozen={})
 
   def build(p):
+    if decomp is not None:
+      p = decomp.init(p, jax.random.fold_in(jax.random.key(seed), 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), frozen={})
 
   return jax.jit(build, out_shardings=out_sh)(params)

@@ -35,15 +35,23 @@ def microbatch_split(x_BxX: jax.Array, num_micro: int) -> jax.Array:
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    grad_accum: int = 1) -> Callable:
+                    grad_accum: int = 1, grads_fn: Callable | None = None,
+                    apply_fn: Callable | None = None) -> Callable:
   """step(state, batch) -> (state, metrics); pure, jit it with `jit_train_step`.
 
   With grad_accum = A > 1 the batch is cut into A microbatches (see
   `microbatch_split`); `batch['distill_index']`, if present, is then [A, Bd]
   with indices local to each microbatch.
+
+  Hooks (sigma / tau decomposition, see decomposition.py): grads_fn(loss_fn, params,
+  batch, frozen) -> (grads, aux) replaces value_and_grad (grads may cover only part of
+  params); apply_fn(grads, state, aux) -> (params, opt_state, metrics) replaces
+  tx.update + apply_updates.
   """
 
   def grads_and_aux(params, batch, frozen):
+    if grads_fn is not None:
+      return grads_fn(loss_fn, params, batch, frozen)
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
     return grads, aux
 
@@ -56,9 +64,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     else:
       micro = {k: (v if k == "distill_index" else microbatch_split(v, grad_accum))
                for k, v in batch.items()}
-      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-      _, aux_shape = jax.eval_shape(
+      grads_shape, aux_shape = jax.eval_shape(
           grads_and_aux, state.params, jax.tree.map(lambda x: x[0], micro), state.frozen)
+      zero_grads = (jax.tree.map(jnp.zeros_like, state.params) if grads_fn is None else
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), grads_shape))
       zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
 
       def body(carry, mb):
@@ -70,10 +79,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       grads = jax.tree.map(lambda g: g / grad_accum, grads)
       aux = _combine_micro(aux, grad_accum)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    aux["grad_norm"] = optax.global_norm(grads)
-    aux["update_norm"] = optax.global_norm(updates)
+    if apply_fn is not None:
+      params, opt_state, extra = apply_fn(grads, state, aux)
+      aux.update(extra)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      aux["grad_norm"] = optax.global_norm(grads)
+      aux["update_norm"] = optax.global_norm(updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, aux
 

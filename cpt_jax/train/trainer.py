@@ -32,6 +32,7 @@ from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.train import checkpoint as ckpt_lib
+from cpt_jax.train import decomposition as decomp_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
 from cpt_jax.train import optimizer as optimizer_lib
@@ -53,8 +54,10 @@ class RunContext:
   schedule: Callable
   state_sh: state_lib.TrainState
   frozen_keys: tuple[str, ...]
+  decomp: Any = None  # decomposition.Decomposition (sigma / tau) or None
 
   def apply_fn(self, params, inputs, segment_ids, positions):
+    params = decomp_lib.merge_tau(params, self.decomp)  # {'sigma','tau'} -> model params
     return self.model.apply({"params": params}, inputs, segment_ids, positions)
 
 
@@ -71,15 +74,25 @@ def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext
   model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  # sigma / tau decomposition: None unless config.decomposition.mode is set.
+  decomp = decomp_lib.build(config, state_lib.abstract_boxed_params(model, config.data.seq_len))
+  if decomp is not None:
+    tx, schedule = decomp_lib.make_optimizer(decomp, config)
   frozen_keys = ("teacher",) if needs_teacher(config.objective) else ()
   if config.objective.ewc > 0:
     frozen_keys += ("fisher",)
-  state_sh = state_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len, frozen_keys)
-  return RunContext(config, mesh, rules, model_cfg, model, tx, schedule, state_sh, frozen_keys)
+  state_sh = state_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len, frozen_keys,
+                                       decomp=decomp)
+  return RunContext(config, mesh, rules, model_cfg, model, tx, schedule, state_sh, frozen_keys,
+                    decomp)
 
 
 def default_frozen(ctx: RunContext, params, pipeline) -> dict:
   """The teacher is the stage's starting params; EWC adds a Fisher from the old domains."""
+  if ctx.decomp is not None:  # the starting model (sigma + fresh tau = sigma), model-shaped
+    params = ctx.decomp.merge(params)
+    ctx = dataclasses.replace(ctx, decomp=None,
+                              state_sh=ctx.state_sh.replace(params=ctx.state_sh.frozen["teacher"]))
   frozen = {"teacher": jax.tree.map(jnp.copy, params)}
   if "fisher" in ctx.frozen_keys:
     old = [d for d, r in zip(pipeline.domains, pipeline.roles) if r in ("replay", "distill")]
@@ -137,14 +150,18 @@ class Trainer:
         async_save=config.train.async_checkpoints)
     obj = config.objective
     self.loss_fn = objective_lib.make_loss_fn(
-        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss)
+        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss, decomp=self.ctx.decomp)
+    hooks = {} if self.ctx.decomp is None else {  # sigma / tau gradient routing
+        "grads_fn": decomp_lib.make_grads_fn(self.ctx.decomp),
+        "apply_fn": decomp_lib.make_apply_fn(self.ctx.decomp, self.ctx.tx)}
     self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.tx,
-                                             config.train.grad_accum_steps)
+                                             config.train.grad_accum_steps, **hooks)
     self._jitted: dict[bool, Callable] = {}
     self._eval_step = None
     self.teacher_skipped_steps = 0
     self.teacher_rows = 0
     self.state: state_lib.TrainState | None = None
+    self.replay = None  # replay selection (cpt_jax/replay/manager.py)
 
   # ------------------------------------------------------------------ init
   def _jit_for(self, with_distill: bool) -> Callable:
@@ -159,8 +176,9 @@ class Trainer:
     c, ctx = self.config, self.ctx
     if self.checkpointer.latest_step() is not None:
       abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len,
-                                          ctx.frozen_keys)
+                                          ctx.frozen_keys, decomp=ctx.decomp)
       state, host = self.checkpointer.restore(abstract)
+      self._start_replay(state, host.get("replay") or {})  # replay selection: reuse
       self.pipeline.restore(host["data"])
       self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
       self.teacher_rows = int(host.get("teacher_rows", 0))
@@ -168,28 +186,43 @@ class Trainer:
         self.controller.load_state_dict(host["mixing"])
       self.controller.start(self.pipeline)
       return state, f"resumed from step {int(state.step)}"
+    model_sh = ctx.state_sh.params if ctx.decomp is None else ctx.state_sh.params["sigma"]
     if c.train.init_checkpoint:
-      abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len)
-      params = ckpt_lib.restore_params(c.train.init_checkpoint, abstract.params)
-      state = state_lib.with_params(params, ctx.tx, ctx.state_sh)
+      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              nn.unbox(state_lib.abstract_boxed_params(ctx.model, c.data.seq_len)),
+                              model_sh)
+      # A decomposed source checkpoint (sigma + tau) is merged into model params.
+      params = decomp_lib.restore_merged_params(
+          c.train.init_checkpoint, abstract,
+          state_lib.abstract_boxed_params(ctx.model, c.data.seq_len), ctx.mesh, ctx.rules)
+      state = state_lib.with_params(params, ctx.tx, ctx.state_sh, ctx.decomp, c.seed)
       how = f"warm start from {c.train.init_checkpoint}"
     elif c.train.init_from_hf:
       from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
-      params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, ctx.state_sh.params)
-      state = state_lib.with_params(params, ctx.tx, ctx.state_sh)
+      params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, model_sh)
+      state = state_lib.with_params(params, ctx.tx, ctx.state_sh, ctx.decomp, c.seed)
       how = f"warm start from Hugging Face model {c.train.init_from_hf}"
     else:
-      state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len)
+      state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len,
+                                   decomp=ctx.decomp)
       how = "random init"
     if ctx.frozen_keys:
       frozen = (self.frozen_fn or default_frozen)(ctx, state.params, self.pipeline)
       frozen = jax.tree.map(lambda x, s: jax.device_put(x, s), frozen,
                             {k: ctx.state_sh.frozen[k] for k in frozen})
       state = state.replace(frozen=frozen)
+    self._start_replay(state, None)  # replay selection: plan, select, write
     if c.mixing.controller in ("doremi", "forgetting"):
       self.controller.set_reference(self.reference_losses(state.params))
     self.controller.start(self.pipeline)
     return state, how
+
+  def _start_replay(self, state, host) -> None:
+    """Replay selection hook (cpt_jax/replay): fresh start selects, resume reuses."""
+    from cpt_jax.replay import manager as replay_manager  # pylint: disable=g-import-not-at-top
+    self.replay = replay_manager.ReplayManager.create(self)
+    if self.replay is not None:
+      self.replay.start(state, host)
 
   def reference_losses(self, params, rows_per_domain: int | None = None) -> dict[str, float]:
     """Per-domain CE of `params` (the stage's starting model) on training rows.
@@ -250,6 +283,8 @@ class Trainer:
     if self.is_lead:
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(c.to_json_best_effort(indent=2))
+    # Parameter / optimizer-state bytes per group (sigma / tau, or 'model').
+    state_bytes = decomp_lib.state_bytes(self.state.params, self.state.opt_state, ctx.decomp)
     writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
     peak = float(t.peak_flops) or metrics_lib.measure_matmul_peak(
         dtype=jnp.dtype(c.model.dtype))
@@ -293,6 +328,8 @@ class Trainer:
         batch = self._device_batch(local)
         fn = self._jit_for("distill_index" in batch)
         self.state, m = fn(self.state, batch)
+        if self.replay is not None:  # replay selection: online refresh every N steps
+          self.replay.maybe_refresh(step + 1, self.state)
         if pending is not None:
           settle(pending)
         pending = (step + 1, m)
@@ -310,6 +347,8 @@ class Trainer:
               mfu=tps * flops_tok / peak, teacher_skipped_steps=self.teacher_skipped_steps,
               teacher_rows=self.teacher_rows, weights=_named(domains, self.pipeline.weights),
               data=self.pipeline.stats())
+          if ctx.decomp is not None:
+            record["state_bytes"] = state_bytes
           self.controller.maybe_update(done, record, self.pipeline)
           record.update(self.controller.metrics())
           record["controller_seconds"] = self.controller.seconds
@@ -340,7 +379,7 @@ class Trainer:
       last_eval = self.evaluate()
     steps_run = t.steps - start
     fwd_flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len, training=False)
-    return {"step": int(jax.device_get(self.state.step)), "init": how, "last": last,
+    summary = {"step": int(jax.device_get(self.state.step)), "init": how, "last": last,
             "eval": last_eval, "domains": list(self.pipeline.domains),
             "seconds": time.perf_counter() - t_start,
             "roles": list(self.pipeline.roles), "steps_run": steps_run,
@@ -350,10 +389,18 @@ class Trainer:
             "teacher_tflops": self.teacher_rows * c.data.seq_len * fwd_flops_tok / 1e12,
             "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
             "data": self.pipeline.stats()}
+    if self.replay is not None:  # replay selection: cost next to the run's
+      summary["selection"] = self.replay.summary(summary)
+    summary["state_bytes"] = state_bytes  # sigma / tau decomposition: bytes per group
+    if ctx.decomp is not None and c.decomposition.eval_without_tau:  # sigma alone
+      summary["eval_without_tau"] = self.evaluate(ctx.decomp.without_tau(self.state.params))
+    return summary
 
   def save(self, step: int) -> None:
     host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps,
             "teacher_rows": self.teacher_rows, "mixing": self.controller.state_dict()}
+    if self.replay is not None:  # replay selection state (buffer ids, online state)
+      host["replay"] = self.replay.state_dict()
     self.checkpointer.save(step, self.state, host)
 
   def close(self) -> None:

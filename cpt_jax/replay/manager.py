@@ -1,0 +1,292 @@
+"""The trainer's replay hook: plan, select (fresh start), reuse (resume), refresh (online).
+
+  manager = ReplayManager.create(trainer)          # None when replay.strategy is ''
+  manager.start(state, host=None)                  # fresh: plan + select + write; resume: reuse
+  manager.maybe_refresh(done_steps, state)         # online: every replay.online_every steps
+  host["replay"] = manager.state_dict()            # checkpointed with the data state
+  summary["selection"] = manager.summary(summary)  # tokens, TFLOPs, seconds, plan vs actual
+
+The selection is written to <workdir>/replay_selection/ (see selection.py); on
+resume that file (or, for `online`, the checkpointed buffer) is reused, so no
+scoring is repeated. With `data.replay_selection` set, that selection is used
+as is (no scoring) and only the mixture weights are planned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpt_jax.replay import planner as planner_lib
+from cpt_jax.replay import scoring
+from cpt_jax.replay import selection as selection_lib
+from cpt_jax.replay import strategies as strategies_lib
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"[cpt_jax] {msg}", flush=True)
+
+
+class ReplayManager:
+  """Replay selection for one stage (see module docstring)."""
+
+  def __init__(self, trainer):
+    self.trainer = trainer
+    c = trainer.config
+    self.rcfg = c.replay
+    self.pipeline = trainer.pipeline
+    self.strategy = strategies_lib.get(self.rcfg.strategy)
+    self.roles = dict(zip(self.pipeline.domains, self.pipeline.roles))
+    self.replay_domains = [d for d, r in self.roles.items() if r == "replay"]
+    if not self.replay_domains:
+      raise ValueError(f"replay.strategy={self.rcfg.strategy!r} needs replay domains: "
+                       "set data.replay")
+    ctx = trainer.ctx
+    micro = c.train.global_batch_size // c.train.grad_accum_steps
+    self.scorer = scoring.Scorer(ctx.model, ctx.model_cfg, ctx.mesh, ctx.rules,
+                                 self.rcfg.score_batch or micro, c.data.seq_len)
+    self.stores = {d: self.pipeline.full_training_store(d) for d in self.replay_domains}
+    self.plan: dict = {}
+    self.selection: strategies_lib.Selection | None = None
+    self.seconds = 0.0
+    self.reused = False
+    self.online: OnlineBuffer | None = None
+    self.dir = selection_lib.selection_dir(trainer.workdir)
+
+  @classmethod
+  def create(cls, trainer) -> "ReplayManager | None":
+    return cls(trainer) if trainer.config.replay.strategy else None
+
+  # ---------------------------------------------------------------- start
+  def _configured_weights(self) -> dict[str, float]:
+    w = self.pipeline.weights
+    return {d: float(x) for d, x in zip(self.pipeline.domains, w)}
+
+  def _make_plan(self, params) -> dict:
+    c = self.trainer.config
+    t0 = time.perf_counter()
+    d0 = self.replay_domains[0]
+    rate = self.scorer.measure_rate(params, self.stores[d0],
+                                    np.arange(min(self.scorer.batch_rows,
+                                                  self.stores[d0].num_rows)))
+    measure_seconds = time.perf_counter() - t0
+    return dict(measure_seconds=measure_seconds) | planner_lib.plan(
+        rcfg=self.rcfg, steps=c.train.steps, batch=c.train.global_batch_size,
+        seq_len=c.data.seq_len, weights=self._configured_weights(), roles=self.roles,
+        pool_sizes={d: s.num_rows for d, s in self.stores.items()},
+        f_train=self.scorer.train_flops_tok, f_fwd=self.scorer.fwd_flops_tok,
+        strategy=self.strategy, lambda_kd=c.objective.lambda_kd, flops_per_second=rate)
+
+  def _new_batches(self, n: int) -> list:
+    new = [d for d, r in self.roles.items() if r == "new"]
+    b = self.trainer.config.train.global_batch_size // self.trainer.config.train.grad_accum_steps
+    return [self.pipeline.training_rows(new, b, self.trainer.config.seed + 7919 * (i + 1))
+            for i in range(n)] if new else []
+
+  def start(self, state, host: dict | None = None) -> None:
+    """Fresh start (host None): plan, select, write, apply. Resume: reuse what was written."""
+    t0 = time.perf_counter()
+    params = state.params
+    self.plan = self._make_plan(params)
+    _log(planner_lib.format_plan(self.plan))
+    w0 = self._configured_weights()
+    resume = host is not None
+    if resume and host.get("rows") is None and os.path.isfile(
+        os.path.join(self.dir, selection_lib.SELECTION_FILE)):
+      host = dict(host, rows=selection_lib.read_selection(self.dir)[0])
+    if resume and host.get("rows") is not None:  # reuse what the fresh start selected
+      rows = {d: np.asarray(v, np.int64) for d, v in host["rows"].items()}
+      self.reused = True
+      self.seconds = float(host.get("seconds", 0.0))
+      self.scorer.rows_scored = int(host.get("rows_scored", 0))
+      self.scorer.extra_flops = float(host.get("extra_flops", 0.0))
+      self.selection = strategies_lib.Selection(rows, {d: np.full(v.size, np.nan)
+                                                       for d, v in rows.items()},
+                                                candidates=int(host.get("candidates", 0)))
+    elif self.trainer.config.data.get("replay_selection", ""):
+      rows = self.pipeline.replay_rows
+      self.reused = True
+      self.selection = strategies_lib.Selection(rows, {d: np.full(v.size, np.nan)
+                                                       for d, v in rows.items()})
+    else:
+      env = strategies_lib.SelectEnv(
+          stores=self.stores, seed=self.trainer.config.seed, cfg=self.rcfg, scorer=self.scorer,
+          params=params, new_batches=self._new_batches,
+          lookahead_lr=self.rcfg.lookahead_lr or self.trainer.config.optimizer.lr)
+      k = self.plan["buffer_rows"]
+      self.selection = self.strategy.select(env, k, self.plan["candidates"])
+      self.seconds += time.perf_counter() - t0
+      if jax.process_index() == 0:
+        self._write()
+      _log(f"replay selection [{self.strategy.name}]: {self.selection.num_rows} rows "
+           f"({ {d: int(v.size) for d, v in self.selection.rows.items()} }) from "
+           f"{self.selection.candidates} candidates; {self.scorer.flops / 1e12:.4g} TFLOPs, "
+           f"{self.seconds:.1f}s; written to {self.dir}")
+    rows = self.selection.rows
+    weights = planner_lib.replay_weights(self.plan, w0, self.roles,
+                                         {d: int(np.size(v)) for d, v in rows.items()})
+    # On resume the pipeline's restore brings back the checkpointed weights.
+    self.pipeline.set_replay_rows(rows, None if self.reused and resume else weights)
+    if self.strategy.name == "online":
+      self.online = OnlineBuffer(self, None if resume else params, host, state)
+
+  def _write(self) -> None:
+    s = self.selection
+    selection_lib.write_selection(self.dir, s.rows, s.scores, {
+        "strategy": self.strategy.name, "budget": self.rcfg.budget,
+        "seq_len": self.trainer.config.data.seq_len, "unit": "packed row",
+        "stores": self.pipeline.store_names(), "plan": self.plan,
+        "candidates": s.candidates, "peak_held": s.peak_held, "info": _jsonable(s.info),
+        "selection_tflops": self.scorer.flops / 1e12, "selection_seconds": self.seconds})
+
+  # ---------------------------------------------------------------- online
+  def maybe_refresh(self, done: int, state) -> None:
+    if self.online is not None and done % self.rcfg.online_every == 0 \
+        and done < self.trainer.config.train.steps:
+      t0 = time.perf_counter()
+      self.online.refresh(done, state.params)
+      self.seconds += time.perf_counter() - t0
+
+  # ---------------------------------------------------------------- state / summary
+  def state_dict(self) -> dict:
+    rows = self.pipeline.replay_rows
+    out = {"rows": {d: [int(x) for x in v] for d, v in rows.items()},
+           "seconds": self.seconds, "rows_scored": self.scorer.rows_scored,
+           "extra_flops": self.scorer.extra_flops,
+           "candidates": self.selection.candidates if self.selection else 0}
+    if self.online is not None:
+      out["online"] = self.online.state_dict()
+    return out
+
+  def summary(self, run_summary: dict) -> dict:
+    """summary['selection']: selection tokens/TFLOPs/seconds and planned vs actual per component."""
+    c = self.trainer.config
+    L = c.data.seq_len
+    roles_tok = run_summary.get("data", {}).get("tokens_per_role", {})
+    f_train = self.scorer.train_flops_tok
+    actual = {"selection": self.scorer.flops / 1e12,
+              "new": roles_tok.get("new", 0) * f_train / 1e12,
+              "replay": roles_tok.get("replay", 0) * f_train / 1e12,
+              "teacher": float(run_summary.get("teacher_tflops", 0.0))}
+    total_secs = float(run_summary.get("seconds", 0.0))
+    train_secs = max(total_secs - self.seconds, 0.0)
+    rest = actual["new"] + actual["replay"] + actual["teacher"]
+    secs = {"selection": self.seconds, **{k: train_secs * actual[k] / rest if rest else 0.0
+                                          for k in ("new", "replay", "teacher")}}
+    total = sum(actual.values())
+    return {"strategy": self.strategy.name, "tokens": self.scorer.rows_scored * L,
+            "tflops": actual["selection"], "seconds": self.seconds,
+            "candidates": self.selection.candidates if self.selection else 0,
+            "buffer_rows": int(sum(np.size(v) for v in self.pipeline.replay_rows.values())),
+            "replay_fraction": self.plan.get("replay_fraction"),
+            "reused": self.reused, "peak_held": self.selection.peak_held if self.selection else 0,
+            "planned": {"tflops": self.plan.get("tflops"), "seconds": self.plan.get("seconds"),
+                        "total_tflops": self.plan.get("total_tflops")},
+            "actual": {"tflops": actual, "seconds": secs, "total_tflops": total,
+                       "selection_share": actual["selection"] / total if total else 0.0},
+            "online": self.online.state_dict() if self.online else None}
+
+
+class OnlineBuffer:
+  """Sequential re-selection: every N steps swap buffer rows for more-forgotten candidates.
+
+  Interference of a row = its loss under the current model minus its loss
+  under M (the stage's starting params). Each refresh scores the next
+  `online_pool` candidates of a rolling, seeded per-domain order (quota by
+  domain size) under both, and the buffer under the current model; per domain
+  up to online_swap x (its buffer rows) of the least-interfered buffer rows are
+  replaced by more-interfered candidates. Buffer sizes per domain stay fixed.
+  State (buffer ids, their M losses, cursors) is host JSON in the checkpoint.
+  """
+
+  def __init__(self, manager: ReplayManager, start_params, host: dict | None, state=None):
+    self.m = manager
+    self.ref_params = None
+    if start_params is not None:
+      self.ref_params = jax.tree.map(jnp.copy, start_params)
+    else:
+      self.ref_params = _starting_params(manager.trainer, state)
+    o = (host or {}).get("online") or {}
+    self.cursor = {d: int(v) for d, v in o.get("cursor", {}).items()}
+    self.ref_loss = {d: np.asarray(v, np.float64) for d, v in o.get("ref_loss", {}).items()}
+    self.refreshes, self.swaps = int(o.get("refreshes", 0)), int(o.get("swaps", 0))
+    if not self.ref_loss:
+      rows = self.m.pipeline.replay_rows
+      self.ref_loss = {d: self._loss(self.ref_params, d, rows[d]) for d in rows}
+
+  def _loss(self, params, d, rows):
+    if params is None:
+      return np.zeros((np.size(rows),))
+    return self.m.scorer.losses(params, self.m.stores[d], np.asarray(rows, np.int64))
+
+  def _order(self, d: str) -> np.ndarray:
+    n = self.m.stores[d].num_rows
+    return np.random.default_rng([self.m.trainer.config.seed, zlib.crc32(d.encode()),
+                                  0x6F6E6C]).permutation(n)
+
+  def refresh(self, step: int, params) -> None:
+    rows = self.m.pipeline.replay_rows
+    pool = self.m.plan.get("online_pool", self.m.rcfg.online_pool)
+    quotas = strategies_lib.split_quota(pool, {d: s.num_rows for d, s in self.m.stores.items()})
+    new_rows = {}
+    for d, buf in rows.items():
+      order = self._order(d)
+      c0 = self.cursor.get(d, 0)
+      cand = order[(c0 + np.arange(quotas.get(d, 0))) % order.size]
+      self.cursor[d] = (c0 + cand.size) % order.size
+      cand = cand[~np.isin(cand, buf)]
+      buf_int = self._loss(params, d, buf) - self.ref_loss[d]
+      cand_ref = self._loss(self.ref_params, d, cand)
+      cand_int = self._loss(params, d, cand) - cand_ref
+      s = min(int(self.m.rcfg.online_swap * buf.size), cand.size)
+      out_pos = np.argsort(buf_int, kind="stable")[:s]
+      in_pos = np.argsort(-cand_int, kind="stable")[:s]
+      better = cand_int[in_pos] > buf_int[out_pos]
+      out_pos, in_pos = out_pos[better], in_pos[better]
+      buf, ref = buf.copy(), self.ref_loss[d].copy()
+      buf[out_pos], ref[out_pos] = cand[in_pos], cand_ref[in_pos]
+      order_b = np.argsort(buf, kind="stable")
+      new_rows[d], self.ref_loss[d] = buf[order_b], ref[order_b]
+      self.swaps += int(out_pos.size)
+    self.refreshes += 1
+    self.m.pipeline.set_replay_rows(new_rows)
+    _log(f"replay online refresh at step {step}: {self.swaps} swaps so far")
+
+  def state_dict(self) -> dict:
+    return {"cursor": dict(self.cursor), "refreshes": self.refreshes, "swaps": self.swaps,
+            "ref_loss": {d: [float(x) for x in v] for d, v in self.ref_loss.items()}}
+
+
+def _starting_params(trainer, state):
+  """The stage's starting params on resume: the teacher if kept, else init_checkpoint."""
+  if state is not None and state.frozen and "teacher" in state.frozen:
+    return state.frozen["teacher"]
+  c = trainer.config
+  if c.train.init_checkpoint:
+    from cpt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    ctx = trainer.ctx
+    abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len)
+    return ckpt_lib.restore_params(c.train.init_checkpoint, abstract.params)
+  if not c.train.init_from_hf:  # random init: rebuild it from the seed
+    from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    ctx = trainer.ctx
+    return state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len).params
+  return None
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x

@@ -1,0 +1,143 @@
+"""The replay planner: replay tokens, buffer rows, candidates to score, and the budget.
+
+The stage trains S = train.steps x global_batch_size x seq_len tokens. With the
+configured weights w of the non-replay domains, T's share among them is q_T.
+Replay fraction r (replay tokens / T tokens; `replay.budget` <= 1) gives the
+replay share p = r q_T / (1 + r q_T); an absolute `replay.budget` R tokens gives
+p = R / S. Costs (FLOPs): T = S (1-p) q_T f_train, replay = S p f_train,
+teacher = S (1-p)(1-q_T) f_fwd when distilling, selection = candidates x L x
+f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes].
+Seconds use a measured forward FLOP/s (training assumed to run at the same rate).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+
+def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, float],
+         roles: Mapping[str, str], pool_sizes: Mapping[str, int], f_train: float,
+         f_fwd: float, strategy, lambda_kd: float, flops_per_second: float) -> dict:
+  """The plan dict (see module docstring); raises ValueError when the budget cannot hold T."""
+  S = float(steps) * batch * seq_len
+  nonrep = {d: float(w) for d, w in weights.items() if roles[d] in ("new", "distill")}
+  tot = sum(nonrep.values())
+  q_t = sum(w for d, w in nonrep.items() if roles[d] == "new") / tot if tot > 0 else 1.0
+  if rcfg.budget <= 1:
+    r = float(rcfg.budget)
+    p = r * q_t / (1 + r * q_t)
+  else:
+    p = float(rcfg.budget) / S
+    if p >= 1:
+      raise ValueError(f"replay.budget={rcfg.budget:.0f} tokens is not below the stage's "
+                       f"{S:.0f} tokens (train.steps={steps} x global_batch_size={batch} x "
+                       f"seq_len={seq_len})")
+  t_tokens = S * (1 - p) * q_t
+  replay_tokens = S * p
+  r = replay_tokens / max(t_tokens, 1.0)
+  pool = int(sum(pool_sizes.values()))
+  buffer_rows = min(int(math.ceil(replay_tokens / (seq_len * rcfg.epochs))), pool)
+  distill_tokens = S * (1 - p) * (1 - q_t) if lambda_kd > 0 else 0.0
+  tf = 1e12
+  cost = {"new": t_tokens * f_train / tf, "replay": replay_tokens * f_train / tf,
+          "teacher": distill_tokens * f_fwd / tf}
+  base = sum(cost.values())
+  rate = float(flops_per_second) or float("nan")
+  secs = lambda tflops: tflops * tf / rate
+  if rcfg.max_tflops and cost["new"] > rcfg.max_tflops:
+    raise ValueError(
+        f"replay.max_tflops={rcfg.max_tflops:g} is below what T alone costs: "
+        f"{cost['new']:.4g} TFLOPs ({t_tokens:.0f} T tokens of train.steps={steps} x "
+        f"train.global_batch_size={batch} x data.seq_len={seq_len}, x "
+        f"{f_train:.4g} training FLOPs/token); raise the budget or lower train.steps")
+  if rcfg.max_tflops and base > rcfg.max_tflops:
+    raise ValueError(
+        f"replay.max_tflops={rcfg.max_tflops:g}: T ({cost['new']:.4g}) + replay "
+        f"({cost['replay']:.4g}, replay.budget={rcfg.budget:g}) + teacher "
+        f"({cost['teacher']:.4g}) = {base:.4g} TFLOPs exceed it; lower replay.budget")
+  if rcfg.max_seconds and secs(cost["new"]) > rcfg.max_seconds:
+    raise ValueError(
+        f"replay.max_seconds={rcfg.max_seconds:g} is below what T alone takes: "
+        f"~{secs(cost['new']):.4g} s ({cost['new']:.4g} TFLOPs at a measured "
+        f"{rate / tf:.4g} TFLOP/s); raise the budget or lower train.steps")
+  if rcfg.max_seconds and secs(base) > rcfg.max_seconds:
+    raise ValueError(
+        f"replay.max_seconds={rcfg.max_seconds:g}: T + replay + teacher take ~{secs(base):.4g} s "
+        f"({base:.4g} TFLOPs at {rate / tf:.4g} TFLOP/s); lower replay.budget")
+  # Selection budget: the smaller of the fraction cap and what the hard caps leave.
+  frac = float(rcfg.selection_fraction)
+  sel_cap = frac / (1 - frac) * base if frac < 1 else float("inf")
+  if rcfg.max_tflops:
+    sel_cap = min(sel_cap, rcfg.max_tflops - base)
+  if rcfg.max_seconds and rate == rate:
+    sel_cap = min(sel_cap, (rcfg.max_seconds - secs(base)) * rate / tf)
+  per_cand = strategy.forwards_per_candidate * seq_len * f_fwd / tf
+  fixed = strategy.fixed_flops(rcfg, batch, seq_len, f_train) / tf
+  refreshes, online_pool, candidates = 0, 0, 0
+  if strategy.name == "online":
+    refreshes = (steps - 1) // rcfg.online_every  # none at the last step
+    per_refresh_rows = lambda n: 2 * n + buffer_rows  # cand under M and now, buffer now
+    online_pool = int(rcfg.online_pool)
+    if refreshes:
+      fit = (sel_cap / refreshes / (seq_len * f_fwd / tf) - buffer_rows) / 2
+      online_pool = max(0, min(online_pool, int(fit)))
+    sel_tflops = (buffer_rows + refreshes * per_refresh_rows(online_pool)) * seq_len * f_fwd / tf
+  elif per_cand > 0:
+    fit = int(max(sel_cap - fixed, 0.0) / per_cand)
+    candidates = min(pool, fit, int(rcfg.pool_rows) or pool)
+    candidates = max(candidates, min(strategy.min_candidates(buffer_rows, rcfg), pool))
+    sel_tflops = candidates * per_cand + fixed
+  else:
+    sel_tflops = 0.0
+  cost["selection"] = sel_tflops
+  total = sum(cost.values())
+  warnings = []
+  if sel_tflops > sel_cap * (1 + 1e-9) and sel_tflops > 0:
+    warnings.append(f"selection needs {sel_tflops:.4g} TFLOPs to score the {buffer_rows} buffer "
+                    f"rows' candidates once, above its cap of {sel_cap:.4g}")
+  return {
+      "strategy": strategy.name, "stage_tokens": S, "t_tokens": t_tokens,
+      "replay_tokens": replay_tokens, "replay_fraction": r, "replay_share": p, "q_t": q_t,
+      "buffer_rows": buffer_rows, "pool_rows": pool, "candidates": candidates,
+      "online_refreshes": refreshes, "online_pool": online_pool,
+      "tflops": cost, "total_tflops": total,
+      "selection_share": sel_tflops / total if total else 0.0,
+      "flops_per_second": flops_per_second,
+      "seconds": {k: secs(v) for k, v in cost.items()} if rate == rate else {},
+      "replay_tokens_max": ((rcfg.max_tflops - cost["new"] - cost["teacher"]) * tf / f_train
+                            if rcfg.max_tflops else None),
+      "warnings": warnings,
+  }
+
+
+def replay_weights(plan_: dict, weights: Mapping[str, float], roles: Mapping[str, str],
+                   buffer_rows: Mapping[str, int]) -> dict[str, float]:
+  """Mixture weights: non-replay domains keep relative weights (share 1-p), replay ones
+  share p in proportion to their buffer rows."""
+  p = plan_["replay_share"]
+  nonrep = {d: float(w) for d, w in weights.items() if roles[d] in ("new", "distill")}
+  tot = sum(nonrep.values()) or 1.0
+  out = {d: (1 - p) * w / tot for d, w in nonrep.items()}
+  nb = sum(buffer_rows.values())
+  for d, r in roles.items():
+    if r == "replay":
+      out[d] = p * buffer_rows.get(d, 0) / nb if nb else 0.0
+  return out
+
+
+def format_plan(p: dict) -> str:
+  t = p["tflops"]
+  s = p.get("seconds") or {}
+  parts = [f"{k} {t[k]:.4g} TF" + (f" (~{s[k]:.0f}s)" if k in s else "") for k in t]
+  return (f"replay plan [{p['strategy']}]: replay {p['replay_tokens']:.0f} tokens = "
+          f"{p['replay_fraction']:.3g} x T's {p['t_tokens']:.0f} (mixture share "
+          f"{p['replay_share']:.4f}); buffer {p['buffer_rows']} rows of a pool of "
+          f"{p['pool_rows']}; candidates scored {p['candidates']}"
+          + (f"; online {p['online_refreshes']} refreshes x {p['online_pool']} candidates"
+             if p["online_refreshes"] else "")
+          + f"; planned {', '.join(parts)}; total {p['total_tflops']:.4g} TF, selection "
+          f"{100 * p['selection_share']:.2f}%"
+          + ("".join(f"\n  warning: {w}" for w in p["warnings"])))

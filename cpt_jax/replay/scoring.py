@@ -1,0 +1,141 @@
+"""Forward-only, sharded, batched scoring of packed rows (and the look-ahead step).
+
+`Scorer.stream(params, store, rows)` yields, batch by batch, each row's mean
+token cross-entropy and its pooled final hidden state (mean over the row's
+real tokens), so callers select with bounded memory. Batches are global:
+every process feeds its slice and gets the whole batch's scores back.
+FLOPs are counted as rows x seq_len x forward FLOPs/token (`flops`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpt_jax import batch as batch_lib
+from cpt_jax.data import packing
+from cpt_jax.model.transformer import flops_per_token
+from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import loss as loss_lib
+
+
+def _masked_mean_ce(logits_BxLxV, batch):
+  ce_BxL, _ = loss_lib.cross_entropy(logits_BxLxV, batch["targets"])
+  w_BxL = batch["loss_weights"].astype(jnp.float32)
+  return jnp.sum(ce_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
+
+
+class Scorer:
+  """Per-row loss and pooled hidden states of a model on packed rows."""
+
+  def __init__(self, model, model_cfg, mesh, rules, batch_rows: int, seq_len: int):
+    self.model, self.mesh, self.rules = model, mesh, rules
+    self.batch_rows, self.seq_len = int(batch_rows), int(seq_len)
+    self.fwd_flops_tok = flops_per_token(model_cfg, seq_len, training=False)
+    self.train_flops_tok = flops_per_token(model_cfg, seq_len, training=True)
+    self.rows_scored = 0  # forward row-passes so far
+    self.extra_flops = 0.0  # look-ahead steps etc.
+    self.seconds = 0.0
+    if self.batch_rows % jax.process_count():
+      raise ValueError(f"replay.score_batch={batch_rows} not divisible by the "
+                       f"{jax.process_count()} processes")
+
+    def fwd(params, batch):
+      logits, hidden_BxLxD = model.apply({"params": params}, batch["inputs"],
+                                         batch["segment_ids"], batch["positions"],
+                                         return_hidden=True)
+      ce_BxL, _ = loss_lib.cross_entropy(logits, batch["targets"])
+      w_BxL = batch["loss_weights"].astype(jnp.float32)
+      tok_B = jnp.sum(w_BxL, axis=-1)
+      loss_B = loss_lib.row_sums(ce_BxL, w_BxL) / jnp.maximum(tok_B, 1.0)
+      pooled_BxD = jnp.einsum("bld,bl->bd", hidden_BxLxD.astype(jnp.float32),
+                              w_BxL) / jnp.maximum(tok_B, 1.0)[:, None]
+      return loss_B, pooled_BxD
+
+    self._fwd = jax.jit(fwd)
+
+    def lookahead(params, batch, lr):
+      g = jax.grad(lambda p: _masked_mean_ce(
+          model.apply({"params": p}, batch["inputs"], batch["segment_ids"],
+                      batch["positions"]), batch))(params)
+      # Adam's first step is lr * g / (|g| + eps) ~ lr * sign(g): the step training takes.
+      return jax.tree.map(lambda p, gi: p - lr * jnp.sign(gi).astype(p.dtype), params, g)
+
+    self._lookahead = jax.jit(lookahead)
+
+  @property
+  def flops(self) -> float:
+    return self.rows_scored * self.seq_len * self.fwd_flops_tok + self.extra_flops
+
+  def _run(self, fn, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return fn(*args)
+
+  def _fetch(self, x):
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  def _local_batch(self, store, rows_B: np.ndarray) -> dict[str, np.ndarray]:
+    """This process's slice of a global batch of `rows_B` (padded with empty rows)."""
+    per = self.batch_rows // jax.process_count()
+    lo = jax.process_index() * per
+    idx = np.arange(lo, lo + per)
+    planes = np.zeros((3, per, self.seq_len), np.int32)
+    valid = idx < rows_B.size
+    if valid.any():
+      planes[:, valid] = store.gather(rows_B[idx[valid]])
+    return packing.rows_to_batch(planes, np.zeros((per,), np.int32),
+                                 np.full((per,), batch_lib.EVAL, np.int32))
+
+  def stream(self, params: Any, store, rows: np.ndarray
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (rows_b, loss_b, pooled_bxD) over `rows` of `store`, batch by batch."""
+    rows = np.asarray(rows, np.int64)
+    for start in range(0, rows.size, self.batch_rows):
+      t0 = time.perf_counter()
+      chunk = rows[start:start + self.batch_rows]
+      batch = shd.global_batch(self._local_batch(store, chunk), self.mesh)
+      loss_B, pooled_BxD = self._run(self._fwd, params, batch)
+      loss_B, pooled_BxD = self._fetch(loss_B), self._fetch(pooled_BxD)
+      self.rows_scored += chunk.size
+      self.seconds += time.perf_counter() - t0
+      yield chunk, loss_B[:chunk.size].astype(np.float64), pooled_BxD[:chunk.size]
+
+  def losses(self, params: Any, store, rows: np.ndarray) -> np.ndarray:
+    """Per-row mean loss of all `rows` (for small, bounded row sets)."""
+    out = [l for _, l, _ in self.stream(params, store, rows)]
+    return np.concatenate(out) if out else np.zeros((0,))
+
+  def lookahead(self, params: Any, batches: list[dict[str, np.ndarray]], lr: float) -> Any:
+    """Params after one virtual sign-SGD step per batch (each a global-size local batch)."""
+    t0 = time.perf_counter()
+    for local in batches:
+      batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, self.mesh)
+      params = self._run(self._lookahead, params, batch, jnp.float32(lr))
+      self.extra_flops += local["inputs"].shape[0] * jax.process_count() * self.seq_len \
+          * self.train_flops_tok
+    jax.block_until_ready(params)
+    self.seconds += time.perf_counter() - t0
+    return params
+
+  def measure_rate(self, params: Any, store, rows: np.ndarray) -> float:
+    """Forward FLOP/s of one scoring batch after compilation (not counted as selection)."""
+    rows = np.asarray(rows, np.int64)[:self.batch_rows]
+    if rows.size == 0:
+      return 0.0
+    n0, s0 = self.rows_scored, self.seconds
+    for _ in self.stream(params, store, rows):  # compile
+      pass
+    t0 = time.perf_counter()
+    for _ in self.stream(params, store, rows):
+      pass
+    dt = time.perf_counter() - t0
+    self.rows_scored, self.seconds = n0, s0
+    return self.batch_rows * self.seq_len * self.fwd_flops_tok / max(dt, 1e-9)

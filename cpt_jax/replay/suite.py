@@ -1,0 +1,229 @@
+"""The replay-selection benchmark behind benchmarks/cpt_suite.py.
+
+Pretrains M on the old domains (cached under <cache>/pretrain-<hash of the
+settings>), then runs CPT on the new domain from M for every (row, seed):
+no replay; random at several fractions; every strategy at 1% and 5%; random
+5% replay + KL distillation with one old domain marked unavailable; and
+"joint" (CPT on T plus *all* of D at its natural size weights: the
+re-training upper bound, approximated by continuing from M). Every run sees
+the same number of T tokens (steps = cpt_steps x (1 + r) / T's share) and the
+same re-warmed cosine schedule shape. Each row is reported as mean and
+standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from cpt_jax import config as config_lib
+from cpt_jax.train import trainer as trainer_lib
+
+
+@dataclasses.dataclass
+class Settings:
+  corpora: str
+  old: tuple[str, ...] = ("man_en", "code_py", "legal", "bible_kjv")
+  new: str = "man_de"
+  unavailable: str = "legal"  # old domain without train data in the distill row
+  d_model: int = 128
+  num_layers: int = 2
+  seq_len: int = 128
+  batch: int = 32
+  pretrain_steps: int = 1900
+  cpt_steps: int = 600
+  lr: float = 3e-3
+  cpt_lr: float = 2e-3
+  seeds: int = 3
+  random_fractions: tuple[float, ...] = (0.01, 0.05, 0.25)
+  strategy_fractions: tuple[float, ...] = (0.01, 0.05)
+  strategies: tuple[str, ...] = ("proportional", "teacher_loss", "forgetting", "diversity",
+                                 "online")
+  eval_batches: int = 8
+  cache: str = ""
+  workdir: str = ""
+
+  def pretrain_key(self) -> str:
+    blob = json.dumps([os.path.abspath(self.corpora), sorted(self.old), self.new, self.d_model,
+                       self.num_layers, self.seq_len, self.batch, self.pretrain_steps, self.lr])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def quick(settings: Settings) -> Settings:
+  """--quick: a small model, short runs, one seed, the 5% column only."""
+  return dataclasses.replace(
+      settings, d_model=64, num_layers=1, seq_len=64, batch=16, pretrain_steps=200,
+      cpt_steps=80, seeds=1, random_fractions=(0.05,), strategy_fractions=(0.05,),
+      eval_batches=4)
+
+
+def base_config(s: Settings):
+  c = config_lib.default_config()
+  c.model.update(d_model=s.d_model, num_layers=s.num_layers, num_heads=4, num_kv_heads=4,
+                 mlp_dim=4 * s.d_model)
+  c.data.update(corpus_dir=s.corpora, seq_len=s.seq_len, prefetch=2,
+                cache_dir=os.path.join(s.cache, "data"))
+  c.train.update(global_batch_size=s.batch, log_every=50, eval_batches=s.eval_batches,
+                 checkpoint_every=10**9, progress_bar=False, async_checkpoints=False,
+                 keep_checkpoints=1, peak_flops=1e11)
+  c.optimizer.update(lr=s.lr, warmup_steps=max(s.pretrain_steps // 20, 1))
+  return c
+
+
+def pretrain(s: Settings) -> tuple[str, dict]:
+  """M's checkpoint dir and its per-domain validation losses (cached)."""
+  work = os.path.join(s.cache, f"pretrain-{s.pretrain_key()}")
+  done = os.path.join(work, "m_eval.json")
+  if os.path.isfile(done):
+    with open(done) as f:
+      return os.path.join(work, "checkpoints"), json.load(f)
+  c = base_config(s)
+  c.data.update(new=",".join(s.old), eval=s.new)
+  c.train.steps = s.pretrain_steps
+  summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
+  losses = {d: v["loss"] for d, v in summary["eval"].items()}
+  with open(done, "w") as f:
+    json.dump(losses, f)
+  return os.path.join(work, "checkpoints"), losses
+
+
+def run_specs(s: Settings) -> list[dict]:
+  specs = [{"name": "no_replay", "strategy": "", "fraction": 0.0}]
+  specs += [{"name": f"random_{f:g}", "strategy": "random", "fraction": f}
+            for f in s.random_fractions]
+  specs += [{"name": f"{st}_{f:g}", "strategy": st, "fraction": f}
+            for st in s.strategies for f in s.strategy_fractions]
+  specs += [{"name": "random_0.05+distill", "strategy": "random", "fraction": 0.05,
+             "distill": True},
+            {"name": "joint", "strategy": "", "fraction": None}]
+  return specs
+
+
+def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[str, int]):
+  c = base_config(s)
+  old = list(s.old)
+  distill = spec.get("distill", False)
+  replay = [d for d in old if not (distill and d == s.unavailable)]
+  c.seed = seed
+  c.data.seed = seed
+  c.data.new = s.new
+  c.optimizer.update(schedule="rewarm_cosine", lr=s.cpt_lr, init_lr=s.cpt_lr / 10,
+                     warmup_steps=max(s.cpt_steps // 30, 1))
+  c.train.init_checkpoint = ckpt
+  frac = spec["fraction"]
+  t_share = 1.0
+  if spec["name"] == "joint":
+    c.data.replay = ",".join(old)
+    t_rows, d_rows = pool_rows[s.new], sum(pool_rows[d] for d in old)
+    frac = d_rows / t_rows
+  elif spec["strategy"]:
+    c.data.replay = ",".join(replay)
+    c.replay.update(strategy=spec["strategy"], budget=frac)
+    c.replay.online_every = max(s.cpt_steps // 6, 1)
+  if distill:
+    c.data.distill = s.unavailable
+    c.objective.lambda_kd = 1.0
+    t_share = 0.9  # T : distill = 0.9 : 0.1 among the non-replay domains
+    c.data.weights = f"{s.new}=0.9,{s.unavailable}=0.1," + ",".join(f"{d}=1" for d in replay)
+  trained = set((c.data.replay + "," + c.data.distill).split(","))
+  c.data.eval = ",".join(d for d in old if d not in trained)  # every old domain is evaluated
+  steps = s.cpt_steps * (1 + (frac or 0.0) * t_share) / t_share
+  c.train.steps = int(round(steps))
+  return c
+
+
+def _pool_rows(s: Settings) -> dict[str, int]:
+  from cpt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = base_config(s)
+  c.data.update(new=s.new, replay=",".join(s.old), prefetch=0)
+  with data_lib.make_pipeline(c.data, global_batch_size=s.batch) as pipe:
+    return {d: int(pipe.full_training_store(d).num_rows) for d in pipe.domains}
+
+
+def run_suite(s: Settings, log=print) -> dict[str, Any]:
+  """Runs (or reuses finished) runs; returns {'settings', 'm_loss', 'rows', 'table'}."""
+  os.makedirs(s.cache, exist_ok=True)
+  workdir = s.workdir or os.path.join(s.cache, f"cpt-{s.pretrain_key()}-{s.cpt_steps}")
+  t0 = time.time()
+  ckpt, m_loss = pretrain(s)
+  log(f"M ready in {time.time() - t0:.0f}s: " + ", ".join(f"{d} {v:.3f}" for d, v in
+                                                            m_loss.items()))
+  pools = _pool_rows(s)
+  rows = []
+  for spec in run_specs(s):
+    for seed in range(s.seeds):
+      work = os.path.join(workdir, f"{spec['name']}-s{seed}")
+      cached = os.path.join(work, "row.json")
+      if os.path.isfile(cached):
+        with open(cached) as f:
+          rows.append(json.load(f))
+        continue
+      c = cpt_config(s, spec, ckpt, seed, pools)
+      summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
+      row = result_row(s, spec, seed, summary, m_loss)
+      with open(cached, "w") as f:
+        json.dump(row, f)
+      rows.append(row)
+      log(f"{row['name']} seed {seed}: forgetting {row['mean_forgetting']:.3f} gain "
+          f"{row['new_gain']:.3f} selection {row['selection_tflops']:.4f} TF of "
+          f"{row['total_tflops']:.3f} TF, {row['seconds']:.0f}s")
+  return {"settings": dataclasses.asdict(s), "m_loss": m_loss, "rows": rows,
+          "table": aggregate(rows)}
+
+
+def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict) -> dict:
+  ev = {d: v["loss"] for d, v in summary["eval"].items()}
+  old_loss = {d: ev[d] for d in s.old}
+  forgetting = {d: ev[d] - m_loss[d] for d in s.old}
+  sel = summary.get("selection") or {}
+  sel_tf = float(sel.get("tflops", 0.0))
+  tok = summary["data"]["tokens_per_role"]
+  replay_frac = tok.get("replay", 0) / max(tok.get("new", 1), 1)
+  return {"name": spec["name"], "strategy": spec["strategy"] or spec["name"], "seed": seed,
+          "replay_fraction": spec["fraction"] if spec["fraction"] is not None else replay_frac,
+          "replay_fraction_actual": replay_frac, "old_loss": old_loss, "forgetting": forgetting,
+          "mean_forgetting": float(np.mean(list(forgetting.values()))),
+          "new_loss": ev[s.new], "new_gain": m_loss[s.new] - ev[s.new],
+          "selection_tflops": sel_tf,
+          "total_tflops": summary["train_tflops"] + summary["teacher_tflops"] + sel_tf,
+          "selection_share": sel_tf / max(summary["train_tflops"] + summary["teacher_tflops"]
+                                          + sel_tf, 1e-30),
+          "selection_seconds": float(sel.get("seconds", 0.0)), "steps": summary["steps_run"],
+          "buffer_rows": sel.get("buffer_rows"), "seconds": summary["seconds"]}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  out = []
+  for name in dict.fromkeys(r["name"] for r in rows):
+    rs = [r for r in rows if r["name"] == name]
+    agg = {"name": name, "seeds": len(rs), "replay_fraction": rs[0]["replay_fraction"],
+           "buffer_rows": rs[0]["buffer_rows"]}
+    for k in ("mean_forgetting", "new_gain", "selection_tflops", "total_tflops",
+              "selection_share", "seconds"):
+      v = np.array([r[k] for r in rs], np.float64)
+      agg[k], agg[k + "_std"] = float(v.mean()), float(v.std(ddof=1) if v.size > 1 else 0.0)
+    agg["old_loss"] = {d: float(np.mean([r["old_loss"][d] for r in rs]))
+                       for d in rs[0]["old_loss"]}
+    out.append(agg)
+  return out
+
+
+def format_table(table: list[dict]) -> str:
+  head = ("| run | replay | buffer rows | mean forgetting | gain on T | selection TF | "
+          "total TF | selection % | seconds |")
+  lines = [head, "|" + "---|" * 9]
+  for r in table:
+    fr = r["replay_fraction"]
+    lines.append(
+        f"| {r['name']} | {fr:.3g} | {r['buffer_rows'] or '-'} | "
+        f"{r['mean_forgetting']:.3f} ± {r['mean_forgetting_std']:.3f} | "
+        f"{r['new_gain']:.3f} ± {r['new_gain_std']:.3f} | {r['selection_tflops']:.4f} | "
+        f"{r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} |")
+  return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""benchmarks/cpt_suite.py --quick runs end to end (on a synthetic corpus, tiny steps)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+from tests.helpers import write_corpus
+
+
+def test_cpt_suite_quick(tmp_path):
+  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma", "delta", "eps"),
+                        docs=80)
+  out = tmp_path / "out.json"
+  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
+         "--corpora", str(corpus), "--json", str(out), "--cache", str(tmp_path / "cache"),
+         "--old", "alpha,beta,gamma,delta", "--new", "eps", "--unavailable", "gamma",
+         "--pretrain-steps", "10", "--cpt-steps", "6", "--strategies", "forgetting,online"]
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": ""}
+  import os  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, **env)
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  data = json.loads(out.read_text())
+  names = [r["name"] for r in data["rows"]]
+  assert names == ["no_replay", "random_0.05", "forgetting_0.05", "online_0.05",
+                   "random_0.05+distill", "joint"]
+  for r in data["rows"]:
+    for k in ("name", "replay_fraction", "old_loss", "mean_forgetting", "new_gain",
+              "selection_tflops", "total_tflops", "seconds"):
+      assert k in r, k
+    assert set(r["old_loss"]) == {"alpha", "beta", "gamma", "delta"}
+  rows = {r["name"]: r for r in data["rows"]}
+  assert rows["forgetting_0.05"]["selection_tflops"] > 0
+  assert rows["no_replay"]["selection_tflops"] == 0
+  assert "| forgetting_0.05 |" in res.stdout

@@ -1,0 +1,262 @@
+"""Replay selection: streaming selectors, planner, selection files, strategies, online resume."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from cpt_jax import data as data_lib
+from cpt_jax.replay import config as replay_config
+from cpt_jax.replay import planner
+from cpt_jax.replay import selection as selection_lib
+from cpt_jax.replay import strategies
+from cpt_jax.replay import streaming
+from cpt_jax.train import trainer as trainer_lib
+from tests.helpers import tiny_config, write_corpus
+
+
+# ------------------------------------------------------------------ streaming
+def _stream(selector, scores, chunk=37):
+  keys = np.arange(scores.shape[0])
+  for i in range(0, keys.size, chunk):
+    selector.add(keys[i:i + chunk], scores[i:i + chunk])
+
+
+def test_topk_streams_with_bounded_memory():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=5000)
+  top = streaming.TopK(25)
+  _stream(top, scores)
+  keys, got = top.result()
+  np.testing.assert_array_equal(np.sort(keys), np.sort(np.argsort(-scores)[:25]))
+  assert np.all(np.diff(got) <= 0)
+  assert top.peak_held == 25 and top.seen == 5000
+
+
+def test_quantile_band_keeps_band_with_bounded_memory():
+  rng = np.random.default_rng(1)
+  scores = rng.uniform(size=20000)
+  band = streaming.QuantileBand(50, 0.5, 0.9, sketch=500, seed=0)
+  _stream(band, scores)
+  keys, got = band.result()
+  assert keys.size == 50
+  assert np.all((got > 0.45) & (got < 0.95))  # thresholds estimated on 500 samples
+  assert band.peak_held <= 500 + 50 + 37
+
+
+def test_reservoir_is_uniform_and_bounded():
+  res = streaming.Reservoir(100, seed=3)
+  _stream(res, np.zeros(10000))
+  keys, _ = res.result()
+  assert keys.size == 100 and np.unique(keys).size == 100 and res.peak_held == 100
+  assert 3000 < keys.mean() < 7000
+
+
+def test_kcenter_coreset_covers_every_cluster():
+  rng = np.random.default_rng(2)
+  centers = rng.normal(size=(6, 8)) * 10
+  x = np.concatenate([c + rng.normal(size=(400, 8)) * 0.1 for c in centers])
+  order = rng.permutation(x.shape[0])
+  cs = streaming.KCenterCoreset(6, factor=3)
+  for i in range(0, x.shape[0], 64):
+    idx = order[i:i + 64]
+    cs.add(idx, x[idx])
+  keys, _ = cs.result()
+  assert cs.peak_held <= 18 + 64
+  assert len({int(k) // 400 for k in keys}) == 6  # one pick per cluster
+
+
+def test_keys_and_quotas():
+  d, r = streaming.unpack_key(streaming.pack_key(np.array([0, 3]), np.array([5, 2**39])))
+  assert d.tolist() == [0, 3] and r.tolist() == [5, 2**39]
+  q = strategies.split_quota(10, {"a": 70, "b": 20, "c": 10})
+  assert q == {"a": 7, "b": 2, "c": 1}
+  assert sum(strategies.split_quota(7, {"a": 3, "b": 3, "c": 3}).values()) == 7
+  c = strategies.draw_candidates({"a": 100, "b": 50}, 30, seed=0)
+  assert c["a"].size == 20 and c["b"].size == 10 and np.unique(c["a"]).size == 20
+
+
+# ------------------------------------------------------------------ planner
+def _plan(**kw):
+  rcfg = replay_config.default_replay_config()
+  rcfg.update(strategy=kw.pop("strategy", "teacher_loss"), **kw.pop("rcfg", {}))
+  args = dict(rcfg=rcfg, steps=100, batch=8, seq_len=32,
+              weights={"t": 1.0, "a": 1.0, "b": 1.0}, roles={"t": "new", "a": "replay",
+                                                             "b": "replay"},
+              pool_sizes={"a": 3000, "b": 1000}, f_train=3e6, f_fwd=1e6,
+              strategy=strategies.get(rcfg.strategy), lambda_kd=0.0, flops_per_second=1e10)
+  args.update(kw)
+  return planner.plan(**args)
+
+
+def test_planner_budget_to_mixture_and_candidates():
+  p = _plan(rcfg={"budget": 0.05})
+  s = 100 * 8 * 32
+  assert p["replay_share"] == pytest.approx(0.05 / 1.05)
+  assert p["replay_tokens"] == pytest.approx(0.05 * p["t_tokens"])
+  assert p["buffer_rows"] == int(np.ceil(s * 0.05 / 1.05 / 32))
+  assert p["tflops"]["selection"] <= 0.05 * p["total_tflops"] + 1e-12
+  assert p["candidates"] >= p["buffer_rows"]
+  w = planner.replay_weights(p, {"t": 1.0, "a": 1.0, "b": 1.0}, {"t": "new", "a": "replay",
+                                                                 "b": "replay"},
+                             {"a": 30, "b": 10})
+  assert w["a"] + w["b"] == pytest.approx(p["replay_share"]) and w["a"] == pytest.approx(3 * w["b"])
+  absolute = _plan(rcfg={"budget": 2560.0})
+  assert absolute["replay_tokens"] == pytest.approx(2560.0)
+
+
+def test_planner_rejects_budget_below_t_alone():
+  with pytest.raises(ValueError, match=r"replay.max_tflops=1e-06 is below what T alone costs"):
+    _plan(rcfg={"max_tflops": 1e-6})
+  with pytest.raises(ValueError, match=r"replay.max_seconds=0.001 is below what T alone"):
+    _plan(rcfg={"max_seconds": 1e-3})
+  # A cap that holds T + replay leaves the rest to selection.
+  p = _plan(rcfg={"max_tflops": 0.08, "selection_fraction": 1.0})
+  assert p["total_tflops"] <= 0.08 + 1e-9 and p["candidates"] > p["buffer_rows"]
+
+
+# ------------------------------------------------------------------ files + pipeline
+def test_selection_file_restricts_replay_domains(tmp_path):
+  corpus = write_corpus(tmp_path / "corpus")
+  c = tiny_config()
+  c.data.update(corpus_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
+  with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
+    names = pipe.store_names()
+    n_beta = pipe.full_training_store("beta").num_rows
+  sel = selection_lib.write_selection(
+      str(tmp_path / "sel"), {"beta": np.array([3, 1]), "gamma": np.array([0])},
+      {"beta": np.array([0.5, 0.2]), "gamma": np.array([1.0])}, {"stores": names})
+  rows, meta = selection_lib.read_selection(sel)
+  assert rows["beta"].tolist() == [1, 3] and meta["rows_per_domain"] == {"beta": 2, "gamma": 1}
+  c.data.replay_selection = sel
+  with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
+    assert pipe.mixer.rows_D.tolist() == [pipe.mixer.rows_D[0], 2, 1]
+    full = pipe.full_training_store("beta")
+    assert full.num_rows == n_beta
+    for _ in range(5):
+      b = pipe.next_batch()
+      for i in np.nonzero(b["domain_ids"] == pipe.domains.index("beta"))[0]:
+        assert any(np.array_equal(b["targets"][i], full.gather([r])[0][0]) for r in (1, 3))
+  bad = dict(names, beta="beta.train.0000")
+  selection_lib.write_selection(str(tmp_path / "bad"), {"beta": np.array([0])}, None,
+                                {"stores": bad})
+  c.data.replay_selection = str(tmp_path / "bad")
+  with pytest.raises(ValueError, match="select again"):
+    data_lib.make_pipeline(c.data, global_batch_size=8)
+
+
+# ------------------------------------------------------------------ strategies end to end
+def _config(corpus, tmp_path, strategy, **replay):
+  c = tiny_config()
+  c.data.update(corpus_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
+  c.sharding.mesh_shape = (1, 1, 1)
+  c.train.update(steps=4, log_every=2, checkpoint_every=4, eval_batches=1)
+  c.replay.update(strategy=strategy, budget=0.5, selection_fraction=0.5, **replay)
+  return c
+
+
+@pytest.mark.parametrize("strategy", ["random", "forgetting"])
+def test_strategy_selects_writes_and_reports_cost(tmp_path, strategy):
+  corpus = write_corpus(tmp_path / "corpus", docs=60)
+  c = _config(corpus, tmp_path, strategy)
+  work = tmp_path / "run"
+  summary = trainer_lib.train(c, str(work), devices=jax.devices()[:1])
+  sel = summary["selection"]
+  rows, meta = selection_lib.read_selection(str(work / "replay_selection"))
+  plan = meta["plan"]
+  assert meta["strategy"] == strategy and meta["unit"] == "packed row"
+  assert sum(r.size for r in rows.values()) == plan["buffer_rows"] == sel["buffer_rows"]
+  tok = summary["data"]["tokens_per_role"]
+  assert tok["replay"] > 0
+  # The replay share of tokens follows the budget (rows are nearly full; 4 steps of 8 rows).
+  assert abs(tok["replay"] / (tok["new"] + tok["replay"]) - plan["replay_share"]) < 0.2
+  if strategy in ("random", "proportional"):
+    assert sel["tflops"] == 0.0 and plan["candidates"] == 0
+  else:
+    assert sel["tflops"] > 0 and sel["candidates"] >= plan["buffer_rows"]
+    assert sel["tflops"] == pytest.approx(plan["tflops"]["selection"], rel=0.5)
+    assert sel["peak_held"] <= max(plan["candidates"], 4 * plan["buffer_rows"] + 8 + 1024)
+  assert set(sel["actual"]["tflops"]) == {"selection", "new", "replay", "teacher"}
+  with open(work / "replay_selection" / "selection.jsonl") as f:
+    first = json.loads(f.readline())
+  assert set(first) == {"domain", "row", "score"}
+
+
+@pytest.mark.parametrize("strategy", ["proportional", "teacher_loss", "diversity",
+                                      "forgetting"])
+def test_strategy_interface_bounded_and_costed(tmp_path, strategy):
+  """Each strategy through the common interface, on M = a fresh tiny model."""
+  from cpt_jax.replay import scoring  # pylint: disable=g-import-not-at-top
+  from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  corpus = write_corpus(tmp_path / "corpus", docs=80)
+  c = _config(corpus, tmp_path, strategy, sketch_rows=16)
+  ctx = trainer_lib.build_context(c, jax.devices()[:1])
+  params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, 0, c.data.seq_len).params
+  with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
+    stores = {d: pipe.full_training_store(d) for d in ("beta", "gamma")}
+    scorer = scoring.Scorer(ctx.model, ctx.model_cfg, ctx.mesh, ctx.rules, 8, c.data.seq_len)
+    env = strategies.SelectEnv(stores=stores, seed=0, cfg=c.replay, scorer=scorer, params=params,
+                               new_batches=lambda n: [pipe.training_rows(["alpha"], 8, i)
+                                                      for i in range(n)], lookahead_lr=3e-3)
+    strat = strategies.get(strategy)
+    sel = strat.select(env, 12, 60)
+  sizes = {d: s.num_rows for d, s in stores.items()}
+  assert sel.num_rows == 12
+  assert {d: r.size for d, r in sel.rows.items()} == strategies.split_quota(12, sizes)
+  for d, r in sel.rows.items():
+    assert np.unique(r).size == r.size and r.max() < sizes[d]
+  if strategy == "proportional":
+    assert scorer.flops == 0
+    return
+  assert sel.candidates == 60
+  fwd = strat.forwards_per_candidate
+  # Scored rows: every candidate (padded batches per domain count real rows only).
+  assert scorer.rows_scored == fwd * 60
+  expected = fwd * 60 * c.data.seq_len * scorer.fwd_flops_tok + strat.fixed_flops(
+      c.replay, 8, c.data.seq_len, scorer.train_flops_tok)
+  assert scorer.flops == pytest.approx(expected)
+  assert sel.peak_held < 60 or strategy == "teacher_loss"
+  if strategy == "teacher_loss":
+    for d, (lo, hi) in sel.info["band_thresholds"].items():
+      assert np.all((sel.scores[d] >= lo) & (sel.scores[d] <= hi))
+  if strategy == "forgetting":
+    assert np.isfinite(np.concatenate(list(sel.scores.values()))).all()
+
+
+def test_online_refresh_survives_resume(tmp_path):
+  corpus = write_corpus(tmp_path / "corpus", docs=60)
+  c = _config(corpus, tmp_path, "online", online_every=2, online_pool=40, online_swap=0.5)
+  c.train.update(steps=8, checkpoint_every=4, log_every=2)
+  ref = trainer_lib.train(c, str(tmp_path / "ref"), devices=jax.devices()[:1])
+  assert ref["selection"]["online"]["refreshes"] == 3
+  assert ref["selection"]["online"]["swaps"] > 0
+  assert ref["selection"]["tflops"] > 0
+
+  class Crash(Exception):
+    pass
+
+  def crash(step, record, pipeline):
+    if step == 6:
+      raise Crash()
+
+  with pytest.raises(Crash):
+    trainer_lib.train(c, str(tmp_path / "run"), devices=jax.devices()[:1], on_metrics=crash)
+  out = trainer_lib.train(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert out["init"] == "resumed from step 4"
+  assert out["selection"]["online"] == ref["selection"]["online"]
+  np.testing.assert_allclose(out["eval"]["alpha"]["loss"], ref["eval"]["alpha"]["loss"],
+                             rtol=1e-5)
+
+
+def test_invalid_replay_config_names_the_key():
+  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = tiny_config()
+  c.replay.strategy = "nope"
+  with pytest.raises(ValueError, match="replay.strategy"):
+    config_lib.validate_config(c)
+  c.replay.update(strategy="random", band_low=0.9, band_high=0.5)
+  with pytest.raises(ValueError, match="replay.band_low"):
+    config_lib.validate_config(c)
