@@ -2,6 +2,8 @@ r"""Replay selection benchmark: forgetting vs replay size and selection cost.
 
   python benchmarks/cpt_suite.py --corpora /work/shared/corpora --json /tmp/cpt_suite.json
   python benchmarks/cpt_suite.py --corpora /work/shared/corpora --json /tmp/q.json --quick
+  python benchmarks/cpt_suite.py ... --extras controllers,decomposition   # issue rows
+  python benchmarks/cpt_suite.py ... --only 'no_replay,random_*,forgetting_0.01'
 
 Pretrains M on --old (cached in --cache, keyed by the pretrain settings), then
 continues pre-training on --new at equal T tokens for every row (see
@@ -33,6 +35,9 @@ def main(argv=None):
   p.add_argument("--pretrain-steps", type=int, default=None)
   p.add_argument("--cpt-steps", type=int, default=None)
   p.add_argument("--strategies", default=None, help="comma-separated subset")
+  p.add_argument("--extras", default="",
+                 help="extra row groups: controllers,decomposition")
+  p.add_argument("--only", default="", help="comma-separated row-name globs to run")
   p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cpt_suite_cache"))
   p.add_argument("--workdir", default="")
   a = p.parse_args(argv)
@@ -44,7 +49,8 @@ def main(argv=None):
   over = {"old": tuple(a.old.split(",")) if a.old else None, "new": a.new,
           "unavailable": a.unavailable, "seeds": a.seeds, "pretrain_steps": a.pretrain_steps,
           "cpt_steps": a.cpt_steps,
-          "strategies": tuple(a.strategies.split(",")) if a.strategies else None}
+          "strategies": tuple(a.strategies.split(",")) if a.strategies else None,
+          "extras": tuple(x for x in a.extras.split(",") if x) or None, "only": a.only or None}
   s = dataclasses.replace(s, **{k: v for k, v in over.items() if v is not None})
   out = suite.run_suite(s, log=lambda m: print(f"[cpt_suite] {m}", flush=True))
   table = suite.format_table(out["table"])

@@ -34,3 +34,25 @@ def test_cpt_suite_quick(tmp_path):
   assert rows["forgetting_0.05"]["selection_tflops"] > 0
   assert rows["no_replay"]["selection_tflops"] == 0
   assert "| forgetting_0.05 |" in res.stdout
+
+
+def test_cpt_suite_controller_and_decomposition_rows(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
+  out = tmp_path / "out.json"
+  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
+         "--corpora", str(corpus), "--json", str(out), "--cache", str(tmp_path / "cache"),
+         "--old", "alpha,beta", "--new", "gamma", "--unavailable", "beta",
+         "--pretrain-steps", "6", "--cpt-steps", "4", "--extras", "controllers,decomposition",
+         "--only", "random_0.05+forgetting,random_0.05+full,random_0.05+lora_tau,"
+                   "random_0.05+sigma_tau_routing"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {"random_0.05+forgetting", "random_0.05+full", "random_0.05+lora_tau",
+                       "random_0.05+sigma_tau_routing"}
+  full, lora = rows["random_0.05+full"], rows["random_0.05+lora_tau"]
+  assert lora["trainable_params"] < full["trainable_params"]
+  assert lora["optimizer_bytes"] < full["optimizer_bytes"]
+  assert all(r["seconds_per_step"] > 0 for r in rows.values())

@@ -93,7 +93,7 @@ class ReplayManager:
   def start(self, state, host: dict | None = None) -> None:
     """Fresh start (host None): plan, select, write, apply. Resume: reuse what was written."""
     t0 = time.perf_counter()
-    params = state.params
+    params = self.trainer.model_params(state.params)
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
     w0 = self._configured_weights()
@@ -151,7 +151,7 @@ class ReplayManager:
     if self.online is not None and done % self.rcfg.online_every == 0 \
         and done < self.trainer.config.train.steps:
       t0 = time.perf_counter()
-      self.online.refresh(done, state.params)
+      self.online.refresh(done, self.trainer.model_params(state.params))
       self.seconds += time.perf_counter() - t0
 
   # ---------------------------------------------------------------- state / summary
@@ -267,7 +267,7 @@ class OnlineBuffer:
 def _starting_params(trainer, state):
   """The stage's starting params on resume: the teacher if kept, else init_checkpoint."""
   if state is not None and state.frozen and "teacher" in state.frozen:
-    return state.frozen["teacher"]
+    return trainer.model_params(state.frozen["teacher"])
   c = trainer.config
   if c.train.init_checkpoint:
     from cpt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top

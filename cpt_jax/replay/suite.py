@@ -47,8 +47,13 @@ class Settings:
   strategies: tuple[str, ...] = ("proportional", "teacher_loss", "forgetting", "diversity",
                                  "online")
   eval_batches: int = 8
+  # Extra row groups: 'controllers' (rate controllers at the 5% random-replay
+  # budget) and 'decomposition' (full / LoRA tau / sigma-tau routing at that budget).
+  extras: tuple[str, ...] = ()
+  controllers: tuple[str, ...] = ("doremi", "exp3", "forgetting")
   cache: str = ""
   workdir: str = ""
+  only: str = ""  # comma-separated name globs: run only these rows
 
   def pretrain_key(self) -> str:
     blob = json.dumps([os.path.abspath(self.corpora), sorted(self.old), self.new, self.d_model,
@@ -103,7 +108,23 @@ def run_specs(s: Settings) -> list[dict]:
   specs += [{"name": "random_0.05+distill", "strategy": "random", "fraction": 0.05,
              "distill": True},
             {"name": "joint", "strategy": "", "fraction": None}]
+  if "controllers" in s.extras:
+    specs += [{"name": f"random_0.05+{c}", "strategy": "random", "fraction": 0.05,
+               "controller": c} for c in s.controllers]
+  if "decomposition" in s.extras:
+    from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
+    specs += [{"name": f"random_0.05+{name}", "strategy": "random", "fraction": 0.05,
+               "overrides": overrides}
+              for name, overrides in decomposition.decomposition_variants().items()]
   return specs
+
+
+def select_specs(specs: list[dict], only: str) -> list[dict]:
+  """Keeps the specs whose name matches one of the comma-separated globs in `only`."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  pats = [p.strip() for p in only.split(",") if p.strip()]
+  return [sp for sp in specs if not pats or any(fnmatch.fnmatchcase(sp["name"], p)
+                                                 for p in pats)]
 
 
 def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[str, int]):
@@ -132,6 +153,15 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
     c.objective.lambda_kd = 1.0
     t_share = 0.9  # T : distill = 0.9 : 0.1 among the non-replay domains
     c.data.weights = f"{s.new}=0.9,{s.unavailable}=0.1," + ",".join(f"{d}=1" for d in replay)
+  if spec.get("controller"):
+    # The controller moves weights inside the same replay budget: replay + distill
+    # at most r / (1 + r) of the rows, T at least the rest.
+    share = frac / (1.0 + frac)
+    c.mixing.update(controller=spec["controller"], update_every=c.train.log_every,
+                    replay_budget=share, new_min_share=1.0 - share)
+  for key, value in spec.get("overrides", {}).items():
+    group, name = key.split(".")
+    c[group][name] = value
   trained = set((c.data.replay + "," + c.data.distill).split(","))
   c.data.eval = ",".join(d for d in old if d not in trained)  # every old domain is evaluated
   steps = s.cpt_steps * (1 + (frac or 0.0) * t_share) / t_share
@@ -157,7 +187,7 @@ def run_suite(s: Settings, log=print) -> dict[str, Any]:
                                                             m_loss.items()))
   pools = _pool_rows(s)
   rows = []
-  for spec in run_specs(s):
+  for spec in select_specs(run_specs(s), s.only):
     for seed in range(s.seeds):
       work = os.path.join(workdir, f"{spec['name']}-s{seed}")
       cached = os.path.join(work, "row.json")
@@ -196,7 +226,10 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict) 
           "selection_share": sel_tf / max(summary["train_tflops"] + summary["teacher_tflops"]
                                           + sel_tf, 1e-30),
           "selection_seconds": float(sel.get("seconds", 0.0)), "steps": summary["steps_run"],
-          "buffer_rows": sel.get("buffer_rows"), "seconds": summary["seconds"]}
+          "buffer_rows": sel.get("buffer_rows"), "seconds": summary["seconds"],
+          "seconds_per_step": summary["seconds"] / max(summary["steps_run"], 1),
+          "trainable_params": summary.get("state_bytes", {}).get("trainable_params"),
+          "optimizer_bytes": sum(summary.get("state_bytes", {}).get("opt_state", {}).values())}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -205,8 +238,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     rs = [r for r in rows if r["name"] == name]
     agg = {"name": name, "seeds": len(rs), "replay_fraction": rs[0]["replay_fraction"],
            "buffer_rows": rs[0]["buffer_rows"]}
+    agg["trainable_params"] = rs[0].get("trainable_params")
+    agg["optimizer_bytes"] = rs[0].get("optimizer_bytes")
     for k in ("mean_forgetting", "new_gain", "selection_tflops", "total_tflops",
-              "selection_share", "seconds"):
+              "selection_share", "seconds", "seconds_per_step"):
       v = np.array([r[k] for r in rs], np.float64)
       agg[k], agg[k + "_std"] = float(v.mean()), float(v.std(ddof=1) if v.size > 1 else 0.0)
     agg["old_loss"] = {d: float(np.mean([r["old_loss"][d] for r in rs]))
@@ -217,13 +252,15 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def format_table(table: list[dict]) -> str:
   head = ("| run | replay | buffer rows | mean forgetting | gain on T | selection TF | "
-          "total TF | selection % | seconds |")
-  lines = [head, "|" + "---|" * 9]
+          "total TF | selection % | seconds | s/step | trainable params | optimizer MB |")
+  lines = [head, "|" + "---|" * 12]
   for r in table:
     fr = r["replay_fraction"]
     lines.append(
         f"| {r['name']} | {fr:.3g} | {r['buffer_rows'] or '-'} | "
         f"{r['mean_forgetting']:.3f} ± {r['mean_forgetting_std']:.3f} | "
         f"{r['new_gain']:.3f} ± {r['new_gain_std']:.3f} | {r['selection_tflops']:.4f} | "
-        f"{r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} |")
+        f"{r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} | "
+        f"{r.get('seconds_per_step', 0.0):.3f} | {r.get('trainable_params') or '-'} | "
+        f"{(r.get('optimizer_bytes') or 0) / 2**20:.1f} |")
   return "\n".join(lines)

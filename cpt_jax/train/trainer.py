@@ -212,6 +212,9 @@ class Trainer:
                             {k: ctx.state_sh.frozen[k] for k in frozen})
       state = state.replace(frozen=frozen)
     self._start_replay(state, None)  # replay selection: plan, select, write
+    if self.replay is not None:  # the controller starts from the planned replay share
+      from cpt_jax import mixing  # pylint: disable=g-import-not-at-top
+      self.controller = mixing.Controller.for_pipeline(c.mixing, self.pipeline)
     if c.mixing.controller in ("doremi", "forgetting"):
       self.controller.set_reference(self.reference_losses(state.params))
     self.controller.start(self.pipeline)
@@ -242,6 +245,10 @@ class Trainer:
     return out
 
   # ------------------------------------------------------------------ eval
+  def model_params(self, params):
+    """The model's params (sigma + tau merged when decomposed), for forward-only uses."""
+    return decomp_lib.merge_tau(params, self.ctx.decomp)
+
   def _ensure_eval_step(self) -> None:
     if self._eval_step is None:
       table = eval_lib.token_byte_lengths(self.pipeline.vocab, self.ctx.model_cfg.vocab_size)
