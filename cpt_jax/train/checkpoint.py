@@ -76,8 +76,10 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"train.init_checkpoint: no checkpoint folder at {directory}")
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("state", "host"))
+  mngr = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0),
+      item_names=("state", "host"))
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"train.init_checkpoint: {directory} holds no finished checkpoint")
