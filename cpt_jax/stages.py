@@ -129,6 +129,21 @@ def _with_all_domains_evaluated(cfg, all_domains: list[str]):
   return cfg
 
 
+def _default_rewarm(config, name: str, init: str, cfg):
+  """A continued stage re-warms by default: from the LR its parent ended at, to its peak.
+
+  Applies when the stage sets no `optimizer.schedule` (resp. `optimizer.init_lr`).
+  """
+  own = config.stages[name].get("optimizer", {})
+  parent = stage_config(config, init).optimizer
+  with cfg.unlocked():
+    if "schedule" not in own:
+      cfg.optimizer.schedule = "rewarm_cosine"
+    if "init_lr" not in own:
+      cfg.optimizer.init_lr = float(parent.lr) * float(parent.final_lr_fraction)
+  return cfg
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -158,6 +173,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
     if init is not None and not cfg.train.init_checkpoint:
       with cfg.unlocked():
         cfg.train.init_checkpoint = os.path.join(workdir, "stages", init, "checkpoints")
+    if init is not None:
+      cfg = _default_rewarm(config, name, init, cfg)
     trainer_lib.log(f"stage {name}: " + (f"from stage {init}" if init else "from scratch"))
     summary = trainer_lib.train(cfg, stage_dir, **trainer_kwargs)
     summary.update(name=name, init_from=init, learned=learned_domains(summary))

@@ -115,3 +115,17 @@ def test_replay_weight_and_regularisers():
   ones_f = jax.tree.map(jnp.ones_like, p)
   assert float(ewc(p, batch, {"teacher": t, "fisher": ones_f})[1]["ewc_term"]) == \
       pytest.approx(expected, rel=1e-5)
+
+
+def test_z_loss_term():
+  apply_fn = _Counting()
+  batch = _batch([batch_lib.NEW, batch_lib.REPLAY])
+  p = _toy(0)
+  fn = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0), 1, z_loss=1e-2)
+  loss, aux = fn(p, batch, {})
+  logits = apply_fn(p, batch["inputs"], None, None)
+  lz = jax.nn.logsumexp(logits, -1)
+  w = batch["loss_weights"]
+  assert float(aux["z_term"]) == pytest.approx(1e-2 * float(jnp.sum(lz ** 2 * w) / jnp.sum(w)),
+                                               rel=1e-5)
+  assert float(loss) == pytest.approx(float(aux["ce_term"] + aux["z_term"]), rel=1e-6)

@@ -24,8 +24,7 @@ def staged_config(corpus):
   c.stages.cpt = {"init_from": "pretrain",
                   "data": {"new": "gamma", "replay": "alpha", "distill": "beta",
                            "weights": "gamma=0.5,alpha=0.25,beta=0.25"},
-                  "objective": {"lambda_kd": 1.0},
-                  "optimizer": {"schedule": "rewarm_cosine", "init_lr": 1e-4}}
+                  "objective": {"lambda_kd": 1.0}}
   return c
 
 
@@ -56,6 +55,11 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
   assert report["domains"] == ["alpha", "beta", "gamma"]
   assert len(report["loss_matrix"]) == 2 and len(report["loss_matrix"][0]) == 3
   assert set(report["forgetting"]) == {"alpha", "beta"}
+  pre = json.load(open(work / "stages" / "pretrain" / "summary.json"))
+  assert pre["teacher_skipped_steps"] == 4 and pre["teacher_rows"] == 0  # no distill rows
+  assert cpt["teacher_skipped_steps"] + (cpt["teacher_rows"] > 0) <= 4
+  cfg = json.load(open(work / "stages" / "cpt" / "config.json"))
+  assert cfg["optimizer"]["schedule"] == "rewarm_cosine"
   cpt_stage = report["stages"][1]
   assert cpt_stage["tokens"]["teacher"] > 0 and cpt_stage["tflops"]["teacher"] > 0
   assert set(cpt_stage["tflops"]) == {"train", "teacher", "selection"}
@@ -67,6 +71,16 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
   # A finished run is skipped stage by stage; the report is rebuilt identically.
   again = run_lib.run(config, str(work), devices=jax.devices()[:1])
   assert again["loss_matrix"] == report["loss_matrix"]
+
+
+def test_continued_stage_rewarms_from_parent_floor_by_default():
+  c = staged_config("/nonexistent")
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"))  # pylint: disable=protected-access
+  assert cfg.optimizer.schedule == "rewarm_cosine"
+  assert cfg.optimizer.init_lr == pytest.approx(c.optimizer.lr * c.optimizer.final_lr_fraction)
+  c.stages.cpt.optimizer = {"schedule": "wsd"}
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"))  # pylint: disable=protected-access
+  assert cfg.optimizer.schedule == "wsd"
 
 
 def test_stage_validation_errors():
