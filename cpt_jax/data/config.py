@@ -144,19 +144,28 @@ def resolve_roles(cfg: ml_collections.ConfigDict,
   return out
 
 
-def parse_weights(spec: str) -> list[tuple[str, float]]:
-  """'a=1,b*=0.5' -> [('a', 1.0), ('b*', 0.5)]; raises naming data.weights."""
+def parse_name_weights(spec: str, err, where: str = "") -> list[tuple[str, float]]:
+  """'a=1,b*=0.5' -> [('a', 1.0), ('b*', 0.5)]; `err(msg)` builds the error to raise.
+
+  Shared by `data.weights` and the rate controllers' `mixing.schedule` stages;
+  `where` (e.g. ' at step 100') is added to messages.
+  """
   out = []
   for item in split_list(spec):
     if "=" not in item:
-      raise _err("weights", f"item {item!r} is not name=weight")
+      raise err(f"item {item!r}{where} is not name=weight")
     k, v = item.rsplit("=", 1)
     try:
       w = float(v)
     except ValueError:
-      raise _err("weights", f"weight of {k.strip()!r} is not a number: {v!r}") from None
+      raise err(f"weight of {k.strip()!r}{where} is not a number: {v!r}") from None
     out.append((k.strip(), w))
   return out
+
+
+def parse_weights(spec: str) -> list[tuple[str, float]]:
+  """'a=1,b*=0.5' -> [('a', 1.0), ('b*', 0.5)]; raises naming data.weights."""
+  return parse_name_weights(spec, lambda msg: _err("weights", msg))
 
 
 def weights_from_spec(spec: str, domains: Sequence[str], roles: Sequence[str],

@@ -25,6 +25,8 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
+from cpt_jax.data import config as data_config
+
 CONTROLLERS = ("static", "schedule", "doremi", "exp3", "forgetting")
 ADAPTIVE = ("doremi", "exp3", "forgetting")
 EXP3_SCHEDULES = ("odm", "constant")
@@ -78,23 +80,11 @@ def parse_schedule(spec: str) -> list[tuple[int, list[tuple[str, float]]]]:
       start = int(head.strip())
     except ValueError:
       raise _err("schedule", f"stage start {head.strip()!r} is not an integer step") from None
-    items = []
-    for item in body.split(","):
-      item = item.strip()
-      if not item:
-        continue
-      if "=" not in item:
-        raise _err("schedule", f"item {item!r} of the stage at step {start} is not name=weight")
-      name, v = item.rsplit("=", 1)
-      try:
-        w = float(v)
-      except ValueError:
-        raise _err("schedule", f"weight of {name.strip()!r} at step {start} is not a number: "
-                   f"{v!r}") from None
+    where = f" at step {start}"
+    items = data_config.parse_name_weights(body, lambda msg: _err("schedule", msg), where)
+    for name, w in items:
       if not math.isfinite(w) or w < 0:
-        raise _err("schedule", f"weight of {name.strip()!r} at step {start} must be finite and "
-                   f">= 0, got {w}")
-      items.append((name.strip(), w))
+        raise _err("schedule", f"weight of {name!r}{where} must be finite and >= 0, got {w}")
     if not items:
       raise _err("schedule", f"the stage at step {start} has no weights")
     stages.append((start, items))
