@@ -50,6 +50,7 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
   report = run_lib.run(config, str(work), devices=jax.devices()[:1])
   cpt = json.load(open(work / "stages" / "cpt" / "summary.json"))
   assert cpt["init"] == "resumed from step 2"  # interrupted stage resumed, not restarted
+  assert cpt["train_tokens"] == 4 * 8 * 32 and cpt["steps_run"] == 2  # whole-stage accounting
   for key in REPORT_KEYS:
     assert key in report, key
   assert report["domains"] == ["alpha", "beta", "gamma"]

@@ -69,7 +69,7 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
     sel = s.get("selection", {})
     stages.append({
         "name": n, "init_from": s.get("init_from"), "learned": s["learned"],
-        "roles": dict(zip(s["domains"], s["roles"])), "steps": s["steps_run"],
+        "roles": dict(zip(s["domains"], s["roles"])), "steps": s["step"],
         "seconds": s.get("seconds"),
         "tokens": {"train": s["train_tokens"],
                    "teacher": s["teacher_rows"] * config.data.seq_len,

@@ -386,16 +386,18 @@ class Trainer:
       last_eval = self.evaluate()
     steps_run = t.steps - start
     fwd_flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len, training=False)
-    summary = {"step": int(jax.device_get(self.state.step)), "init": how, "last": last,
-            "eval": last_eval, "domains": list(self.pipeline.domains),
-            "seconds": time.perf_counter() - t_start,
-            "roles": list(self.pipeline.roles), "steps_run": steps_run,
-            "train_tokens": steps_run * tokens_per_step,
-            "train_tflops": steps_run * tokens_per_step * flops_tok / 1e12,
-            "teacher_rows": self.teacher_rows,
-            "teacher_tflops": self.teacher_rows * c.data.seq_len * fwd_flops_tok / 1e12,
-            "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
-            "data": self.pipeline.stats()}
+    # Tokens and FLOPs count the whole stage (t.steps), also after a resume;
+    # `seconds` and `steps_run` are this invocation's.
+    summary = {
+        "step": int(jax.device_get(self.state.step)), "init": how, "last": last,
+        "eval": last_eval, "domains": list(self.pipeline.domains),
+        "roles": list(self.pipeline.roles), "seconds": time.perf_counter() - t_start,
+        "steps_run": steps_run, "train_tokens": t.steps * tokens_per_step,
+        "train_tflops": t.steps * tokens_per_step * flops_tok / 1e12,
+        "teacher_rows": self.teacher_rows,
+        "teacher_tflops": self.teacher_rows * c.data.seq_len * fwd_flops_tok / 1e12,
+        "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
+        "data": self.pipeline.stats()}
     if self.replay is not None:  # replay selection: cost next to the run's
       summary["selection"] = self.replay.summary(summary)
     summary["state_bytes"] = state_bytes  # sigma / tau decomposition: bytes per group
