@@ -1,0 +1,1 @@
+"""Per-domain evaluation, transfer metrics and the run report."""

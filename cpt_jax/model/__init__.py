@@ -1,0 +1,1 @@
+"""The Llama-family transformer and Hugging Face import/export."""

@@ -1,0 +1,1 @@
+"""Replay selection under a compute budget: strategies, scoring, planner, the CPT suite."""

@@ -1,0 +1,1 @@
+"""Objective, jitted train step, optimizer, state, checkpoints and the training loop."""
