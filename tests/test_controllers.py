@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import mixing
+from cpt_jax.mixing import controllers
 
 DOMAINS = ["ev", "new_a", "new_b", "old_a", "old_b", "old_c"]
 ROLES = ["eval", "new", "new", "replay", "replay", "distill"]
@@ -14,6 +15,8 @@ W0 = np.array([0.0, 2.0, 1.0, 1.0, 1.0, 1.0])
 REF = {"new_a": 2.0, "new_b": 2.0, "old_a": 1.5, "old_b": 1.5, "old_c": 1.5}
 ADAPTIVE = ("doremi", "exp3", "forgetting")
 ALL = ("static", "schedule") + ADAPTIVE
+NEW = np.array([r == "new" for r in ROLES])
+REP = np.array([r in ("replay", "distill") for r in ROLES])
 
 
 def make_cfg(controller, **kw):
@@ -202,7 +205,7 @@ def test_doremi_ignores_domains_at_or_below_the_reference():
 
 # -- exp3 ---------------------------------------------------------------------
 def test_exp3_exploration_follows_the_odm_schedule():
-  cfg = make_cfg("exp3", floor=0.0)
+  cfg = make_cfg("exp3", floor=0.0, new_min_share=0.0, replay_budget=1.0)  # ODM, unbudgeted
   k = 5
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
   assert state["eps"] == min(1 / k, math.sqrt(math.log(k) / k))
@@ -230,6 +233,122 @@ def test_exp3_reward_is_an_importance_weighted_moving_average():
   cfg.exp3_importance_weighting = False
   new, _ = mixing.update(cfg, state, 10, {"old_a": 2.0}, REF)
   assert new["reward"][i] == 1.0
+
+
+def test_exp3_importance_weight_uses_the_emitted_budgeted_weights():
+  """The batches were drawn with the budgeted weights, so r = loss / (budgeted pi)."""
+  cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, replay_budget=0.1, new_min_share=0.9)
+  state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
+  pi = np.asarray(state["weights"])
+  assert pi[REP].sum() == pytest.approx(0.1)  # W0's 0.5 replay share, budgeted
+  new, _ = mixing.update(cfg, state, 10, {"old_a": 2.0}, REF)
+  i = DOMAINS.index("old_a")
+  assert new["reward"][i] == 0.5 * 2.0 / pi[i]
+
+
+# -- the replay budget (every adaptive controller) ----------------------------
+def budget_cap(cfg):
+  return min(cfg.replay_budget, 1 - max(cfg.new_min_share, NEW.sum() * cfg.floor))
+
+
+def random_losses(rng):
+  """Losses around the reference, some missing or NaN, replay sometimes far above it."""
+  out = {}
+  for d, ref in REF.items():
+    u = rng.random()
+    if u < 0.1:
+      continue  # not seen in the window
+    v = ref + rng.normal(0.0, 0.5)
+    if d.startswith("old") and u > 0.5:
+      v += rng.exponential(50.0)  # huge excess on a replay/distill domain
+    out[d] = float("nan") if u > 0.97 else v
+  return out
+
+
+@pytest.mark.parametrize("controller", ADAPTIVE)
+@pytest.mark.parametrize("budget,new_min", [(0.5, 0.5), (0.05, 0.95), (0.3, 0.5), (0.8, 0.1),
+                                            (1.0, 0.0)])
+def test_adaptive_weights_stay_within_the_replay_budget(controller, budget, new_min):
+  cfg = make_cfg(controller, replay_budget=budget, new_min_share=new_min, doremi_lr=2.0)
+  cap = budget_cap(cfg)
+  rng = np.random.default_rng(1234)
+  state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
+  ws = [np.asarray(state["weights"])]
+  for t in range(1, 51):
+    state, w = mixing.update(cfg, state, 10 * t, random_losses(rng), REF)
+    ws.append(w)
+  for w in ws:
+    check_distribution(w, cfg.floor)
+    assert w[REP].sum() <= cap + 1e-12
+    assert w[NEW].sum() >= new_min - 1e-12
+  if budget < 1.0:
+    assert max(w[REP].sum() for w in ws) == pytest.approx(cap)  # the budget binds
+
+
+def test_within_budget_matches_a_hand_computation():
+  cfg = make_cfg("doremi", replay_budget=0.4, new_min_share=0.5)
+  state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
+  w = np.array([0.0, 0.3, 0.1, 0.3, 0.2, 0.1])
+  got = controllers._within_budget(w, state, cfg)
+  r = (0.4 - 0.03) / (0.6 - 0.03)  # cap 0.4, R sums to 0.6, 3 floors of 0.01
+  want = [0.0, 0.3 + 0.2 * 0.29 / 0.38, 0.1 + 0.2 * 0.09 / 0.38,
+          0.01 + 0.29 * r, 0.01 + 0.19 * r, 0.01 + 0.09 * r]
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+  # Within the budget nothing moves; mass never goes from N to R.
+  for inside in ([0.0, 0.45, 0.2, 0.15, 0.1, 0.1], [0.0, 0.3, 0.3, 0.2, 0.1, 0.1]):
+    np.testing.assert_array_equal(controllers._within_budget(np.array(inside), state, cfg),
+                                  inside)
+  # N all at the floor: the freed mass is split uniformly.
+  got = controllers._within_budget(np.array([0.0, 0.01, 0.01, 0.5, 0.3, 0.18]), state, cfg)
+  assert got[1] == got[2] == pytest.approx(0.01 + (0.98 - 0.4) / 2)
+
+
+def forgetting_old_domains(t):
+  """New domains at the reference, replay/distill far above it."""
+  return {d: REF[d] + (5.0 if d.startswith("old") else 0.0) for d in REF}
+
+
+# Configured mix: 95% new, 5% replay + distill.
+W0_5 = np.array([0.0, 0.6, 0.35, 0.02, 0.02, 0.01])
+
+
+@pytest.mark.parametrize("controller", ["doremi", "exp3"])
+def test_replay_budget_binds_doremi_and_exp3(controller):
+  """Old domains far above the teacher pull DoReMi/exp3 to replay, the budget holds them."""
+  def replay_shares(**kw):
+    cfg = make_cfg(controller, floor=1e-3, **kw)
+    state = mixing.init_state(cfg, DOMAINS, ROLES, W0_5)
+    shares = [np.asarray(state["weights"])[REP].sum()]
+    for t in range(1, 21):
+      state, w = mixing.update(cfg, state, 10 * t, forgetting_old_domains(t), REF)
+      shares.append(w[REP].sum())
+      assert w[NEW].sum() >= kw["new_min_share"] - 1e-12
+    return np.array(shares)
+
+  free = replay_shares(replay_budget=1.0, new_min_share=0.0)
+  assert free.max() > 0.5  # unconstrained, replay takes most of the mixture
+  held = replay_shares(replay_budget=0.05, new_min_share=0.95)
+  assert np.all(held <= 0.05 + 1e-12)
+  assert held[-1] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("controller", ADAPTIVE)
+def test_budget_feasibility_is_validated_for_every_adaptive_controller(controller):
+  with pytest.raises(ValueError, match="mixing.replay_budget"):
+    mixing.init_state(make_cfg(controller, floor=0.1, replay_budget=0.2), DOMAINS, ROLES, W0)
+  with pytest.raises(ValueError, match="mixing.new_min_share"):
+    mixing.init_state(make_cfg(controller, floor=0.15, new_min_share=0.6), DOMAINS, ROLES, W0)
+  if controller == "forgetting":
+    return
+  only_old = (["a", "b"], ["replay", "distill"])
+  with pytest.raises(ValueError, match="mixing.replay_budget: .* needs a domain with role new"):
+    mixing.init_state(make_cfg(controller), *only_old, [1.0, 1.0])
+  cfg = make_cfg(controller, replay_budget=1.0, new_min_share=0.0)
+  np.testing.assert_allclose(mixing.init_state(cfg, *only_old, [1.0, 3.0])["weights"],
+                             [0.01 + 0.98 * 0.25, 0.01 + 0.98 * 0.75])
+  # A role-new domain with weight 0 is not controlled: nothing can take the freed mass.
+  with pytest.raises(ValueError, match="mixing.replay_budget: .* no role-new domain"):
+    mixing.init_state(make_cfg(controller), DOMAINS, ROLES, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
 
 
 # -- forgetting ---------------------------------------------------------------

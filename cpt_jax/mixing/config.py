@@ -47,8 +47,10 @@ def default_mixing_config() -> ml_collections.ConfigDict:
       exp3_eps=0.05,  # exp3: exploration rate for exp3_schedule='constant' (capped at 1/K).
       exp3_reward_decay=0.9,  # exp3: R <- a R + (1 - a) r, ODM's moving average (0: last only).
       exp3_importance_weighting=True,  # exp3: reward loss / pi as in ODM; False: reward = loss.
-      new_min_share=0.5,  # forgetting: min total share of the role-new domains (T).
-      replay_budget=0.5,  # forgetting: max total share of the replay + distill domains.
+      # Replay budget, a hard constraint on every adaptive controller's weights (doremi, exp3,
+      # forgetting; see cpt_jax/mixing/controllers.py). 0.0 and 1.0: unconstrained.
+      new_min_share=0.5,  # Min total share of the role-new domains (T).
+      replay_budget=0.5,  # Max total share of the replay + distill domains.
       forgetting_gain=1.0,  # forgetting: share added per nat of a domain's loss over the teacher.
   )
 
@@ -171,9 +173,13 @@ def validate_mixing_config(cfg: ml_collections.ConfigDict, domains: Sequence[str
   k = n_new + n_rep
   if cfg.controller in ADAPTIVE and floor * k > 1.0:
     raise _err("floor", f"{floor} x {k} trainable domains > 1; the weights could not sum to 1")
-  if cfg.controller == "forgetting":
-    if n_new == 0:
+  if cfg.controller in ADAPTIVE:  # the replay budget binds every adaptive controller
+    if cfg.controller == "forgetting" and n_new == 0:
       raise _err("controller", "'forgetting' needs at least one domain with role new")
+    if n_new == 0 and n_rep and min(budget, 1.0 - new_min) < 1.0:
+      raise _err("replay_budget", f"{budget} (new_min_share={new_min}) needs a domain with role "
+                 "new to take the rest; with only replay/distill domains set replay_budget=1 "
+                 "and new_min_share=0")
     if n_rep and floor * n_rep > budget:
       raise _err("replay_budget", f"{budget} is below floor x {n_rep} replay/distill domains "
                  f"= {floor * n_rep}")
