@@ -115,6 +115,7 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--batch", type=int, default=0, help="override the batch size")
   ap.add_argument("--no_baseline", action="store_true")
+  ap.add_argument("--attention", default="", help="model.attention (native, dot_product, cudnn)")
   ap.add_argument("--peak_n", type=int, default=0,
                   help="matmul size of the peak (default 2048 on CPU, 8192 elsewhere)")
   args = ap.parse_args()
@@ -127,6 +128,8 @@ def main() -> None:
     config.train.global_batch_size = 16
   if args.batch:
     config.train.global_batch_size = args.batch
+  if args.attention:
+    config.model.attention = args.attention
   dtype = jnp.dtype(config.model.dtype)
   # An accelerator needs a larger product than 2048^3 to reach its peak.
   peak_n = args.peak_n or (2048 if jax.default_backend() == "cpu" else 8192)
@@ -152,6 +155,7 @@ def main() -> None:
 
   out = {
       "device": jax.devices()[0].device_kind, "dtype": str(dtype),
+      "attention": model_cfg.attention,
       "shape": {"d_model": model_cfg.d_model, "layers": model_cfg.num_layers,
                 "heads": model_cfg.num_heads, "mlp": model_cfg.mlp_dim, "seq": seq,
                 "batch": bsz, "vocab": model_cfg.vocab_size},

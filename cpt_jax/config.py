@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
       dtype="float32",  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
       remat="none",  # 'none', 'full', 'dots' or 'dots_no_batch'.
       scan_layers=False,  # nn.scan over layers (faster compiles for deep models).
+      attention="native",  # 'native' (einsum; best on CPU), 'dot_product' or 'cudnn' (GPU).
   )
 
   c.train = config_dict.create(
@@ -83,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.objective = config_dict.create(
       lambda_replay=1.0,  # Weight of CE on replay rows (1.0 = plain mixing).
       lambda_kd=0.0,  # Weight of KL(teacher || student) on distill rows.
+      replay_kd=0.0,  # Weight of KL(teacher || student) on replay rows, added to their CE.
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
       l2sp=0.0,  # L2-SP pull toward the stage's starting params.
@@ -162,8 +164,8 @@ def apply_init_from_hf(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigD
   out = copy.deepcopy(cfg)
   path = cfg.train.init_from_hf
   with out.unlocked():
-    keep = {k: out.model[k] for k in ("dtype", "remat", "scan_layers", "vocab_pad_multiple",
-                                      "init_std")}
+    keep = {k: out.model[k] for k in ("dtype", "remat", "scan_layers", "attention",
+                                      "vocab_pad_multiple", "init_std")}
     out.model.update(hf.hf_model_config(path, seq_len=cfg.data.seq_len))
     out.model.update(keep)
     if out.data.vocab == "byte":
@@ -196,6 +198,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      f"{m.num_heads}; set model.head_dim")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'")
+  from cpt_jax.model import transformer  # pylint: disable=g-import-not-at-top
+  if m.attention not in transformer.ATTENTION_KINDS:
+    raise ValueError(f"model.attention={m.attention!r}; expected one of "
+                     f"{transformer.ATTENTION_KINDS}")
   if t.steps < 1:
     raise ValueError(f"train.steps={t.steps} must be >= 1")
   if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
@@ -230,14 +236,15 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   from cpt_jax.replay import config as replay_config  # pylint: disable=g-import-not-at-top
   replay_config.validate_replay_config(cfg.replay)  # replay selection
   o = cfg.objective
-  if o.lambda_kd < 0 or o.lambda_replay < 0 or o.l2sp < 0 or o.ewc < 0:
-    raise ValueError("objective.lambda_kd / lambda_replay / l2sp / ewc must be >= 0")
+  if min(o.lambda_kd, o.lambda_replay, o.replay_kd, o.l2sp, o.ewc) < 0:
+    raise ValueError("objective.lambda_kd / lambda_replay / replay_kd / l2sp / ewc must be >= 0")
   if t.init_checkpoint and t.init_from_hf:
     raise ValueError("set one of train.init_checkpoint and train.init_from_hf, not both")
-  if (o.lambda_kd > 0 or o.l2sp > 0 or o.ewc > 0) and not t.init_checkpoint \
-      and not t.init_from_hf \
+  if (o.lambda_kd > 0 or o.replay_kd > 0 or o.l2sp > 0 or o.ewc > 0) \
+      and not t.init_checkpoint and not t.init_from_hf \
       and not (cfg.stage_order or len(cfg.stages)):
-    raise ValueError("objective.lambda_kd / l2sp / ewc need a starting model (the teacher): "
+    raise ValueError("objective.lambda_kd / replay_kd / l2sp / ewc need a starting model (the "
+                     "teacher): "
                      "set train.init_checkpoint, or run them as a stage with init_from")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
