@@ -7,6 +7,7 @@ import pytest
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.train import objective
+from cpt_jax.train import step as step_lib
 from tests.helpers import tiny_config
 
 
@@ -129,3 +130,36 @@ def test_z_loss_term():
   assert float(aux["z_term"]) == pytest.approx(1e-2 * float(jnp.sum(lz ** 2 * w) / jnp.sum(w)),
                                                rel=1e-5)
   assert float(loss) == pytest.approx(float(aux["ce_term"] + aux["z_term"]), rel=1e-6)
+
+
+def test_replay_kd_is_a_soft_target_on_replay_rows_only():
+  apply_fn = _Counting()
+  roles = [batch_lib.NEW, batch_lib.REPLAY, batch_lib.DISTILL, batch_lib.REPLAY]
+  batch = _batch(roles)
+  batch["distill_index"] = jnp.asarray(
+      step_lib.distill_index(np.asarray(roles), 1, with_replay=True)[0])
+  assert sorted(int(i) for i in batch["distill_index"] if i >= 0) == [1, 2, 3]
+  student, teacher = _toy(0), _toy(1)
+  fn = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, replay_kd=2.0), 1)
+  loss, aux = fn(student, batch, {"teacher": teacher})
+  assert "kd_term" not in aux  # lambda_kd = 0: distill rows get nothing
+  # The KL of the replay rows (1, 3) over the CE normaliser (new + replay tokens).
+  s_logits = apply_fn(student, batch["inputs"], None, None)
+  t_logits = apply_fn(teacher, batch["inputs"], None, None)
+  kl = objective.kl_full(t_logits, s_logits, 1.0)
+  w = batch["loss_weights"]
+  want = float((kl[1] * w[1]).sum() + (kl[3] * w[3]).sum()) / float(w[0].sum() + w[1].sum()
+                                                                     + w[3].sum())
+  assert float(aux["replay_kd_term"]) == pytest.approx(want, rel=1e-5)
+  assert float(loss) == pytest.approx(float(aux["ce_term"]) + 2.0 * want, rel=1e-5)
+  _, same = fn(student, batch, {"teacher": student})
+  assert abs(float(same["replay_kd_term"])) < 1e-6
+  # New rows' inputs do not move the replay KD term; a replay row's do.
+  b2 = dict(batch, inputs=batch["inputs"].at[0].set((batch["inputs"][0] + 1) % 13))
+  assert float(fn(student, b2, {"teacher": teacher})[1]["replay_kd_term"]) == pytest.approx(
+      float(aux["replay_kd_term"]), rel=1e-6)
+  b3 = dict(batch, inputs=batch["inputs"].at[1].set((batch["inputs"][1] + 1) % 13))
+  assert float(fn(student, b3, {"teacher": teacher})[1]["replay_kd_term"]) != pytest.approx(
+      float(aux["replay_kd_term"]), rel=1e-6)
+  # Without replay_kd the teacher index holds only distill rows.
+  assert step_lib.distill_index(np.asarray(roles), 1).tolist() == [[2]]

@@ -106,6 +106,10 @@ def test_planner_budget_to_mixture_and_candidates():
   assert w["a"] + w["b"] == pytest.approx(p["replay_share"]) and w["a"] == pytest.approx(3 * w["b"])
   absolute = _plan(rcfg={"budget": 2560.0})
   assert absolute["replay_tokens"] == pytest.approx(2560.0)
+  # replay_kd: the teacher runs on every replay token (forward FLOPs).
+  assert p["tflops"]["teacher"] == 0.0
+  kd = _plan(rcfg={"budget": 0.05}, replay_kd=1.0)
+  assert kd["tflops"]["teacher"] == pytest.approx(kd["replay_tokens"] * 1e6 / 1e12)
 
 
 def test_planner_rejects_budget_below_t_alone():

@@ -82,7 +82,8 @@ class ReplayManager:
         seq_len=c.data.seq_len, weights=self._configured_weights(), roles=self.roles,
         pool_sizes={d: s.num_rows for d, s in self.stores.items()},
         f_train=self.scorer.train_flops_tok, f_fwd=self.scorer.fwd_flops_tok,
-        strategy=self.strategy, lambda_kd=c.objective.lambda_kd, flops_per_second=rate)
+        strategy=self.strategy, lambda_kd=c.objective.lambda_kd, flops_per_second=rate,
+        replay_kd=c.objective.replay_kd)
 
   def _new_batches(self, n: int) -> list:
     new = [d for d, r in self.roles.items() if r == "new"]

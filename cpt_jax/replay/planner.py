@@ -5,7 +5,7 @@ configured weights w of the non-replay domains, T's share among them is q_T.
 Replay fraction r (replay tokens / T tokens; `replay.budget` <= 1) gives the
 replay share p = r q_T / (1 + r q_T); an absolute `replay.budget` R tokens gives
 p = R / S. Costs (FLOPs): T = S (1-p) q_T f_train, replay = S p f_train,
-teacher = S (1-p)(1-q_T) f_fwd when distilling, selection = candidates x L x
+teacher = (S (1-p)(1-q_T) when distilling + S p with replay_kd) f_fwd, selection = candidates x L x
 f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes].
 Seconds use a measured forward FLOP/s (training assumed to run at the same rate).
 """
@@ -20,7 +20,8 @@ import numpy as np
 
 def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, float],
          roles: Mapping[str, str], pool_sizes: Mapping[str, int], f_train: float,
-         f_fwd: float, strategy, lambda_kd: float, flops_per_second: float) -> dict:
+         f_fwd: float, strategy, lambda_kd: float, flops_per_second: float,
+         replay_kd: float = 0.0) -> dict:
   """The plan dict (see module docstring); raises ValueError when the budget cannot hold T."""
   S = float(steps) * batch * seq_len
   nonrep = {d: float(w) for d, w in weights.items() if roles[d] in ("new", "distill")}
@@ -40,10 +41,12 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
   r = replay_tokens / max(t_tokens, 1.0)
   pool = int(sum(pool_sizes.values()))
   buffer_rows = min(int(math.ceil(replay_tokens / (seq_len * rcfg.epochs))), pool)
-  distill_tokens = S * (1 - p) * (1 - q_t) if lambda_kd > 0 else 0.0
+  teacher_tokens = S * (1 - p) * (1 - q_t) if lambda_kd > 0 else 0.0
+  if replay_kd > 0:  # the teacher also runs on every replay row
+    teacher_tokens += replay_tokens
   tf = 1e12
   cost = {"new": t_tokens * f_train / tf, "replay": replay_tokens * f_train / tf,
-          "teacher": distill_tokens * f_fwd / tf}
+          "teacher": teacher_tokens * f_fwd / tf}
   base = sum(cost.values())
   rate = float(flops_per_second) or float("nan")
   secs = lambda tflops: tflops * tf / rate

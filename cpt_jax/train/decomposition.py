@@ -129,6 +129,7 @@ class Decomposition:
   signal_d_always: bool = False  # L2-SP / EWC: sigma has a D signal every step
   lambda_replay: float = 1.0
   lambda_kd: float = 0.0
+  replay_kd: float = 0.0
 
   @property
   def scale(self) -> float:
@@ -221,7 +222,7 @@ class Decomposition:
     role_tok = aux["role_tokens"]
     t = role_tok[batch_lib.NEW] > 0
     d = jnp.asarray(self.signal_d_always)
-    if self.lambda_replay > 0:
+    if self.lambda_replay > 0 or self.replay_kd > 0:
       d = d | (role_tok[batch_lib.REPLAY] > 0)
     if self.lambda_kd > 0 and "kd_tokens" in aux:
       d = d | (aux["kd_tokens"] > 0)
@@ -284,7 +285,7 @@ def build(config: Any, model_boxed: Any) -> Decomposition | None:
       routing=bool(dc.routing), freeze_sigma=bool(dc.freeze_sigma),
       skip_idle_updates=bool(dc.skip_idle_updates), specs=tuple(specs),
       signal_d_always=bool(o.l2sp > 0 or o.ewc > 0), lambda_replay=float(o.lambda_replay),
-      lambda_kd=float(o.lambda_kd))
+      lambda_kd=float(o.lambda_kd), replay_kd=float(o.replay_kd))
 
 
 def merge_tau(params: Any, decomp: Decomposition | None) -> Any:

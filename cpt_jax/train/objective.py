@@ -1,13 +1,17 @@
 """The continued pre-training objective over rows with roles.
 
   loss = CE(new rows) + lambda_replay * CE(replay rows)            [one token mean]
+       + replay_kd * tau^2 * KL(teacher || student)(replay rows)   [same CE token mean]
        + lambda_kd * tau^2 * KL(teacher || student)(distill rows)  [distill-token mean]
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * mean(log Z^2)
 
 The CE terms share one normaliser (all CE tokens), so lambda_replay = 1 is plain
-data mixing. The teacher is a frozen copy of the stage's starting model; it runs
-only on the distill rows, gathered by `distill_index` (see `make_loss_fn`).
+data mixing; replay_kd > 0 adds the teacher's full next-token distribution as a
+soft target on the replay rows (dark-experience replay: each replayed row carries
+more than its one-hot labels). The teacher is a frozen copy of the stage's
+starting model; it runs only on the rows gathered by `distill_index` (distill
+rows, and replay rows when replay_kd > 0; see `make_loss_fn`).
 Every term is returned on its own in `aux`.
 """
 
@@ -73,8 +77,9 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
 
   apply_fn(params, inputs, segment_ids, positions) -> logits [B, L, V].
   batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [Bd]
-    (row indices of distill rows, -1 = unused slot). Without it, or with
-    lambda_kd == 0, no teacher forward is traced at all.
+    (row indices of the rows the teacher runs on: distill rows, and replay rows
+    when replay_kd > 0; -1 = unused slot). Without it, or with lambda_kd ==
+    replay_kd == 0, no teacher forward is traced at all.
   frozen: {'teacher': params, 'fisher': tree} as the objective needs.
   decomp: a `decomposition.Decomposition` (sigma / tau). Then params is
     {'sigma', 'tau'}, the model runs on sigma + delta(tau), L2-SP / EWC act on sigma
@@ -84,6 +89,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   """
   lambda_replay = float(obj_cfg.lambda_replay)
   lambda_kd = float(obj_cfg.lambda_kd)
+  replay_kd = float(obj_cfg.get("replay_kd", 0.0))
   tau = float(obj_cfg.kd_temperature)
   topk = int(obj_cfg.kd_topk)
   l2sp = float(obj_cfg.l2sp)
@@ -127,10 +133,10 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       loss_d = loss_lib.safe_div(jnp.sum(tok_BxL * old_w_BxL), ce_den)
 
     teacher_rows = 0
-    if lambda_kd > 0 and "distill_index" in batch:
+    if (lambda_kd > 0 or replay_kd > 0) and "distill_index" in batch:
       idx_N = batch["distill_index"]
-      valid_N = (idx_N >= 0) & (roles_B[jnp.maximum(idx_N, 0)] == batch_lib.DISTILL)
       safe_N = jnp.maximum(idx_N, 0)
+      role_N = jnp.where(idx_N >= 0, roles_B[safe_N], -1)
       take = lambda x: jnp.take(x, safe_N, axis=0)
       teacher_logits = apply_fn(frozen["teacher"], take(batch["inputs"]),
                                 take(batch["segment_ids"]), take(batch["positions"]))
@@ -141,13 +147,22 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         kl_NxL = kl_topk(t_logp, t_ids, student_logits, tau)
       else:
         kl_NxL = kl_full(teacher_logits, student_logits, tau)
-      w_NxL = take(weights_BxL) * valid_N[:, None]
-      kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), jnp.sum(w_NxL))
-      aux["kd_term"] = kd_term
-      aux["kd_tokens"] = jnp.sum(w_NxL)
-      loss = loss + lambda_kd * tau ** 2 * kd_term
-      if decomp is not None:
-        loss_d = loss_d + lambda_kd * tau ** 2 * kd_term
+      tok_w_NxL = take(weights_BxL)
+      if lambda_kd > 0:
+        w_NxL = tok_w_NxL * (role_N == batch_lib.DISTILL)[:, None]
+        kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), jnp.sum(w_NxL))
+        aux["kd_term"] = kd_term
+        aux["kd_tokens"] = jnp.sum(w_NxL)
+        loss = loss + lambda_kd * tau ** 2 * kd_term
+        if decomp is not None:
+          loss_d = loss_d + lambda_kd * tau ** 2 * kd_term
+      if replay_kd > 0:  # shares the CE normaliser, like the replay rows' CE
+        w_NxL = tok_w_NxL * (role_N == batch_lib.REPLAY)[:, None]
+        rkd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), ce_den)
+        aux["replay_kd_term"] = rkd_term
+        loss = loss + replay_kd * tau ** 2 * rkd_term
+        if decomp is not None:
+          loss_d = loss_d + replay_kd * tau ** 2 * rkd_term
       teacher_rows = idx_N.shape[0]
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 

@@ -117,14 +117,19 @@ def jit_train_step(step: Callable, state_sh: TrainState, mesh: Mesh, rules,
   return run
 
 
-def distill_index(roles_B: np.ndarray, grad_accum: int, min_bucket: int = 1) -> np.ndarray | None:
-  """Host-side: [A, Bd] indices of distill rows per microbatch, or None if none.
+def distill_index(roles_B: np.ndarray, grad_accum: int, min_bucket: int = 1,
+                  with_replay: bool = False) -> np.ndarray | None:
+  """Host-side: [A, Bd] indices of the teacher's rows per microbatch, or None if none.
+
+  The teacher's rows are the distill rows, plus the replay rows if `with_replay`
+  (objective.replay_kd > 0).
 
   Bd is rounded up to a power of two (>= min_bucket) so only a few step
   variants are ever compiled; unused slots are -1.
   """
   roles_B = np.asarray(roles_B)
-  per_micro = [np.nonzero(roles_B[m::grad_accum] == batch_lib.DISTILL)[0]
+  wanted = (batch_lib.DISTILL, batch_lib.REPLAY) if with_replay else (batch_lib.DISTILL,)
+  per_micro = [np.nonzero(np.isin(roles_B[m::grad_accum], wanted))[0]
                for m in range(grad_accum)]
   most = max(len(ix) for ix in per_micro)
   if most == 0:

@@ -62,7 +62,8 @@ class RunContext:
 
 
 def needs_teacher(obj_cfg) -> bool:
-  return obj_cfg.lambda_kd > 0 or obj_cfg.l2sp > 0 or obj_cfg.ewc > 0
+  return (obj_cfg.lambda_kd > 0 or obj_cfg.replay_kd > 0 or obj_cfg.l2sp > 0
+          or obj_cfg.ewc > 0)
 
 
 def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext:
@@ -267,12 +268,14 @@ class Trainer:
   # ------------------------------------------------------------------ batches
   def _device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, self.ctx.mesh)
-    if self.config.objective.lambda_kd > 0:
+    o = self.config.objective
+    if o.lambda_kd > 0 or o.replay_kd > 0:
       roles = local["roles"]
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         roles = np.asarray(multihost_utils.process_allgather(roles, tiled=True))
-      idx = step_lib.distill_index(roles, self.config.train.grad_accum_steps)
+      idx = step_lib.distill_index(roles, self.config.train.grad_accum_steps,
+                                   with_replay=o.replay_kd > 0)
       if idx is not None:
         batch["distill_index"] = jax.device_put(idx, shd.replicated(self.ctx.mesh))
     return batch
