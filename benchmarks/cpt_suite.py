@@ -36,8 +36,10 @@ def main(argv=None):
   p.add_argument("--cpt-steps", type=int, default=None)
   p.add_argument("--strategies", default=None, help="comma-separated subset")
   p.add_argument("--extras", default="",
-                 help="extra row groups: controllers,decomposition")
+                 help="row groups beside the grid (default: kd): kd,controllers,decomposition")
   p.add_argument("--only", default="", help="comma-separated row-name globs to run")
+  p.add_argument("--workers", type=int, default=0,
+                 help="parallel runs, one core each (default: one per core)")
   p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cpt_suite_cache"))
   p.add_argument("--workdir", default="")
   a = p.parse_args(argv)
@@ -50,7 +52,8 @@ def main(argv=None):
           "unavailable": a.unavailable, "seeds": a.seeds, "pretrain_steps": a.pretrain_steps,
           "cpt_steps": a.cpt_steps,
           "strategies": tuple(a.strategies.split(",")) if a.strategies else None,
-          "extras": tuple(x for x in a.extras.split(",") if x) or None, "only": a.only or None}
+          "extras": tuple(x for x in a.extras.split(",") if x) or None, "only": a.only or None,
+          "workers": a.workers}
   s = dataclasses.replace(s, **{k: v for k, v in over.items() if v is not None})
   out = suite.run_suite(s, log=lambda m: print(f"[cpt_suite] {m}", flush=True))
   table = suite.format_table(out["table"])

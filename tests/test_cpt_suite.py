@@ -24,7 +24,7 @@ def test_cpt_suite_quick(tmp_path):
   data = json.loads(out.read_text())
   names = [r["name"] for r in data["rows"]]
   assert names == ["no_replay", "random_0.05", "forgetting_0.05", "online_0.05",
-                   "random_0.05+distill", "joint"]
+                   "random_0.05+distill", "joint", "random_0.05+kd"]
   for r in data["rows"]:
     for k in ("name", "replay_fraction", "old_loss", "mean_forgetting", "new_gain",
               "selection_tflops", "total_tflops", "seconds"):
@@ -33,6 +33,7 @@ def test_cpt_suite_quick(tmp_path):
   rows = {r["name"]: r for r in data["rows"]}
   assert rows["forgetting_0.05"]["selection_tflops"] > 0
   assert rows["no_replay"]["selection_tflops"] == 0
+  assert rows["random_0.05+kd"]["teacher_tflops"] > 0 == rows["random_0.05"]["teacher_tflops"]
   assert "| forgetting_0.05 |" in res.stdout
 
 
@@ -45,7 +46,7 @@ def test_cpt_suite_controller_and_decomposition_rows(tmp_path):
          "--old", "alpha,beta", "--new", "gamma", "--unavailable", "beta",
          "--pretrain-steps", "6", "--cpt-steps", "4", "--extras", "controllers,decomposition",
          "--only", "random_0.05+forgetting,random_0.05+full,random_0.05+lora_tau,"
-                   "random_0.05+sigma_tau_routing"]
+                   "random_0.05+sigma_tau_routing", "--workers", "1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

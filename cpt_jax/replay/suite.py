@@ -3,7 +3,8 @@
 Pretrains M on the old domains (cached under <cache>/pretrain-<hash of the
 settings>), then runs CPT on the new domain from M for every (row, seed):
 no replay; random at several fractions; every strategy at 1% and 5%; random
-5% replay + KL distillation with one old domain marked unavailable; and
+1% replay whose rows are also distilled from M ('+kd', objective.replay_kd);
+random 5% replay + KL distillation with one old domain marked unavailable; and
 "joint" (CPT on T plus *all* of D at its natural size weights: the
 re-training upper bound, approximated by continuing from M). Every run sees
 the same number of T tokens (steps = cpt_steps x (1 + r) / T's share) and the
@@ -38,7 +39,7 @@ class Settings:
   seq_len: int = 128
   batch: int = 32
   pretrain_steps: int = 1900
-  cpt_steps: int = 600
+  cpt_steps: int = 400
   lr: float = 3e-3
   cpt_lr: float = 2e-3
   seeds: int = 3
@@ -47,13 +48,23 @@ class Settings:
   strategies: tuple[str, ...] = ("proportional", "teacher_loss", "forgetting", "diversity",
                                  "online")
   eval_batches: int = 8
-  # Extra row groups: 'controllers' (rate controllers at the 5% random-replay
-  # budget) and 'decomposition' (full / LoRA tau / sigma-tau routing at that budget).
-  extras: tuple[str, ...] = ()
+  # Extra row groups: 'kd' (see kd_strategies), 'controllers' (rate controllers at the 5%
+  # random-replay budget) and 'decomposition' (full / LoRA tau / sigma-tau routing
+  # at that budget).
+  extras: tuple[str, ...] = ("kd",)
   controllers: tuple[str, ...] = ("doremi", "exp3", "forgetting")
   cache: str = ""
   workdir: str = ""
   only: str = ""  # comma-separated name globs: run only these rows
+  # Runs in parallel, each in its own process pinned to one core with
+  # single-threaded XLA (small models use cores better this way); 0 = one per core.
+  workers: int = 0
+  # The '+kd' rows: these strategies at kd_fraction with objective.replay_kd = kd_weight
+  # (each replay row also distilled from M). The weight comes from one-seed pilots at
+  # 600 T-steps (replay_kd 1 / 4, 2 with lambda_replay 2, lambda_replay 5 alone).
+  kd_strategies: tuple[str, ...] = ("random",)
+  kd_fraction: float = 0.01
+  kd_weight: float = 4.0
 
   def pretrain_key(self) -> str:
     blob = json.dumps([os.path.abspath(self.corpora), sorted(self.old), self.new, self.d_model,
@@ -66,7 +77,7 @@ def quick(settings: Settings) -> Settings:
   return dataclasses.replace(
       settings, d_model=64, num_layers=1, seq_len=64, batch=16, pretrain_steps=200,
       cpt_steps=80, seeds=1, random_fractions=(0.05,), strategy_fractions=(0.05,),
-      eval_batches=4)
+      kd_fraction=0.05, eval_batches=4)
 
 
 def base_config(s: Settings):
@@ -108,6 +119,10 @@ def run_specs(s: Settings) -> list[dict]:
   specs += [{"name": "random_0.05+distill", "strategy": "random", "fraction": 0.05,
              "distill": True},
             {"name": "joint", "strategy": "", "fraction": None}]
+  if "kd" in s.extras:  # replay rows also distilled from M (objective.replay_kd)
+    f = s.kd_fraction
+    specs += [{"name": f"{st}_{f:g}+kd", "strategy": st, "fraction": f,
+               "replay_kd": s.kd_weight} for st in s.kd_strategies]
   if "controllers" in s.extras:
     specs += [{"name": f"random_0.05+{c}", "strategy": "random", "fraction": 0.05,
                "controller": c} for c in s.controllers]
@@ -159,6 +174,8 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
     share = frac / (1.0 + frac)
     c.mixing.update(controller=spec["controller"], update_every=c.train.log_every,
                     replay_budget=share, new_min_share=1.0 - share)
+  if spec.get("replay_kd"):
+    c.objective.replay_kd = spec["replay_kd"]
   for key, value in spec.get("overrides", {}).items():
     group, name = key.split(".")
     c[group][name] = value
@@ -186,26 +203,80 @@ def run_suite(s: Settings, log=print) -> dict[str, Any]:
   log(f"M ready in {time.time() - t0:.0f}s: " + ", ".join(f"{d} {v:.3f}" for d, v in
                                                             m_loss.items()))
   pools = _pool_rows(s)
-  rows = []
-  for spec in select_specs(run_specs(s), s.only):
-    for seed in range(s.seeds):
-      work = os.path.join(workdir, f"{spec['name']}-s{seed}")
-      cached = os.path.join(work, "row.json")
-      if os.path.isfile(cached):
-        with open(cached) as f:
-          rows.append(json.load(f))
-        continue
-      c = cpt_config(s, spec, ckpt, seed, pools)
-      summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
-      row = result_row(s, spec, seed, summary, m_loss)
-      with open(cached, "w") as f:
-        json.dump(row, f)
-      rows.append(row)
-      log(f"{row['name']} seed {seed}: forgetting {row['mean_forgetting']:.3f} gain "
-          f"{row['new_gain']:.3f} selection {row['selection_tflops']:.4f} TF of "
-          f"{row['total_tflops']:.3f} TF, {row['seconds']:.0f}s")
+  jobs = [(spec, seed, os.path.join(workdir, f"{spec['name']}-s{seed}"))
+          for spec in select_specs(run_specs(s), s.only) for seed in range(s.seeds)]
+  done: dict[str, dict] = {}
+  todo = []
+  for spec, seed, work in jobs:
+    cached = os.path.join(work, "row.json")
+    if os.path.isfile(cached):
+      with open(cached) as f:
+        done[work] = json.load(f)
+    else:
+      todo.append((spec, seed, work))
+
+  def report(row):
+    log(f"{row['name']} seed {row['seed']}: forgetting {row['mean_forgetting']:.3f} gain "
+        f"{row['new_gain']:.3f} selection {row['selection_tflops']:.4f} TF of "
+        f"{row['total_tflops']:.3f} TF, {row['seconds']:.0f}s")
+
+  workers = min(s.workers or len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)))
+  t_runs = time.time()
+  if workers <= 1 or len(todo) <= 1:
+    for spec, seed, work in todo:
+      done[work] = run_one(s, spec, seed, work, ckpt, m_loss, pools)
+      report(done[work])
+  else:
+    done.update(_run_parallel(s, todo, ckpt, m_loss, pools, workers, report))
+  log(f"{len(todo)} runs in {time.time() - t_runs:.0f}s with {min(workers, max(len(todo), 1))} "
+      f"worker(s); {len(jobs) - len(todo)} reused")
+  rows = [done[work] for _, _, work in jobs]
   return {"settings": dataclasses.asdict(s), "m_loss": m_loss, "rows": rows,
           "table": aggregate(rows)}
+
+
+def run_one(s: Settings, spec: dict, seed: int, work: str, ckpt: str, m_loss: dict,
+            pools: dict[str, int]) -> dict:
+  """One CPT run; its row is also written to <work>/row.json (the cache)."""
+  c = cpt_config(s, spec, ckpt, seed, pools)
+  summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
+  row = result_row(s, spec, seed, summary, m_loss)
+  with open(os.path.join(work, "row.json"), "w") as f:
+    json.dump(row, f)
+  return row
+
+
+def _pin_worker(cores) -> None:
+  """Process-pool initializer: one core, single-threaded XLA (before JAX starts)."""
+  core = cores.get()
+  os.sched_setaffinity(0, {core})
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                             "false intra_op_parallelism_threads=1").strip()
+
+
+def _run_parallel(s, todo, ckpt, m_loss, pools, workers, report) -> dict[str, dict]:
+  """Runs `todo` in `workers` spawned processes, longest runs first."""
+  import concurrent.futures as cf  # pylint: disable=g-import-not-at-top
+  import multiprocessing as mp  # pylint: disable=g-import-not-at-top
+  ctx = mp.get_context("spawn")  # a fresh interpreter: JAX must not be initialised yet
+  cores = ctx.Manager().Queue()
+  for i, core in enumerate(sorted(os.sched_getaffinity(0))):
+    if i < workers:
+      cores.put(core)
+  order = sorted(todo, key=lambda job: -cpt_config(s, job[0], ckpt, job[1], pools).train.steps)
+  out = {}
+  with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_pin_worker,
+                              initargs=(cores,)) as ex:
+    futs = {ex.submit(run_one, s, spec, seed, work, ckpt, m_loss, pools): work
+            for spec, seed, work in order}
+    try:
+      for fut in cf.as_completed(futs):
+        out[futs[fut]] = fut.result()
+        report(out[futs[fut]])
+    except BaseException:
+      ex.shutdown(wait=False, cancel_futures=True)  # finished rows stay cached
+      raise
+  return out
 
 
 def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict) -> dict:
@@ -221,7 +292,7 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict) 
           "replay_fraction_actual": replay_frac, "old_loss": old_loss, "forgetting": forgetting,
           "mean_forgetting": float(np.mean(list(forgetting.values()))),
           "new_loss": ev[s.new], "new_gain": m_loss[s.new] - ev[s.new],
-          "selection_tflops": sel_tf,
+          "selection_tflops": sel_tf, "teacher_tflops": summary["teacher_tflops"],
           "total_tflops": summary["train_tflops"] + summary["teacher_tflops"] + sel_tf,
           "selection_share": sel_tf / max(summary["train_tflops"] + summary["teacher_tflops"]
                                           + sel_tf, 1e-30),
@@ -240,9 +311,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
            "buffer_rows": rs[0]["buffer_rows"]}
     agg["trainable_params"] = rs[0].get("trainable_params")
     agg["optimizer_bytes"] = rs[0].get("optimizer_bytes")
-    for k in ("mean_forgetting", "new_gain", "selection_tflops", "total_tflops",
+    for k in ("mean_forgetting", "new_gain", "selection_tflops", "teacher_tflops", "total_tflops",
               "selection_share", "seconds", "seconds_per_step"):
-      v = np.array([r[k] for r in rs], np.float64)
+      v = np.array([r.get(k, 0.0) for r in rs], np.float64)
       agg[k], agg[k + "_std"] = float(v.mean()), float(v.std(ddof=1) if v.size > 1 else 0.0)
     agg["old_loss"] = {d: float(np.mean([r["old_loss"][d] for r in rs]))
                        for d in rs[0]["old_loss"]}
@@ -252,15 +323,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def format_table(table: list[dict]) -> str:
   head = ("| run | replay | buffer rows | mean forgetting | gain on T | selection TF | "
-          "total TF | selection % | seconds | s/step | trainable params | optimizer MB |")
-  lines = [head, "|" + "---|" * 12]
+          "teacher TF | total TF | selection % | seconds | s/step | trainable params | "
+          "optimizer MB |")
+  lines = [head, "|" + "---|" * 13]
   for r in table:
     fr = r["replay_fraction"]
     lines.append(
         f"| {r['name']} | {fr:.3g} | {r['buffer_rows'] or '-'} | "
         f"{r['mean_forgetting']:.3f} ± {r['mean_forgetting_std']:.3f} | "
         f"{r['new_gain']:.3f} ± {r['new_gain_std']:.3f} | {r['selection_tflops']:.4f} | "
-        f"{r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} | "
+        f"{r.get('teacher_tflops', 0.0):.4f} | {r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} | "
         f"{r.get('seconds_per_step', 0.0):.3f} | {r.get('trainable_params') or '-'} | "
         f"{(r.get('optimizer_bytes') or 0) / 2**20:.1f} |")
   return "\n".join(lines)
