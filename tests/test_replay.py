@@ -230,10 +230,13 @@ def test_strategy_interface_bounded_and_costed(tmp_path, strategy):
     assert np.isfinite(np.concatenate(list(sel.scores.values()))).all()
 
 
-def test_online_refresh_survives_resume(tmp_path):
+@pytest.mark.parametrize("decomposition", ["", "lora"])
+def test_online_refresh_survives_resume(tmp_path, decomposition):
+  """Resume re-scores against M rebuilt as at the start (no teacher is kept here)."""
   corpus = write_corpus(tmp_path / "corpus", docs=60)
   c = _config(corpus, tmp_path, "online", online_every=2, online_pool=40, online_swap=0.5)
   c.train.update(steps=8, checkpoint_every=4, log_every=2)
+  c.decomposition.mode = decomposition
   ref = trainer_lib.train(c, str(tmp_path / "ref"), devices=jax.devices()[:1])
   assert ref["selection"]["online"]["refreshes"] == 3
   assert ref["selection"]["online"]["swaps"] > 0

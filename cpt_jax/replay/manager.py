@@ -266,21 +266,16 @@ class OnlineBuffer:
 
 
 def _starting_params(trainer, state):
-  """The stage's starting params on resume: the teacher if kept, else init_checkpoint."""
+  """The stage's starting model on resume: the teacher if kept, else rebuilt as at the start."""
   if state is not None and state.frozen and "teacher" in state.frozen:
     return trainer.model_params(state.frozen["teacher"])
-  c = trainer.config
-  if c.train.init_checkpoint:
-    from cpt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-    ctx = trainer.ctx
-    abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len)
-    return ckpt_lib.restore_params(c.train.init_checkpoint, abstract.params)
-  if not c.train.init_from_hf:  # random init: rebuild it from the seed
-    from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-    ctx = trainer.ctx
-    return state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len).params
-  return None
+  params, _ = trainer.starting_model_params()
+  if params is not None:
+    return params
+  from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  c, ctx = trainer.config, trainer.ctx  # random init: rebuilt from the seed
+  return trainer.model_params(state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed,
+                                                   c.data.seq_len, decomp=ctx.decomp).params)
 
 
 def _jsonable(x: Any) -> Any:

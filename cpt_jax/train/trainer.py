@@ -187,26 +187,12 @@ class Trainer:
         self.controller.load_state_dict(host["mixing"])
       self.controller.start(self.pipeline)
       return state, f"resumed from step {int(state.step)}"
-    model_sh = ctx.state_sh.params if ctx.decomp is None else ctx.state_sh.params["sigma"]
-    if c.train.init_checkpoint:
-      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              nn.unbox(state_lib.abstract_boxed_params(ctx.model, c.data.seq_len)),
-                              model_sh)
-      # A decomposed source checkpoint (sigma + tau) is merged into model params.
-      params = decomp_lib.restore_merged_params(
-          c.train.init_checkpoint, abstract,
-          state_lib.abstract_boxed_params(ctx.model, c.data.seq_len), ctx.mesh, ctx.rules)
+    params, how = self.starting_model_params()
+    if params is not None:
       state = state_lib.with_params(params, ctx.tx, ctx.state_sh, ctx.decomp, c.seed)
-      how = f"warm start from {c.train.init_checkpoint}"
-    elif c.train.init_from_hf:
-      from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
-      params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, model_sh)
-      state = state_lib.with_params(params, ctx.tx, ctx.state_sh, ctx.decomp, c.seed)
-      how = f"warm start from Hugging Face model {c.train.init_from_hf}"
     else:
       state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len,
                                    decomp=ctx.decomp)
-      how = "random init"
     if ctx.frozen_keys:
       frozen = (self.frozen_fn or default_frozen)(ctx, state.params, self.pipeline)
       frozen = jax.tree.map(lambda x, s: jax.device_put(x, s), frozen,
@@ -220,6 +206,29 @@ class Trainer:
       self.controller.set_reference(self.reference_losses(state.params))
     self.controller.start(self.pipeline)
     return state, how
+
+  def starting_model_params(self) -> tuple[Any, str]:
+    """(model-shaped params the stage starts from, how); params None for a random init.
+
+    From train.init_checkpoint (a decomposed source is merged) or
+    train.init_from_hf; the random init is the seed's (`init_state`).
+    """
+    c, ctx = self.config, self.ctx
+    model_sh = ctx.state_sh.params if ctx.decomp is None else ctx.state_sh.params["sigma"]
+    if c.train.init_checkpoint:
+      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              nn.unbox(state_lib.abstract_boxed_params(ctx.model, c.data.seq_len)),
+                              model_sh)
+      # A decomposed source checkpoint (sigma + tau) is merged into model params.
+      params = decomp_lib.restore_merged_params(
+          c.train.init_checkpoint, abstract,
+          state_lib.abstract_boxed_params(ctx.model, c.data.seq_len), ctx.mesh, ctx.rules)
+      return params, f"warm start from {c.train.init_checkpoint}"
+    if c.train.init_from_hf:
+      from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
+      params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, model_sh)
+      return params, f"warm start from Hugging Face model {c.train.init_from_hf}"
+    return None, "random init"
 
   def _start_replay(self, state, host) -> None:
     """Replay selection hook (cpt_jax/replay): fresh start selects, resume reuses."""
