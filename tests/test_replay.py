@@ -112,6 +112,27 @@ def test_planner_budget_to_mixture_and_candidates():
   assert kd["tflops"]["teacher"] == pytest.approx(kd["replay_tokens"] * 1e6 / 1e12)
 
 
+def test_planner_fits_online_refreshes_into_the_selection_cap():
+  """Fewer, fully useful refreshes rather than refreshes that score no candidate."""
+  roomy = _plan(strategy="online", rcfg={"budget": 0.01, "online_every": 10, "online_pool": 8,
+                                         "selection_fraction": 0.5})
+  assert roomy["online_refreshes"] == 9 and roomy["online_pool"] == 8
+  assert roomy["online_every"] == 10 and not roomy["warnings"]
+  # A 20% buffer: re-scoring it at every refresh does not fit 5% of the stage.
+  tight = _plan(strategy="online", rcfg={"budget": 0.2, "online_every": 10, "online_pool": 64,
+                                         "online_swap": 0.25, "selection_fraction": 0.3})
+  k, pool, every = tight["online_refreshes"], tight["online_pool"], tight["online_every"]
+  assert 1 <= k < 9 and pool >= int(np.ceil(0.25 * tight["buffer_rows"]))
+  assert (100 - 1) // every == k
+  assert tight["tflops"]["selection"] <= 0.3 / 0.7 * (tight["total_tflops"] - tight[
+      "tflops"]["selection"]) * (1 + 1e-9)
+  assert "online refreshes" in tight["warnings"][0]
+  none = _plan(strategy="online", rcfg={"budget": 0.2, "online_every": 10,
+                                        "selection_fraction": 0.02})
+  assert none["online_refreshes"] == 0 and none["online_every"] == 0
+  assert "stays the random one" in none["warnings"][0]
+
+
 def test_planner_rejects_budget_below_t_alone():
   with pytest.raises(ValueError, match=r"replay.max_tflops=1e-06 is below what T alone costs"):
     _plan(rcfg={"max_tflops": 1e-6})

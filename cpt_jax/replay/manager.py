@@ -149,7 +149,8 @@ class ReplayManager:
 
   # ---------------------------------------------------------------- online
   def maybe_refresh(self, done: int, state) -> None:
-    if self.online is not None and done % self.rcfg.online_every == 0 \
+    every = int(self.plan.get("online_every", self.rcfg.online_every))
+    if self.online is not None and every and done % every == 0 \
         and done < self.trainer.config.train.steps:
       t0 = time.perf_counter()
       self.online.refresh(done, self.trainer.model_params(state.params))

@@ -79,15 +79,12 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
     sel_cap = min(sel_cap, (rcfg.max_seconds - secs(base)) * rate / tf)
   per_cand = strategy.forwards_per_candidate * seq_len * f_fwd / tf
   fixed = strategy.fixed_flops(rcfg, batch, seq_len, f_train) / tf
-  refreshes, online_pool, candidates = 0, 0, 0
+  refreshes, online_pool, online_every, candidates = 0, 0, 0, 0
   if strategy.name == "online":
-    refreshes = (steps - 1) // rcfg.online_every  # none at the last step
-    per_refresh_rows = lambda n: 2 * n + buffer_rows  # cand under M and now, buffer now
-    online_pool = int(rcfg.online_pool)
-    if refreshes:
-      fit = (sel_cap / refreshes / (seq_len * f_fwd / tf) - buffer_rows) / 2
-      online_pool = max(0, min(online_pool, int(fit)))
-    sel_tflops = (buffer_rows + refreshes * per_refresh_rows(online_pool)) * seq_len * f_fwd / tf
+    refreshes, online_pool, online_every = _online_plan(rcfg, steps, buffer_rows,
+                                                        sel_cap / (seq_len * f_fwd / tf))
+    per_refresh_rows = 2 * online_pool + buffer_rows  # candidates under M and now, buffer now
+    sel_tflops = (buffer_rows + refreshes * per_refresh_rows) * seq_len * f_fwd / tf
   elif per_cand > 0:
     fit = int(max(sel_cap - fixed, 0.0) / per_cand)
     candidates = min(pool, fit, int(rcfg.pool_rows) or pool)
@@ -98,6 +95,12 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
   cost["selection"] = sel_tflops
   total = sum(cost.values())
   warnings = []
+  if strategy.name == "online" and refreshes < (steps - 1) // rcfg.online_every:
+    warnings.append(f"the selection budget holds {refreshes} of the "
+                    f"{(steps - 1) // rcfg.online_every} online refreshes (every "
+                    f"{rcfg.online_every} steps) with at least online_swap x buffer rows "
+                    f"candidates each; refreshing every {online_every or '-'} steps"
+                    + ("" if refreshes else ": none, so the buffer stays the random one"))
   if sel_tflops > sel_cap * (1 + 1e-9) and sel_tflops > 0:
     warnings.append(f"selection needs {sel_tflops:.4g} TFLOPs to score the {buffer_rows} buffer "
                     f"rows' candidates once, above its cap of {sel_cap:.4g}")
@@ -105,7 +108,7 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
       "strategy": strategy.name, "stage_tokens": S, "t_tokens": t_tokens,
       "replay_tokens": replay_tokens, "replay_fraction": r, "replay_share": p, "q_t": q_t,
       "buffer_rows": buffer_rows, "pool_rows": pool, "candidates": candidates,
-      "online_refreshes": refreshes, "online_pool": online_pool,
+      "online_refreshes": refreshes, "online_pool": online_pool, "online_every": online_every,
       "tflops": cost, "total_tflops": total,
       "selection_share": sel_tflops / total if total else 0.0,
       "flops_per_second": flops_per_second,
@@ -144,3 +147,22 @@ def format_plan(p: dict) -> str:
           + f"; planned {', '.join(parts)}; total {p['total_tflops']:.4g} TF, selection "
           f"{100 * p['selection_share']:.2f}%"
           + ("".join(f"\n  warning: {w}" for w in p["warnings"])))
+
+
+def _online_plan(rcfg, steps: int, buffer_rows: int, cap_rows: float) -> tuple[int, int, int]:
+  """(refreshes, candidates per refresh, steps between refreshes) within cap_rows forwards.
+
+  The buffer's M losses cost buffer_rows once; a refresh with n candidates costs
+  2 n + buffer_rows. Keeps the configured number of refreshes while the pool it
+  leaves holds at least online_swap x buffer_rows candidates (a refresh could
+  swap that many rows), else plans fewer, evenly spaced refreshes; none fit: 0.
+  """
+  wanted = (steps - 1) // rcfg.online_every  # none at the last step
+  min_pool = max(1, math.ceil(float(rcfg.online_swap) * buffer_rows))
+  avail = cap_rows - buffer_rows
+  for k in range(wanted, 0, -1):
+    pool = min(int(rcfg.online_pool), int((avail / k - buffer_rows) / 2))
+    if pool >= min(min_pool, int(rcfg.online_pool)) and pool >= 1:
+      every = rcfg.online_every if k == wanted else -(-steps // (k + 1))
+      return (steps - 1) // every, pool, every
+  return 0, 0, 0
