@@ -130,6 +130,7 @@ def test_planner_fits_online_refreshes_into_the_selection_cap():
   none = _plan(strategy="online", rcfg={"budget": 0.2, "online_every": 10,
                                         "selection_fraction": 0.02})
   assert none["online_refreshes"] == 0 and none["online_every"] == 0
+  assert none["tflops"]["selection"] == 0  # no refresh: the buffer's M losses are not scored
   assert "stays the random one" in none["warnings"][0]
 
 

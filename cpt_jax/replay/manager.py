@@ -135,7 +135,7 @@ class ReplayManager:
                                          {d: int(np.size(v)) for d, v in rows.items()})
     # On resume the pipeline's restore brings back the checkpointed weights.
     self.pipeline.set_replay_rows(rows, None if self.reused and resume else weights)
-    if self.strategy.name == "online":
+    if self.strategy.name == "online" and self.plan.get("online_refreshes"):
       self.online = OnlineBuffer(self, None if resume else params, host, state)
 
   def _write(self) -> None:

@@ -84,7 +84,9 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
     refreshes, online_pool, online_every = _online_plan(rcfg, steps, buffer_rows,
                                                         sel_cap / (seq_len * f_fwd / tf))
     per_refresh_rows = 2 * online_pool + buffer_rows  # candidates under M and now, buffer now
-    sel_tflops = (buffer_rows + refreshes * per_refresh_rows) * seq_len * f_fwd / tf
+    # The buffer's M losses are scored once, only when some refresh will use them.
+    rows_scored = buffer_rows + refreshes * per_refresh_rows if refreshes else 0
+    sel_tflops = rows_scored * seq_len * f_fwd / tf
   elif per_cand > 0:
     fit = int(max(sel_cap - fixed, 0.0) / per_cand)
     candidates = min(pool, fit, int(rcfg.pool_rows) or pool)
