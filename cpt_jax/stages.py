@@ -129,18 +129,23 @@ def _with_all_domains_evaluated(cfg, all_domains: list[str]):
   return cfg
 
 
-def _default_rewarm(config, name: str, init: str, cfg):
+def _default_rewarm(config, name: str, init: str, cfg, parent_summary: dict | None = None):
   """A continued stage re-warms by default: from the LR its parent ended at, to its peak.
 
   Applies when the stage sets no `optimizer.schedule` (resp. `optimizer.init_lr`).
+  A parent that its budget stopped early ended at its last logged LR, not its final one.
   """
   own = config.stages[name].get("optimizer", {})
   parent = stage_config(config, init).optimizer
+  summary = parent_summary or {}
+  stopped = (summary.get("budget") or {}).get("stopped_at") is not None
+  last_lr = (summary.get("last") or {}).get("learning_rate")
   with cfg.unlocked():
     if "schedule" not in own:
       cfg.optimizer.schedule = "rewarm_cosine"
     if "init_lr" not in own:
-      cfg.optimizer.init_lr = float(parent.lr) * float(parent.final_lr_fraction)
+      cfg.optimizer.init_lr = (float(last_lr) if stopped and last_lr is not None
+                               else float(parent.lr) * float(parent.final_lr_fraction))
   return cfg
 
 
@@ -174,7 +179,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
       with cfg.unlocked():
         cfg.train.init_checkpoint = os.path.join(workdir, "stages", init, "checkpoints")
     if init is not None:
-      cfg = _default_rewarm(config, name, init, cfg)
+      cfg = _default_rewarm(config, name, init, cfg, summaries.get(init))
     trainer_lib.log(f"stage {name}: " + (f"from stage {init}" if init else "from scratch"))
     summary = trainer_lib.train(cfg, stage_dir, **trainer_kwargs)
     summary.update(name=name, init_from=init, learned=learned_domains(summary))

@@ -79,6 +79,10 @@ def test_continued_stage_rewarms_from_parent_floor_by_default():
   cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"))  # pylint: disable=protected-access
   assert cfg.optimizer.schedule == "rewarm_cosine"
   assert cfg.optimizer.init_lr == pytest.approx(c.optimizer.lr * c.optimizer.final_lr_fraction)
+  # A parent stopped early by its hard budget ended at its last logged LR.
+  stopped = {"budget": {"stopped_at": 6}, "last": {"learning_rate": 7e-4}}
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"), stopped)  # pylint: disable=protected-access
+  assert cfg.optimizer.init_lr == pytest.approx(7e-4)
   c.stages.cpt.optimizer = {"schedule": "wsd"}
   cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"))  # pylint: disable=protected-access
   assert cfg.optimizer.schedule == "wsd"

@@ -125,3 +125,36 @@ def test_init_from_hf_folder(corpus, tmp_path):
   params["embed"]["embedding"][259:] = 0  # vocab padding is not part of the HF tensors
   params["lm_head"]["kernel"][:, 259:] = 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+
+
+def test_hard_budget_stops_the_stage_and_a_rerun_trains_no_further(corpus, tmp_path):
+  from cpt_jax.model.transformer import flops_per_token  # pylint: disable=g-import-not-at-top
+  from cpt_jax.train import budget as budget_lib  # pylint: disable=g-import-not-at-top
+  config = _config(corpus)  # 8 steps, metrics every 2, checkpoints every 4
+  trainer = trainer_lib.Trainer(config, str(tmp_path / "probe"), devices=jax.devices()[:1])
+  per_step = (config.train.global_batch_size * config.data.seq_len
+              * flops_per_token(trainer.ctx.model_cfg, config.data.seq_len) / 1e12)
+  trainer.close()
+  # 3.5 steps' TFLOPs: at step 2 the next window (2 steps) would pass the cap.
+  config.replay.max_tflops = 3.5 * per_step
+  summary = _train(config, tmp_path / "run")
+  assert summary["step"] == 2 and summary["budget"]["stopped_at"] == 2
+  assert "replay.max_tflops" in summary["budget"]["reason"]
+  assert summary["budget"]["tflops_used"] == pytest.approx(2 * per_step)
+  assert summary["train_tokens"] == 2 * config.train.global_batch_size * config.data.seq_len
+  assert summary["eval"]  # evaluated like a finished stage
+  assert ckpt_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+  again = _train(config, tmp_path / "run")  # the stop is in the checkpoint: no more steps
+  assert again["step"] == 2 and again["steps_run"] == 0
+  assert max(r["step"] for r in metrics_lib.read_metrics(tmp_path / "run")) == 2
+
+  # Seconds: the pace of the last window decides; usage adds up over restarts.
+  b = budget_lib.StageBudget(max_seconds=100.0)
+  b.start_window(budget_lib.Usage(step=0, seconds=10.0, tflops=0.0))
+  assert b.check(budget_lib.Usage(step=10, seconds=50.0, tflops=0.0), next_steps=10) == ""
+  why = b.check(budget_lib.Usage(step=20, seconds=85.0, tflops=0.0), next_steps=10)
+  assert why.startswith("replay.max_seconds=100") and "~35.0 s more" in why
+  b.stop(20, why)
+  b2 = budget_lib.StageBudget(max_seconds=100.0)
+  b2.load_state_dict(b.state_dict(seconds_used=85.0))
+  assert (b2.seconds_before, b2.stopped_at, b2.reason) == (85.0, 20, why)

@@ -29,8 +29,11 @@ def default_replay_config() -> ml_collections.ConfigDict:
       # 'diversity' or 'online' (see cpt_jax/replay/strategies.py).
       budget=0.05,  # Replay tokens: <= 1 a fraction of T's tokens in the stage, > 1 a count.
       epochs=1.0,  # Mean passes over the buffer: buffer rows = replay tokens / (L * epochs).
-      max_tflops=0.0,  # Whole-stage cap (selection + replay + teacher + T); 0 = none.
-      max_seconds=0.0,  # Whole-stage wall-clock cap (planned); 0 = none.
+      # Hard caps on the whole stage (selection + replay + teacher + T); 0 = none. The
+      # planner sizes the stage to fit; training stops at the log boundary before a cap
+      # would be passed (cpt_jax/train/budget.py). Both apply with or without a strategy.
+      max_tflops=0.0,
+      max_seconds=0.0,  # Wall clock, summed over restarts.
       selection_fraction=0.05,  # Cap on selection FLOPs as a fraction of the stage's total.
       pool_rows=0,  # Most candidates to score (0: as many as selection_fraction allows).
       score_batch=0,  # Rows per scoring batch (0: train.global_batch_size).

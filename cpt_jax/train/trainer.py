@@ -7,7 +7,9 @@ pre-training; the optimizer starts fresh); else (3) random init.
 Side effects (I/O, logging, checkpoints) live here; everything inside
 `jit` is pure (see step.py / objective.py). Metrics are fetched one step
 late so dispatch stays asynchronous; a NaN/Inf loss raises FloatingPointError
-before any checkpoint of that step is written.
+before any checkpoint of that step is written. With `replay.max_tflops` /
+`replay.max_seconds` set, the stage ends early at the log boundary before a
+cap would be passed (budget.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cpt_jax.eval import evaluate as eval_lib
 from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import decomposition as decomp_lib
 from cpt_jax.train import metrics as metrics_lib
@@ -163,6 +166,9 @@ class Trainer:
     self.teacher_rows = 0
     self.state: state_lib.TrainState | None = None
     self.replay = None  # replay selection (cpt_jax/replay/manager.py)
+    self.budget = budget_lib.StageBudget(max_tflops=float(config.replay.max_tflops),
+                                         max_seconds=float(config.replay.max_seconds))
+    self._t_start = time.perf_counter()
 
   # ------------------------------------------------------------------ init
   def _jit_for(self, with_distill: bool) -> Callable:
@@ -183,6 +189,7 @@ class Trainer:
       self.pipeline.restore(host["data"])
       self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
       self.teacher_rows = int(host.get("teacher_rows", 0))
+      self.budget.load_state_dict(host.get("budget"))
       if "mixing" in host:
         self.controller.load_state_dict(host["mixing"])
       self.controller.start(self.pipeline)
@@ -294,9 +301,13 @@ class Trainer:
     """Trains to `train.steps`; returns a summary (final step, last metrics, ...)."""
     c, ctx = self.config, self.ctx
     t = c.train
-    t_start = time.perf_counter()
+    t_start = self._t_start = time.perf_counter()
     self.state, how = self.initial_state()
     start = int(jax.device_get(self.state.step))
+    end = t.steps if self.budget.stopped_at is None else start  # a cap ended it earlier
+    if end == start < t.steps:
+      log(f"{os.path.basename(self.workdir)}: stopped at step {start} by its budget earlier "
+          f"({self.budget.reason}); not training further")
     log(f"{os.path.basename(self.workdir)}: {how}; steps {start}..{t.steps}; "
         f"{state_lib.param_count(self.state.params):,} params on mesh {dict(ctx.mesh.shape)}")
     if self.is_lead:
@@ -322,6 +333,7 @@ class Trainer:
     last: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
     t_window = time.perf_counter()
+    self.budget.start_window(self._usage(start))
 
     def settle(pending_item):
       """Fetches a step's metrics; raises on a non-finite loss."""
@@ -342,7 +354,7 @@ class Trainer:
       return s, m
 
     try:
-      for step in range(start, t.steps):
+      for step in range(start, end):
         local = self.pipeline.next_batch()
         batch = self._device_batch(local)
         fn = self._jit_for("distill_index" in batch)
@@ -357,6 +369,9 @@ class Trainer:
         if done % t.log_every == 0 or is_last or done % t.checkpoint_every == 0:
           settle(pending)
           pending = None
+        if done % t.log_every == 0 and not is_last and self.budget.active:
+          # The hard budget: stop before the next window would pass a cap.
+          is_last = self._budget_stop(done, min(t.log_every, t.steps - done))
         if done % t.log_every == 0 or is_last:
           dt = time.perf_counter() - t_window
           record = window.summary(domains)
@@ -387,6 +402,8 @@ class Trainer:
           self.save(done)
         if bar is not None:
           bar.update(1)
+        if is_last:
+          break
       if pending is not None:
         settle(pending)
     finally:
@@ -396,22 +413,25 @@ class Trainer:
       self.checkpointer.wait()
     if not last_eval:  # already finished before this call (e.g. a re-run)
       last_eval = self.evaluate()
-    steps_run = t.steps - start
+    final = int(jax.device_get(self.state.step))
+    steps_run = final - start
     fwd_flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len, training=False)
-    # Tokens and FLOPs count the whole stage (t.steps), also after a resume;
-    # `seconds` and `steps_run` are this invocation's.
+    # Tokens and FLOPs count the whole stage (to its final step), also after a
+    # resume; `seconds` and `steps_run` are this invocation's.
     summary = {
-        "step": int(jax.device_get(self.state.step)), "init": how, "last": last,
+        "step": final, "init": how, "last": last,
         "eval": last_eval, "domains": list(self.pipeline.domains),
         "roles": list(self.pipeline.roles), "seconds": time.perf_counter() - t_start,
-        "steps_run": steps_run, "train_tokens": t.steps * tokens_per_step,
-        "train_tflops": t.steps * tokens_per_step * flops_tok / 1e12,
+        "steps_run": steps_run, "train_tokens": final * tokens_per_step,
+        "train_tflops": final * tokens_per_step * flops_tok / 1e12,
         "teacher_rows": self.teacher_rows,
         "teacher_tflops": self.teacher_rows * c.data.seq_len * fwd_flops_tok / 1e12,
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
         "data": self.pipeline.stats()}
     if self.replay is not None:  # replay selection: cost next to the run's
       summary["selection"] = self.replay.summary(summary)
+    if self.budget.active:  # the hard budget: what was used, and where a cap stopped it
+      summary["budget"] = self.budget.summary(self._usage(final))
     summary["state_bytes"] = state_bytes  # sigma / tau decomposition: bytes per group
     if ctx.decomp is not None and c.decomposition.eval_without_tau:  # sigma alone
       summary["eval_without_tau"] = self.evaluate(ctx.decomp.without_tau(self.state.params))
@@ -422,7 +442,34 @@ class Trainer:
             "teacher_rows": self.teacher_rows, "mixing": self.controller.state_dict()}
     if self.replay is not None:  # replay selection state (buffer ids, online state)
       host["replay"] = self.replay.state_dict()
+    if self.budget.active:
+      host["budget"] = self.budget.state_dict(self._usage(step).seconds)
     self.checkpointer.save(step, self.state, host)
+
+  def _usage(self, step: int) -> budget_lib.Usage:
+    """Seconds (all invocations) and TFLOPs (train + teacher + selection) by `step`."""
+    c = self.config
+    fwd_tok = flops_per_token(self.ctx.model_cfg, c.data.seq_len, training=False)
+    tflops = (step * c.train.global_batch_size * c.data.seq_len
+              * flops_per_token(self.ctx.model_cfg, c.data.seq_len)
+              + self.teacher_rows * c.data.seq_len * fwd_tok) / 1e12
+    if self.replay is not None:
+      tflops += self.replay.scorer.flops / 1e12
+    return budget_lib.Usage(step=step, tflops=tflops, seconds=self.budget.seconds_before
+                            + time.perf_counter() - self._t_start)
+
+  def _budget_stop(self, done: int, next_steps: int) -> bool:
+    """Whether the stage ends at `done` (the same answer on every process)."""
+    reason = self.budget.check(self._usage(done), next_steps)
+    if jax.process_count() > 1:  # process 0's clock decides for all
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      stop = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(reason))))
+      reason = (reason or "process 0's clock passed the cap") if stop else ""
+    if reason:
+      self.budget.stop(done, reason)
+      log(f"{os.path.basename(self.workdir)}: stopping at step {done} of {self.config.train.steps}"
+          f" within the stage's budget: {reason}")
+    return bool(reason)
 
   def close(self) -> None:
     self.checkpointer.close()
