@@ -37,6 +37,8 @@ def main(argv=None):
   p.add_argument("--strategies", default=None, help="comma-separated subset")
   p.add_argument("--extras", default="",
                  help="row groups beside the grid (default: kd): kd,controllers,decomposition")
+  p.add_argument("--kd-strategies", default=None,
+                 help="strategies of the '+kd' rows (default: random)")
   p.add_argument("--only", default="", help="comma-separated row-name globs to run")
   p.add_argument("--workers", type=int, default=0,
                  help="parallel runs, one core each (default: one per core)")
@@ -53,6 +55,7 @@ def main(argv=None):
           "cpt_steps": a.cpt_steps,
           "strategies": tuple(a.strategies.split(",")) if a.strategies else None,
           "extras": tuple(x for x in a.extras.split(",") if x) or None, "only": a.only or None,
+          "kd_strategies": tuple(a.kd_strategies.split(",")) if a.kd_strategies else None,
           "workers": a.workers}
   s = dataclasses.replace(s, **{k: v for k, v in over.items() if v is not None})
   out = suite.run_suite(s, log=lambda m: print(f"[cpt_suite] {m}", flush=True))

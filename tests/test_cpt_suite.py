@@ -37,22 +37,24 @@ def test_cpt_suite_quick(tmp_path):
   assert "| forgetting_0.05 |" in res.stdout
 
 
-def test_cpt_suite_controller_and_decomposition_rows(tmp_path):
+def test_cpt_suite_kd_controller_and_decomposition_rows(tmp_path):
   import os  # pylint: disable=g-import-not-at-top
   corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
   out = tmp_path / "out.json"
   cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
          "--corpora", str(corpus), "--json", str(out), "--cache", str(tmp_path / "cache"),
          "--old", "alpha,beta", "--new", "gamma", "--unavailable", "beta",
-         "--pretrain-steps", "6", "--cpt-steps", "4", "--extras", "controllers,decomposition",
-         "--only", "random_0.05+forgetting,random_0.05+full,random_0.05+lora_tau,"
+         "--pretrain-steps", "6", "--cpt-steps", "4", "--extras", "kd,controllers,decomposition",
+         "--kd-strategies", "random,online",
+         "--only", "online_0.05+kd,random_0.05+forgetting,random_0.05+full,random_0.05+lora_tau,"
                    "random_0.05+sigma_tau_routing", "--workers", "1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-  assert set(rows) == {"random_0.05+forgetting", "random_0.05+full", "random_0.05+lora_tau",
-                       "random_0.05+sigma_tau_routing"}
+  assert set(rows) == {"online_0.05+kd", "random_0.05+forgetting", "random_0.05+full",
+                       "random_0.05+lora_tau", "random_0.05+sigma_tau_routing"}
+  assert rows["online_0.05+kd"]["teacher_tflops"] > 0  # online rows distilled from M too
   full, lora = rows["random_0.05+full"], rows["random_0.05+lora_tau"]
   assert lora["trainable_params"] < full["trainable_params"]
   assert lora["optimizer_bytes"] < full["optimizer_bytes"]
