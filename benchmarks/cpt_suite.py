@@ -39,6 +39,8 @@ def main(argv=None):
                  help="row groups beside the grid (default: kd): kd,controllers,decomposition")
   p.add_argument("--kd-strategies", default=None,
                  help="strategies of the '+kd' rows (default: random)")
+  p.add_argument("--kd-weight", type=float, default=None,
+                 help="objective.replay_kd of the '+kd' rows (default 4; rows named '+kdW')")
   p.add_argument("--only", default="", help="comma-separated row-name globs to run")
   p.add_argument("--workers", type=int, default=0,
                  help="parallel runs, one core each (default: one per core)")
@@ -56,6 +58,7 @@ def main(argv=None):
           "strategies": tuple(a.strategies.split(",")) if a.strategies else None,
           "extras": tuple(x for x in a.extras.split(",") if x) or None, "only": a.only or None,
           "kd_strategies": tuple(a.kd_strategies.split(",")) if a.kd_strategies else None,
+          "kd_weight": a.kd_weight,
           "workers": a.workers}
   s = dataclasses.replace(s, **{k: v for k, v in over.items() if v is not None})
   out = suite.run_suite(s, log=lambda m: print(f"[cpt_suite] {m}", flush=True))

@@ -59,3 +59,12 @@ def test_cpt_suite_kd_controller_and_decomposition_rows(tmp_path):
   assert lora["trainable_params"] < full["trainable_params"]
   assert lora["optimizer_bytes"] < full["optimizer_bytes"]
   assert all(r["seconds_per_step"] > 0 for r in rows.values())
+
+
+def test_kd_rows_name_their_strategy_and_non_default_weight():
+  from cpt_jax.replay import suite  # pylint: disable=g-import-not-at-top
+  names = lambda s: [r["name"] for r in suite.run_specs(s) if "+kd" in r["name"]]
+  assert names(suite.Settings(corpora="x")) == ["random_0.01+kd"]
+  s = suite.Settings(corpora="x", kd_strategies=("random", "online"), kd_weight=2.0)
+  assert names(s) == ["random_0.01+kd2", "online_0.01+kd2"]  # never mixed with weight 4's cache
+  assert {r["replay_kd"] for r in suite.run_specs(s) if "+kd" in r["name"]} == {2.0}

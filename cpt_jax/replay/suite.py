@@ -121,7 +121,8 @@ def run_specs(s: Settings) -> list[dict]:
             {"name": "joint", "strategy": "", "fraction": None}]
   if "kd" in s.extras:  # replay rows also distilled from M (objective.replay_kd)
     f = s.kd_fraction
-    specs += [{"name": f"{st}_{f:g}+kd", "strategy": st, "fraction": f,
+    tag = "+kd" if s.kd_weight == Settings.kd_weight else f"+kd{s.kd_weight:g}"
+    specs += [{"name": f"{st}_{f:g}{tag}", "strategy": st, "fraction": f,
                "replay_kd": s.kd_weight} for st in s.kd_strategies]
   if "controllers" in s.extras:
     specs += [{"name": f"random_0.05+{c}", "strategy": "random", "fraction": 0.05,
