@@ -147,6 +147,8 @@ def test_hard_budget_stops_the_stage_and_a_rerun_trains_no_further(corpus, tmp_p
   again = _train(config, tmp_path / "run")  # the stop is in the checkpoint: no more steps
   assert again["step"] == 2 and again["steps_run"] == 0
   assert max(r["step"] for r in metrics_lib.read_metrics(tmp_path / "run")) == 2
+  config.replay.max_tflops = 0.0  # the cap lifted: the stage trains on to its end
+  assert _train(config, tmp_path / "run")["step"] == 8
 
   # Seconds: the pace of the last window decides; usage adds up over restarts.
   b = budget_lib.StageBudget(max_seconds=100.0)
@@ -158,3 +160,6 @@ def test_hard_budget_stops_the_stage_and_a_rerun_trains_no_further(corpus, tmp_p
   b2 = budget_lib.StageBudget(max_seconds=100.0)
   b2.load_state_dict(b.state_dict(seconds_used=85.0))
   assert (b2.seconds_before, b2.stopped_at, b2.reason) == (85.0, 20, why)
+  raised = budget_lib.StageBudget(max_seconds=200.0)  # a raised cap lets the stage go on
+  raised.load_state_dict(b.state_dict(seconds_used=85.0))
+  assert (raised.seconds_before, raised.stopped_at) == (85.0, None)

@@ -7,7 +7,8 @@ during training. At every log boundary (the step metrics are fetched there
 anyway, so the check adds no device sync) the stage ends when what it has
 used, plus the next log window at the pace of the last one, would pass a cap.
 The stopped stage evaluates, checkpoints and reports like a finished one
-(`summary["budget"]["stopped_at"]`), and a re-run of it trains no further.
+(`summary["budget"]["stopped_at"]`), and a re-run of it trains no further
+unless the caps changed.
 
 Seconds are the stage's wall clock (selection, compilation, evaluation and
 checkpoints included) summed over restarts; TFLOPs are the train step's model
@@ -67,14 +68,18 @@ class StageBudget:
     self.stopped_at, self.reason = int(step), reason
 
   def state_dict(self, seconds_used: float) -> dict[str, Any]:
-    return {"seconds": float(seconds_used), "stopped_at": self.stopped_at, "reason": self.reason}
+    return {"seconds": float(seconds_used), "stopped_at": self.stopped_at, "reason": self.reason,
+            "max_tflops": self.max_tflops, "max_seconds": self.max_seconds}
 
   def load_state_dict(self, state: dict[str, Any] | None) -> None:
     state = state or {}
     self.seconds_before = float(state.get("seconds", 0.0))
     stopped = state.get("stopped_at")
+    caps = (float(state.get("max_tflops", 0.0)), float(state.get("max_seconds", 0.0)))
+    if caps != (self.max_tflops, self.max_seconds):  # other caps: they decide afresh
+      stopped = None
     self.stopped_at = None if stopped is None else int(stopped)
-    self.reason = str(state.get("reason", ""))
+    self.reason = str(state.get("reason", "")) if stopped is not None else ""
 
   def summary(self, usage: Usage) -> dict[str, Any]:
     return {"max_tflops": self.max_tflops, "max_seconds": self.max_seconds,
