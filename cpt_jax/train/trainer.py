@@ -415,7 +415,6 @@ class Trainer:
       last_eval = self.evaluate()
     final = int(jax.device_get(self.state.step))
     steps_run = final - start
-    fwd_flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len, training=False)
     # Tokens and FLOPs count the whole stage (to its final step), also after a
     # resume; `seconds` and `steps_run` are this invocation's.
     summary = {
@@ -423,9 +422,9 @@ class Trainer:
         "eval": last_eval, "domains": list(self.pipeline.domains),
         "roles": list(self.pipeline.roles), "seconds": time.perf_counter() - t_start,
         "steps_run": steps_run, "train_tokens": final * tokens_per_step,
-        "train_tflops": final * tokens_per_step * flops_tok / 1e12,
+        "train_tflops": self._train_tflops(final),
         "teacher_rows": self.teacher_rows,
-        "teacher_tflops": self.teacher_rows * c.data.seq_len * fwd_flops_tok / 1e12,
+        "teacher_tflops": self._teacher_tflops(),
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
         "data": self.pipeline.stats()}
     if self.replay is not None:  # replay selection: cost next to the run's
@@ -446,13 +445,21 @@ class Trainer:
       host["budget"] = self.budget.state_dict(self._usage(step).seconds)
     self.checkpointer.save(step, self.state, host)
 
+  def _train_tflops(self, step: int) -> float:
+    """Model FLOPs of the train steps up to `step` (whole stage)."""
+    c = self.config
+    return (step * c.train.global_batch_size * c.data.seq_len
+            * flops_per_token(self.ctx.model_cfg, c.data.seq_len) / 1e12)
+
+  def _teacher_tflops(self) -> float:
+    """Teacher forwards so far (rows as run, bucket padding included)."""
+    seq_len = self.config.data.seq_len
+    return self.teacher_rows * seq_len * flops_per_token(
+        self.ctx.model_cfg, seq_len, training=False) / 1e12
+
   def _usage(self, step: int) -> budget_lib.Usage:
     """Seconds (all invocations) and TFLOPs (train + teacher + selection) by `step`."""
-    c = self.config
-    fwd_tok = flops_per_token(self.ctx.model_cfg, c.data.seq_len, training=False)
-    tflops = (step * c.train.global_batch_size * c.data.seq_len
-              * flops_per_token(self.ctx.model_cfg, c.data.seq_len)
-              + self.teacher_rows * c.data.seq_len * fwd_tok) / 1e12
+    tflops = self._train_tflops(step) + self._teacher_tflops()
     if self.replay is not None:
       tflops += self.replay.scorer.flops / 1e12
     return budget_lib.Usage(step=step, tflops=tflops, seconds=self.budget.seconds_before
