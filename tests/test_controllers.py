@@ -222,28 +222,33 @@ def test_exp3_exploration_follows_the_odm_schedule():
   assert mixing.exp3_exploration(cfg, 3, k) == 1 / k
 
 
-def test_exp3_reward_is_an_importance_weighted_moving_average():
+def test_exp3_reward_is_a_moving_average_of_the_window_loss():
   cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5)
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
-  pi = np.asarray(state["weights"])
   new, _ = mixing.update(cfg, state, 10, {"old_a": 2.0}, REF)
   i = DOMAINS.index("old_a")
-  assert new["reward"][i] == 0.5 * 2.0 / pi[i]
+  assert new["reward"][i] == 1.0  # 0.5 * 0 + 0.5 * 2.0
   assert new["reward"][DOMAINS.index("old_b")] == 0.0  # not observed: kept
-  cfg.exp3_importance_weighting = False
-  new, _ = mixing.update(cfg, state, 10, {"old_a": 2.0}, REF)
-  assert new["reward"][i] == 1.0
+  new, _ = mixing.update(cfg, new, 20, {"old_a": 3.0}, REF)
+  assert new["reward"][i] == 2.0  # 0.5 * 1.0 + 0.5 * 3.0
 
 
-def test_exp3_importance_weight_uses_the_emitted_budgeted_weights():
-  """The batches were drawn with the budgeted weights, so r = loss / (budgeted pi)."""
-  cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, replay_budget=0.1, new_min_share=0.9)
-  state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
-  pi = np.asarray(state["weights"])
-  assert pi[REP].sum() == pytest.approx(0.1)  # W0's 0.5 replay share, budgeted
-  new, _ = mixing.update(cfg, state, 10, {"old_a": 2.0}, REF)
-  i = DOMAINS.index("old_a")
-  assert new["reward"][i] == 0.5 * 2.0 / pi[i]
+def test_exp3_reward_does_not_depend_on_the_sampling_share():
+  """Every domain's window loss is observed, so equal losses give equal rewards."""
+  domains, roles = ["t", "u", "old"], ["new", "new", "replay"]
+  cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, new_min_share=0.0,
+                 replay_budget=1.0)
+  state = mixing.init_state(cfg, domains, roles, [0.5, 0.49, 0.01])
+  assert state["weights"] == pytest.approx([0.5, 0.49, 0.01])  # the shares sampled from
+  new, _ = mixing.update(cfg, state, 10, {"t": 2.0, "u": 3.0, "old": 2.0})
+  assert new["reward"] == [1.0, 1.5, 1.0]  # 0.5 * loss each, whatever the share
+  # Budgeted to a 1% replay share, the replay domain's reward is still its loss.
+  cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, replay_budget=0.01,
+                 new_min_share=0.99)
+  state = mixing.init_state(cfg, domains, roles, [1.0, 1.0, 1.0])
+  assert state["weights"][2] == pytest.approx(0.01)
+  new, _ = mixing.update(cfg, state, 10, {"t": 2.0, "u": 2.0, "old": 2.0})
+  assert new["reward"] == [1.0, 1.0, 1.0]
 
 
 # -- the replay budget (every adaptive controller) ----------------------------
@@ -269,20 +274,25 @@ def random_losses(rng):
 @pytest.mark.parametrize("budget,new_min", [(0.5, 0.5), (0.05, 0.95), (0.3, 0.5), (0.8, 0.1),
                                             (1.0, 0.0)])
 def test_adaptive_weights_stay_within_the_replay_budget(controller, budget, new_min):
+  def trajectory(cfg):
+    rng = np.random.default_rng(1234)
+    state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
+    ws = [np.asarray(state["weights"])]
+    for t in range(1, 51):
+      state, w = mixing.update(cfg, state, 10 * t, random_losses(rng), REF)
+      ws.append(w)
+    return ws
+
   cfg = make_cfg(controller, replay_budget=budget, new_min_share=new_min, doremi_lr=2.0)
   cap = budget_cap(cfg)
-  rng = np.random.default_rng(1234)
-  state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
-  ws = [np.asarray(state["weights"])]
-  for t in range(1, 51):
-    state, w = mixing.update(cfg, state, 10 * t, random_losses(rng), REF)
-    ws.append(w)
+  ws = trajectory(cfg)
   for w in ws:
     check_distribution(w, cfg.floor)
     assert w[REP].sum() <= cap + 1e-12
     assert w[NEW].sum() >= new_min - 1e-12
-  if budget < 1.0:
-    assert max(w[REP].sum() for w in ws) == pytest.approx(cap)  # the budget binds
+  free = trajectory(make_cfg(controller, replay_budget=1.0, new_min_share=0.0, doremi_lr=2.0))
+  if max(w[REP].sum() for w in free) > cap:  # the budget binds where it would be passed
+    assert max(w[REP].sum() for w in ws) == pytest.approx(cap)
 
 
 def test_within_budget_matches_a_hand_computation():

@@ -19,7 +19,7 @@ once at the stage start) into new mixture weights for the data pipeline:
               ODM, round t is a training step (batch index s is round s + 1).
               The update at step s sees the window trained with the emitted
               weights w (budgeted, below):
-                r_i   = loss_i / w_i    (loss_i if not exp3_importance_weighting)
+                r_i   = loss_i                       (the window's mean loss)
                 R_i   = a R_i + (1 - a) r_i          (a = exp3_reward_decay)
                 pi    = (1 - K eps_s+1) softmax(eps_s R) + eps_s+1
                 w     = floor + (1 - K floor) pi, then the replay budget
@@ -27,7 +27,11 @@ once at the stage start) into new mixture weights for the data pipeline:
               or min(1/K, exp3_eps) ('constant'); state['eps'] is the rate in
               force. The first window uses the configured weights (ODM starts
               uniform); R starts at 0. Unlike ODM, every domain seen in the
-              window (not one sampled arm) updates its reward.
+              window (not one sampled arm) updates its reward, so the reward
+              is the observed loss itself: ODM's importance weight 1 / w_i
+              corrects for observing only the sampled arm and would inflate a
+              1% replay domain's reward 100x here. (The config key
+              mixing.exp3_importance_weighting is ignored.)
   forgetting  replay/distill domains (set R) gain weight in proportion to their
               loss increase over the teacher. With b = configured weights
               normalised over the controlled domains, f = floor,
@@ -47,10 +51,8 @@ if sum_R w > cap, R is scaled toward the floor,
   w_i = f + (w_i - f) (cap - |R| f) / (sum_R w - |R| f)        i in R,
 and the freed mass goes to N in proportion to w_j - f (uniform if all are at
 the floor); mass never moves from N to R. The algorithms' own state (doremi's
-alpha, exp3's rewards) is not budgeted; exp3's importance weight divides by
-the emitted, budgeted weights, the probabilities the batches were drawn with,
-so a budgeted exp3 arm can sit below eps. Set new_min_share=0 and
-replay_budget=1 for the unconstrained algorithms.
+alpha, exp3's rewards) is not budgeted, so a budgeted exp3 arm can sit below
+eps. Set new_min_share=0 and replay_budget=1 for the unconstrained algorithms.
 
 Controlled domains are those with role new/replay/distill and a configured
 weight > 0; the others (eval domains always) keep weight 0. Losses that are
@@ -79,7 +81,6 @@ import numpy as np
 from cpt_jax.mixing import config as config_lib
 
 STATE_VERSION = 1
-_TINY = 1e-12  # exp3: smallest pi used in the importance weight.
 
 
 # -- helpers ----------------------------------------------------------------
@@ -284,11 +285,8 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     w = _within_budget(_apply_floor(alpha, mask, f), state, cfg)  # alpha stays unbudgeted
   elif name == "exp3":
     k = int(mask.sum())
-    pi = np.asarray(state["weights"], np.float64)  # emitted, budgeted: what was sampled
     seen = mask & ~np.isnan(loss_D)
-    r = np.nan_to_num(loss_D)
-    if cfg.exp3_importance_weighting:
-      r = r / np.maximum(pi, _TINY)
+    r = np.nan_to_num(loss_D)  # every arm is observed: no importance weight
     a = float(cfg.exp3_reward_decay)
     reward = np.asarray(state["reward"], np.float64)
     reward = np.where(seen, a * reward + (1.0 - a) * r, reward)
