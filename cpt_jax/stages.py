@@ -13,6 +13,10 @@ checkpoint the stage warm-starts from ('' = the previous stage in the order,
 'scratch' = random init). Every stage evaluates every domain that appears
 anywhere in the run. A finished stage (its `summary.json` exists) is skipped
 on re-run; an interrupted one resumes from its own checkpoint.
+
+Before the first stage, the seed's random init of the run's model is evaluated
+on every domain once (the forward-transfer baseline b_d, eval/transfer.py) and
+cached in `<workdir>/baseline.json`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from typing import Any
 
+import jax
 import ml_collections
 
 from cpt_jax import config as config_lib
@@ -33,6 +39,7 @@ STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
                 "decomposition")  # decomposition: each stage may add its own tau
 STAGE_FIELDS = ("init_from", "description")
 SUMMARY = "summary.json"
+BASELINE = "baseline.json"
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -156,6 +163,54 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def _baseline_key(cfg: ml_collections.ConfigDict) -> dict:
+  """What the baseline depends on besides the domains: seed, model, vocabulary."""
+  return {"seed": int(cfg.seed), "model": json.loads(cfg.model.to_json_best_effort()),
+          "init_from_hf": str(cfg.train.init_from_hf),  # sets the model's shape
+          "vocab": str(cfg.data.vocab), "seq_len": int(cfg.data.seq_len)}
+
+
+def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], workdir: str,
+                   devices=None) -> dict[str, dict[str, float]]:
+  """{domain: {'loss', 'bpb', 'tokens'}} of a randomly initialised model (b_d).
+
+  The seed's init of the run's model (model-shaped: no sigma / tau split),
+  evaluated like the first stage evaluates. Cached in `<workdir>/baseline.json`
+  and reused while seed, model, vocabulary and domains match.
+  """
+  from cpt_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from cpt_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(workdir, BASELINE)
+  first = stage_names(config)[0]
+  key = _baseline_key(stage_config(config, first))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      cached = json.load(f)
+    if cached.get("key") == key and all(d in cached["eval"] for d in all_domains):
+      return {d: cached["eval"][d] for d in all_domains}
+  cfg = _with_all_domains_evaluated(stage_config(config, first), all_domains)
+  with cfg.unlocked():
+    cfg.decomposition = config_lib.default_config().decomposition
+    if not cfg.data.cache_dir:  # share the first stage's packed rows
+      cfg.data.cache_dir = pipeline_lib.default_cache_dir(
+          cfg.data, os.path.abspath(os.path.join(workdir, "stages", first)))
+  scratch = os.path.join(workdir, "baseline")
+  trainer = trainer_lib.Trainer(cfg, scratch, devices=devices)
+  try:
+    ctx = trainer.ctx
+    params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, cfg.seed,
+                                  cfg.data.seq_len).params
+    evals = trainer.evaluate(params, all_domains)
+  finally:
+    trainer.close()
+  if jax.process_index() == 0:
+    shutil.rmtree(scratch, ignore_errors=True)
+    _write_json(path, {"key": key, "eval": evals})
+  return evals
+
+
 def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
   """Runs (or skips, when finished) every stage; writes and returns the report."""
   from cpt_jax.eval import report as report_lib  # pylint: disable=g-import-not-at-top
@@ -164,6 +219,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
   validate_stages(config)
   names = stage_names(config)
   all_domains = run_domains(config)
+  os.makedirs(workdir, exist_ok=True)
+  baseline = baseline_evals(config, all_domains, workdir, trainer_kwargs.get("devices"))
   summaries: dict[str, dict] = {}
   for name in names:
     stage_dir = os.path.join(workdir, "stages", name)
@@ -185,7 +242,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
     summary.update(name=name, init_from=init, learned=learned_domains(summary))
     _write_json(summary_path, summary)
     summaries[name] = summary
-  report = report_lib.build_report(config, names, summaries, all_domains, workdir)
+  report = report_lib.build_report(config, names, summaries, all_domains, workdir,
+                                   baseline=baseline)
   if report["comparison"]:
     trainer_lib.log("comparison (validation loss in nats/token; forgetting = loss increase "
                     "on old domains; gain = loss decrease on T):\n"

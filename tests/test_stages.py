@@ -1,6 +1,7 @@
 """Staged runs: warm starts between stages, skipping, resuming, and the report."""
 
 import json
+import math
 import os
 
 import jax
@@ -46,6 +47,8 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
     run_lib.run(config, str(work), devices=jax.devices()[:1], on_metrics=crash_in_cpt)
   assert os.path.exists(work / "stages" / "pretrain" / "summary.json")
   assert not os.path.exists(work / "stages" / "cpt" / "summary.json")
+  baseline_path = work / "baseline.json"  # random init, evaluated once before the stages
+  baseline_mtime = os.path.getmtime(baseline_path)
 
   report = run_lib.run(config, str(work), devices=jax.devices()[:1])
   cpt = json.load(open(work / "stages" / "cpt" / "summary.json"))
@@ -56,6 +59,17 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
   assert report["domains"] == ["alpha", "beta", "gamma"]
   assert len(report["loss_matrix"]) == 2 and len(report["loss_matrix"][0]) == 3
   assert set(report["forgetting"]) == {"alpha", "beta"}
+  # fwt: cpt trains gamma as new; b_gamma - (pretrain's loss on gamma), the random-init
+  # loss of the seed's model read from baseline.json (not recomputed on resume).
+  assert os.path.getmtime(baseline_path) == baseline_mtime
+  b = json.load(open(baseline_path))["eval"]
+  assert set(b) == {"alpha", "beta", "gamma"}
+  for j, d in enumerate(report["domains"]):  # near-uniform over 259 ids; worse than trained
+    assert b[d]["loss"] == pytest.approx(math.log(259), abs=0.1)
+    assert b[d]["loss"] > max(row[j] for row in report["loss_matrix"])
+  assert report["fwt"] == pytest.approx(b["gamma"]["loss"] - report["loss_matrix"][0][2])
+  assert report["fwt"] > 0.01  # 4 pretrain steps on alpha, beta already help gamma
+  assert report["baseline"]["gamma"]["loss"] == b["gamma"]["loss"]
   pre = json.load(open(work / "stages" / "pretrain" / "summary.json"))
   assert pre["teacher_skipped_steps"] == 4 and pre["teacher_rows"] == 0  # no distill rows
   assert cpt["teacher_skipped_steps"] + (cpt["teacher_rows"] > 0) <= 4
@@ -67,6 +81,7 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
   assert report["comparison"][0]["distill"] == ["beta"]
   md = open(work / "report.md").read()
   assert "Loss matrix" in md and "domain_loss.png" in md
+  assert "random init (b_d)" in md and "b_d - L[stage before][d]" in md
   assert os.path.getsize(work / "domain_loss.png") > 1000
   assert os.path.getsize(work / "mixture_weights.png") > 1000
   # A finished run is skipped stage by stage; the report is rebuilt identically.

@@ -1,4 +1,4 @@
-"""Transfer metrics on a hand-made loss matrix."""
+"""Transfer metrics on hand-made loss matrices."""
 
 import numpy as np
 import pytest
@@ -11,17 +11,45 @@ L = np.array([[1.0, 3.0, 4.0],
               [1.5, 1.0, 3.5],
               [2.0, 1.2, 1.0]])
 LEARNED = [["a"], ["b"], ["c"]]
+# Loss of a randomly initialised model on each domain.
+BASELINE = {"a": 5.0, "b": 4.5, "c": 6.0}
 
 
 def test_hand_made_matrix():
-  m = transfer_metrics(L, DOMAINS, LEARNED)
+  m = transfer_metrics(L, DOMAINS, LEARNED, baseline=BASELINE)
   # bwt: (L0a - L2a) + (L1b - L2b) = (1-2) + (1-1.2) -> mean -0.6
   assert m["bwt"] == pytest.approx(-0.6)
-  # fwt: stage1 b: L0b - L0b = 0; stage2 c: L0c - L1c = 0.5 -> mean 0.25
-  assert m["fwt"] == pytest.approx(0.25)
+  # fwt: stage 1 trains b: b_b - L0b = 4.5 - 3.0 = 1.5;
+  #      stage 2 trains c: b_c - L1c = 6.0 - 3.5 = 2.5 -> mean 2.0
+  assert m["fwt"] == pytest.approx(2.0)
   assert m["forgetting"] == {"a": pytest.approx(1.0), "b": pytest.approx(0.2)}
   assert m["mean_forgetting"] == pytest.approx(0.6)
   assert m["average_loss"] == pytest.approx((2.0 + 1.2 + 1.0) / 3)
+
+
+def test_fwt_counts_each_domain_once_at_the_stage_that_trains_it_as_new():
+  """Pretrain learns a, b; stage 1 trains c (replays a); stage 2 trains e and a again."""
+  domains = ["a", "b", "c", "e"]
+  loss = np.array([[1.0, 1.2, 3.0, 5.0],
+                   [1.4, 1.6, 1.1, 4.0],
+                   [1.3, 1.5, 2.0, 1.0]])
+  learned = [["a", "b"], ["c", "a"], ["e", "a", "b"]]
+  new = [["a", "b"], ["c"], ["e", "a"]]
+  baseline = {"a": 5.5, "b": 5.5, "c": 5.0, "e": 5.5}
+  m = transfer_metrics(loss, domains, learned, new=new, baseline=baseline)
+  # c: b_c - L0c = 5.0 - 3.0 = 2.0; e: b_e - L1e = 5.5 - 4.0 = 1.5. a and b are the
+  # pretrain's (no stage before it); a trained as new again in stage 2 is not transfer.
+  assert m["fwt"] == pytest.approx(1.75)
+  # A stage before that made c worse than the random init: negative transfer.
+  m = transfer_metrics(loss, domains, learned, new=new, baseline={**baseline, "c": 2.0,
+                                                                  "e": 3.0})
+  assert m["fwt"] == pytest.approx(((2.0 - 3.0) + (3.0 - 4.0)) / 2)
+
+
+def test_fwt_needs_the_baseline():
+  assert transfer_metrics(L, DOMAINS, LEARNED)["fwt"] is None
+  with pytest.raises(ValueError, match="baseline"):
+    transfer_metrics(L, DOMAINS, LEARNED, baseline={"b": 1.0})
 
 
 def test_no_forgetting_gives_zero():

@@ -2,8 +2,10 @@
 
 Writes `<workdir>/report.json` and `<workdir>/report.md` (+ PNG plots).
 A *track* is a chain of stages linked by `init_from` (pretrain -> cpt_1 -> ...);
-transfer metrics are computed per track, with the track's first stage as the
-base model M.
+transfer metrics are computed per track (eval/transfer.py).
+The stage that trains a domain is the first of the track whose roles give it
+'new'. Forward transfer compares the loss before that stage with b_d, the loss
+of a randomly initialised model of the run's shape, evaluated once per run.
 """
 
 from __future__ import annotations
@@ -49,9 +51,24 @@ def comparison_rows(names, summaries, loss: np.ndarray, domains) -> list[dict]:
   return out
 
 
+FWT_NOTE = ("fwt (Lopez-Paz & Ranzato 2017, GEM, in loss form): mean over the domains d that "
+            "a stage after the track's first trains as new (first time in the track) of "
+            "b_d - L[stage before][d], where b_d is the loss on d of a randomly initialised "
+            "model of the run's shape (the seed's init), evaluated once per run "
+            "(baseline.json); positive = the earlier stages helped d before it was trained. "
+            "The track's first stage (e.g. the pretrain) gives no term.")
+
+
+def _new(summary: dict) -> list[str]:
+  return [d for d, r in zip(summary["domains"], summary["roles"]) if r == "new"]
+
+
 def build_report(config, names: list[str], summaries: dict[str, dict], domains: list[str],
-                 workdir: str) -> dict[str, Any]:
-  """Assembles, writes and returns the report of a staged run."""
+                 workdir: str, baseline: dict[str, dict] | None = None) -> dict[str, Any]:
+  """Assembles, writes and returns the report of a staged run.
+
+  baseline: {domain: {'loss', 'bpb'}} of a random-init model (b_d); without it fwt is None.
+  """
   loss = np.array([[summaries[n]["eval"][d]["loss"] for d in domains] for n in names])
   bpb = np.array([[summaries[n]["eval"][d]["bpb"] for d in domains] for n in names])
   row = {n: i for i, n in enumerate(names)}
@@ -60,7 +77,10 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
   for leaf in leaves:
     chain = _track(leaf, summaries)
     m = transfer_metrics(loss[[row[c] for c in chain]], domains,
-                         [summaries[c]["learned"] for c in chain])
+                         [summaries[c]["learned"] for c in chain],
+                         new=[_new(summaries[c]) for c in chain],
+                         baseline=None if baseline is None else
+                         {d: v["loss"] for d, v in baseline.items()})
     tracks[leaf] = {"stages": chain, **m}
   main = tracks[leaves[-1]]
   stages = []
@@ -80,6 +100,8 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
   report = {
       "stages": stages, "domains": domains,
       "loss_matrix": loss.tolist(), "bpb_matrix": bpb.tolist(),
+      "baseline": None if baseline is None else {
+          d: {"loss": baseline[d]["loss"], "bpb": baseline[d]["bpb"]} for d in domains},
       "bwt": main["bwt"], "fwt": main["fwt"], "forgetting": main["forgetting"],
       "mean_forgetting": main["mean_forgetting"], "average_loss": main["average_loss"],
       "tracks": tracks, "comparison": comparison_rows(names, summaries, loss, domains),
@@ -98,7 +120,7 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
   return "\n".join(lines)
@@ -121,15 +143,20 @@ def comparison_table(report: dict) -> str:
 def markdown(report: dict, plots: list[str]) -> str:
   d = report["domains"]
   names = [s["name"] for s in report["stages"]]
+  base = report.get("baseline")
+  base_row = lambda key: [["random init (b_d)"] + [base[x][key] for x in d]] if base else []
   parts = ["# Continued pre-training report", "",
            "Losses are validation cross-entropy in nats per token; bpb is bits per byte.", "",
            "## Comparison (each stage versus the stage it starts from)", "",
            comparison_table(report), "",
            "## Loss matrix (rows: after stage; columns: domain)", "",
-           _table(["stage"] + d, [[n] + r for n, r in zip(names, report["loss_matrix"])]), "",
+           _table(["stage"] + d, base_row("loss")
+                  + [[n] + r for n, r in zip(names, report["loss_matrix"])]), "",
            "## Bits per byte", "",
-           _table(["stage"] + d, [[n] + r for n, r in zip(names, report["bpb_matrix"])]), "",
-           "## Transfer per track (bwt < 0 and forgetting > 0 mean forgetting)", ""]
+           _table(["stage"] + d, base_row("bpb")
+                  + [[n] + r for n, r in zip(names, report["bpb_matrix"])]), "",
+           "## Transfer per track", "",
+           "bwt < 0 and forgetting > 0 mean forgetting. " + FWT_NOTE, ""]
   parts.append(_table(["track", "bwt", "fwt", "mean forgetting", "average loss"],
                       [[" -> ".join(t["stages"]), t["bwt"], t["fwt"], t["mean_forgetting"],
                         t["average_loss"]] for t in report["tracks"].values()]))
