@@ -267,9 +267,13 @@ class OnlineBuffer:
 
 
 def _starting_params(trainer, state):
-  """The stage's starting model on resume: the teacher if kept, else rebuilt as at the start."""
+  """The stage's starting model on resume: the teacher if kept, else rebuilt as at the start.
+
+  The teacher is copied: the train step donates the whole state (frozen trees
+  included), so arrays shared with it are deleted by the next step.
+  """
   if state is not None and state.frozen and "teacher" in state.frozen:
-    return trainer.model_params(state.frozen["teacher"])
+    return jax.tree.map(jnp.copy, trainer.model_params(state.frozen["teacher"]))
   params, _ = trainer.starting_model_params()
   if params is not None:
     return params
