@@ -16,7 +16,8 @@ on re-run; an interrupted one resumes from its own checkpoint.
 
 Before the first stage, the seed's random init of the run's model is evaluated
 on every domain once (the forward-transfer baseline b_d, eval/transfer.py) and
-cached in `<workdir>/baseline.json`.
+cached in `<workdir>/baseline.json`. Shared files (summaries, baseline, report)
+are written by process 0 only; every process returns the same results.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ def _default_rewarm(config, name: str, init: str, cfg, parent_summary: dict | No
 
 
 def _write_json(path: str, obj: Any) -> None:
+  """Writes a shared file atomically, from process 0 only."""
+  if jax.process_index() != 0:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2)
@@ -207,7 +211,7 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
     trainer.close()
   if jax.process_index() == 0:
     shutil.rmtree(scratch, ignore_errors=True)
-    _write_json(path, {"key": key, "eval": evals})
+  _write_json(path, {"key": key, "eval": evals})
   return evals
 
 

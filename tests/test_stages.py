@@ -10,6 +10,7 @@ import pytest
 from cpt_jax import config as config_lib
 from cpt_jax import run as run_lib
 from cpt_jax import stages
+from cpt_jax.eval import report as report_lib
 from tests.helpers import tiny_config, write_corpus
 
 REPORT_KEYS = ("stages", "domains", "loss_matrix", "bpb_matrix", "bwt", "fwt", "forgetting")
@@ -116,3 +117,36 @@ def test_stage_validation_errors():
   c.stage_order = "pretrain"
   with pytest.raises(ValueError, match="does not list"):
     stages.stage_names(c)
+
+
+def fake_summaries():
+  """Two stages over domains a, b: 'pre' trains a; 'cpt' trains b from it, replaying a."""
+  ev = lambda la, lb: {"a": {"loss": la, "bpb": la / 2}, "b": {"loss": lb, "bpb": lb / 2}}
+  common = {"domains": ["a", "b"], "step": 4, "seconds": 1.0, "train_tokens": 1024,
+            "teacher_rows": 0, "train_tflops": 0.5, "teacher_tflops": 0.0}
+  return {"pre": {**common, "eval": ev(1.0, 3.0), "roles": ["new", "eval"], "learned": ["a"],
+                  "init_from": None},
+          "cpt": {**common, "eval": ev(1.5, 1.0), "roles": ["replay", "new"],
+                  "learned": ["a", "b"], "init_from": "pre"}}
+
+
+def test_only_process_0_writes_shared_files(tmp_path, monkeypatch):
+  config = staged_config("/nonexistent")
+  baseline = {"a": {"loss": 5.0, "bpb": 2.5}, "b": {"loss": 4.0, "bpb": 2.0}}
+
+  def write_all(workdir, index):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    workdir.mkdir()
+    report = report_lib.build_report(config, ["pre", "cpt"], fake_summaries(), ["a", "b"],
+                                     str(workdir), baseline=baseline)
+    stages._write_json(str(workdir / stages.SUMMARY), {"step": 4})  # pylint: disable=protected-access
+    return report
+
+  other = write_all(tmp_path / "p1", 1)
+  assert not os.listdir(tmp_path / "p1")  # nothing written, not even a temporary file
+  lead = write_all(tmp_path / "p0", 0)
+  assert sorted(os.listdir(tmp_path / "p0")) == ["domain_loss.png", "mixture_weights.png",
+                                                 "report.json", "report.md", "summary.json"]
+  assert other == lead  # every process returns the same report
+  # fwt = b_b - L[pre][b] = 4.0 - 3.0; bwt = L[pre][a] - L[cpt][a] = 1.0 - 1.5
+  assert (other["fwt"], other["bwt"]) == (1.0, -0.5)

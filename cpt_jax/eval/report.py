@@ -1,6 +1,7 @@
 """The run report: loss/bpb matrices, transfer metrics, compute, tables and plots.
 
-Writes `<workdir>/report.json` and `<workdir>/report.md` (+ PNG plots).
+Writes `<workdir>/report.json` and `<workdir>/report.md` (+ PNG plots), from
+process 0 only.
 A *track* is a chain of stages linked by `init_from` (pretrain -> cpt_1 -> ...);
 transfer metrics are computed per track (eval/transfer.py).
 The stage that trains a domain is the first of the track whose roles give it
@@ -14,6 +15,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
 
 from cpt_jax.eval.transfer import transfer_metrics
@@ -65,7 +67,7 @@ def _new(summary: dict) -> list[str]:
 
 def build_report(config, names: list[str], summaries: dict[str, dict], domains: list[str],
                  workdir: str, baseline: dict[str, dict] | None = None) -> dict[str, Any]:
-  """Assembles, writes and returns the report of a staged run.
+  """Assembles, writes (process 0) and returns the report of a staged run.
 
   baseline: {domain: {'loss', 'bpb'}} of a random-init model (b_d); without it fwt is None.
   """
@@ -111,11 +113,12 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
       n: {d: {"with_tau": summaries[n]["eval"][d]["loss"], "without_tau": v["loss"]}
           for d, v in summaries[n]["eval_without_tau"].items()}
       for n in names if summaries[n].get("eval_without_tau")}
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
-  plots = write_plots(names, domains, workdir)
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report, plots))
+  if jax.process_index() == 0:  # shared files: one writer; every process returns the report
+    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+    plots = write_plots(names, domains, workdir)
+    with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+      f.write(markdown(report, plots))
   return report
 
 
