@@ -90,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
       l2sp=0.0,  # L2-SP pull toward the stage's starting params.
       ewc=0.0,  # EWC strength (diagonal Fisher).
       ewc_batches=4,  # Batches used to estimate the Fisher.
+      ewc_fisher="true",  # 'true': labels sampled from the model; 'empirical': the data's.
   )
 
   c.sharding = config_dict.create(
@@ -246,6 +247,9 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     raise ValueError("objective.lambda_kd / replay_kd / l2sp / ewc need a starting model (the "
                      "teacher): "
                      "set train.init_checkpoint, or run them as a stage with init_from")
+  if o.get("ewc_fisher", "true") not in ("true", "empirical"):
+    raise ValueError(f"objective.ewc_fisher={o.ewc_fisher!r}: expected 'true' (labels sampled "
+                     "from the model) or 'empirical' (the data's labels)")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
   from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
