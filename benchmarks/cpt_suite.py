@@ -8,7 +8,8 @@ r"""Replay selection benchmark: forgetting vs replay size and selection cost.
 Pretrains M on --old (cached in --cache, keyed by the pretrain settings), then
 continues pre-training on --new at equal T tokens for every row (see
 cpt_jax/replay/suite.py) and prints mean ± std over --seeds. OUT holds one
-row per run (`rows`) and the aggregated table (`table`).
+row per run (`rows`) and the aggregated table (`table`). A run's row is reused
+from the cache only while its full config and the code version are unchanged.
 """
 
 import argparse

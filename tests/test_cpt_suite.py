@@ -68,3 +68,75 @@ def test_kd_rows_name_their_strategy_and_non_default_weight():
   s = suite.Settings(corpora="x", kd_strategies=("random", "online"), kd_weight=2.0)
   assert names(s) == ["random_0.01+kd2", "online_0.01+kd2"]  # never mixed with weight 4's cache
   assert {r["replay_kd"] for r in suite.run_specs(s) if "+kd" in r["name"]} == {2.0}
+
+
+# ------------------------------------------------------------------ row cache
+def _stub_suite(monkeypatch, tmp_path):
+  """run_suite without training: M and the pools stubbed; returns the list of trained runs."""
+  import os  # pylint: disable=g-import-not-at-top
+  from cpt_jax.replay import suite  # pylint: disable=g-import-not-at-top
+  m_loss = {"a": 3.0, "b": 3.0, "t": 5.0}
+  monkeypatch.setattr(suite, "pretrain", lambda s: (str(tmp_path / "m"), m_loss))
+  monkeypatch.setattr(suite, "_pool_rows", lambda s: {"a": 30, "b": 30, "t": 20})
+  trained = []
+
+  def train(c, work, devices=None):
+    os.makedirs(work, exist_ok=True)
+    # What a checkpoint of this run directory would be: a re-run under a new key must not
+    # find (and resume from) the stale one.
+    assert not os.path.exists(os.path.join(work, "stale_checkpoint"))
+    open(os.path.join(work, "stale_checkpoint"), "w").close()
+    trained.append(os.path.basename(work))
+    return {"eval": {d: {"loss": 2.0} for d in m_loss}, "teacher_tflops": 0.0,
+            "train_tflops": 1.0, "steps_run": c.train.steps, "seconds": 1.0,
+            "data": {"tokens_per_role": {"new": 100, "replay": 0},
+                     "tokens_per_domain": {"t": 100}, "rows_per_domain": {"t": 2}}}
+
+  monkeypatch.setattr(suite.trainer_lib, "train", train)
+  s = suite.Settings(corpora=str(tmp_path), old=("a", "b"), new="t", unavailable="b",
+                     cache=str(tmp_path / "cache"), only="no_replay,joint", seeds=1, workers=1,
+                     extras=())
+  return suite, s, trained
+
+
+def test_cached_row_is_reused_only_under_the_same_config_and_code(tmp_path, monkeypatch):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  suite, s, trained = _stub_suite(monkeypatch, tmp_path)
+  first = suite.run_suite(s, log=lambda m: None)["rows"]
+  assert trained == ["no_replay-s0", "joint-s0"]
+  assert suite.run_suite(s, log=lambda m: None)["rows"] == first  # nothing changed: reused
+  assert len(trained) == 2
+  # A setting that changes every row's config (not in the pretrain key): both re-run.
+  suite.run_suite(dataclasses.replace(s, cpt_lr=1e-3), log=lambda m: None)
+  assert trained[2:] == ["no_replay-s0", "joint-s0"]
+  suite.run_suite(dataclasses.replace(s, cpt_lr=1e-3), log=lambda m: None)
+  assert len(trained) == 4
+  # One row's config override changes: that row re-runs, the other is reused.
+  specs = suite.run_specs
+
+  def with_override(settings):
+    out = specs(settings)
+    out[0]["overrides"] = {"optimizer.weight_decay": 0.5}
+    return out
+
+  monkeypatch.setattr(suite, "run_specs", with_override)
+  suite.run_suite(dataclasses.replace(s, cpt_lr=1e-3), log=lambda m: None)
+  assert trained[4:] == ["no_replay-s0"]
+  # The code version changes: every row re-runs.
+  monkeypatch.setattr(suite, "code_version", lambda: "another-version")
+  suite.run_suite(dataclasses.replace(s, cpt_lr=1e-3), log=lambda m: None)
+  assert trained[5:] == ["no_replay-s0", "joint-s0"]
+
+
+def test_code_version_hashes_the_sources(tmp_path):
+  from cpt_jax.replay import suite  # pylint: disable=g-import-not-at-top
+  (tmp_path / "pkg" / "sub").mkdir(parents=True)
+  (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+  (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+  (tmp_path / "pkg" / "notes.txt").write_text("not code")
+  before = suite.source_hash(str(tmp_path / "pkg"))
+  (tmp_path / "pkg" / "notes.txt").write_text("still not code")
+  assert suite.source_hash(str(tmp_path / "pkg")) == before
+  (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+  assert suite.source_hash(str(tmp_path / "pkg")) != before
+  assert suite.code_version() == suite.code_version()

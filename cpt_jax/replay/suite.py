@@ -10,14 +10,22 @@ re-training upper bound, approximated by continuing from M). Every run sees
 the same number of T tokens (steps = cpt_steps x (1 + r) / T's share) and the
 same re-warmed cosine schedule shape. Each row is reported as mean and
 standard deviation over seeds.
+
+A finished run's row is cached in <work>/row.json under a key: the hash of the
+run's full config, its spec and seed, M's losses and the code version (the
+package's sources and the JAX version). A different key re-runs the row from
+scratch (the stale run directory is removed first, so nothing resumes from it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -135,6 +143,43 @@ def run_specs(s: Settings) -> list[dict]:
   return specs
 
 
+def source_hash(root: str) -> str:
+  """Hash of the *.py files under `root` (relative paths and contents)."""
+  h = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+    h.update(os.path.relpath(path, root).encode() + b"\0")
+    with open(path, "rb") as f:
+      h.update(f.read() + b"\0")
+  return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+  """The code a row ran with: cpt_jax's sources (cpt_jax/**/*.py) and the JAX version."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return f"{source_hash(package)}-jax{jax.__version__}"
+
+
+def row_key(s: Settings, spec: dict, seed: int, ckpt: str, m_loss: dict,
+            pools: dict[str, int]) -> str:
+  """Cache key of one run's row: its full config, spec, seed, M's losses, code version."""
+  c = cpt_config(s, spec, ckpt, seed, pools)
+  blob = json.dumps({"config": json.loads(c.to_json_best_effort(sort_keys=True)),
+                     "spec": spec, "seed": seed, "old": list(s.old), "new": s.new,
+                     "m_loss": m_loss, "code": code_version()}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_row(work: str, key: str) -> dict | None:
+  """The row in <work>/row.json when it was written under `key`, else None."""
+  path = os.path.join(work, "row.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    row = json.load(f)
+  return row if row.get("cache_key") == key else None
+
+
 def select_specs(specs: list[dict], only: str) -> list[dict]:
   """Keeps the specs whose name matches one of the comma-separated globs in `only`."""
   import fnmatch  # pylint: disable=g-import-not-at-top
@@ -209,12 +254,12 @@ def run_suite(s: Settings, log=print) -> dict[str, Any]:
   done: dict[str, dict] = {}
   todo = []
   for spec, seed, work in jobs:
-    cached = os.path.join(work, "row.json")
-    if os.path.isfile(cached):
-      with open(cached) as f:
-        done[work] = json.load(f)
+    key = row_key(s, spec, seed, ckpt, m_loss, pools)
+    row = cached_row(work, key)
+    if row is not None:
+      done[work] = row
     else:
-      todo.append((spec, seed, work))
+      todo.append((spec, seed, work, key))
 
   def report(row):
     log(f"{row['name']} seed {row['seed']}: forgetting {row['mean_forgetting']:.3f} gain "
@@ -224,8 +269,8 @@ def run_suite(s: Settings, log=print) -> dict[str, Any]:
   workers = min(s.workers or len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)))
   t_runs = time.time()
   if workers <= 1 or len(todo) <= 1:
-    for spec, seed, work in todo:
-      done[work] = run_one(s, spec, seed, work, ckpt, m_loss, pools)
+    for spec, seed, work, key in todo:
+      done[work] = run_one(s, spec, seed, work, ckpt, m_loss, pools, key)
       report(done[work])
   else:
     done.update(_run_parallel(s, todo, ckpt, m_loss, pools, workers, report))
@@ -237,11 +282,26 @@ def run_suite(s: Settings, log=print) -> dict[str, Any]:
 
 
 def run_one(s: Settings, spec: dict, seed: int, work: str, ckpt: str, m_loss: dict,
-            pools: dict[str, int]) -> dict:
-  """One CPT run; its row is also written to <work>/row.json (the cache)."""
+            pools: dict[str, int], key: str) -> dict:
+  """One CPT run; its row is also written to <work>/row.json (the cache, under `key`).
+
+  A run directory started under another key (or none) is removed first; one
+  started under this key (an interrupted run) is resumed.
+  """
+  key_file = os.path.join(work, "row_key")
+  started = ""
+  if os.path.isfile(key_file):
+    with open(key_file) as f:
+      started = f.read().strip()
+  if os.path.exists(work) and started != key:
+    shutil.rmtree(work)
+  os.makedirs(work, exist_ok=True)
+  with open(key_file, "w") as f:
+    f.write(key)
   c = cpt_config(s, spec, ckpt, seed, pools)
   summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
   row = result_row(s, spec, seed, summary, m_loss)
+  row["cache_key"] = key
   with open(os.path.join(work, "row.json"), "w") as f:
     json.dump(row, f)
   return row
@@ -268,8 +328,8 @@ def _run_parallel(s, todo, ckpt, m_loss, pools, workers, report) -> dict[str, di
   out = {}
   with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_pin_worker,
                               initargs=(cores,)) as ex:
-    futs = {ex.submit(run_one, s, spec, seed, work, ckpt, m_loss, pools): work
-            for spec, seed, work in order}
+    futs = {ex.submit(run_one, s, spec, seed, work, ckpt, m_loss, pools, key): work
+            for spec, seed, work, key in order}
     try:
       for fut in cf.as_completed(futs):
         out[futs[fut]] = fut.result()
