@@ -99,10 +99,12 @@ def test_replay_weight_and_regularisers():
   ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
       logits, batch["targets"][..., None], -1)[..., 0]
   w = batch["loss_weights"]
-  for lam in (0.0, 1.0, 3.0):
+  # One token mean: lambda_replay weighs the replay rows' CE sum, the normaliser
+  # is every CE token (new + replay) whatever lambda_replay is.
+  for lam in (0.0, 0.5, 1.0, 3.0):
     fn = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, lambda_replay=lam), 1)
-    rw = jnp.asarray([1.0, lam])[:, None] * w
-    want = float(jnp.sum(ce * rw) / jnp.sum(rw))
+    new_sum, replay_sum = float(jnp.sum(ce[0] * w[0])), float(jnp.sum(ce[1] * w[1]))
+    want = (new_sum + lam * replay_sum) / float(w[0].sum() + w[1].sum())
     assert float(fn(p, batch, {})[0]) == pytest.approx(want, rel=1e-5)
   l2 = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, l2sp=1.0), 1)
   loss_same, _ = l2(p, batch, {"teacher": p})
@@ -161,5 +163,25 @@ def test_replay_kd_is_a_soft_target_on_replay_rows_only():
   b3 = dict(batch, inputs=batch["inputs"].at[1].set((batch["inputs"][1] + 1) % 13))
   assert float(fn(student, b3, {"teacher": teacher})[1]["replay_kd_term"]) != pytest.approx(
       float(aux["replay_kd_term"]), rel=1e-6)
-  # Without replay_kd the teacher index holds only distill rows.
+  # Without replay_kd the teacher index holds only distill rows; without
+  # lambda_kd only replay rows (the teacher never runs on rows nothing uses).
   assert step_lib.distill_index(np.asarray(roles), 1).tolist() == [[2]]
+  assert step_lib.distill_index(np.asarray(roles), 1, with_replay=True,
+                                with_distill=False).tolist() == [[1, 3]]
+
+
+def test_topk_tail_is_never_negative():
+  """A teacher whose top-k hold all its mass: the tail adds exactly nothing.
+
+  In float32 the top-k probabilities can sum to 1 or past it; the teacher's tail
+  is then empty and adds nothing, however much mass the student puts there.
+  """
+  t = jnp.asarray([[[9.0, 8.5, 8.0, -60.0, -60.0, -60.0]]], jnp.float32)
+  s = jnp.asarray([[[8.0, 9.0, 8.2, 8.0, -60.0, -60.0]]], jnp.float32)
+  lp, ids = objective.teacher_topk(t, 3, 1.0)
+  kl = float(objective.kl_topk(lp, ids, s, 1.0)[0, 0])
+  pt = np.exp(np.asarray(t[0, 0], np.float64)); pt /= pt.sum()
+  ps = np.exp(np.asarray(s[0, 0], np.float64)); ps /= ps.sum()
+  want = float(np.sum(pt[:3] * (np.log(pt[:3]) - np.log(ps[:3]))))
+  assert kl == pytest.approx(want, abs=2e-6)
+  assert float(objective.kl_topk(lp, ids, t, 1.0)[0, 0]) == pytest.approx(0.0, abs=1e-6)

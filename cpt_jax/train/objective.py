@@ -1,18 +1,23 @@
 """The continued pre-training objective over rows with roles.
 
-  loss = CE(new rows) + lambda_replay * CE(replay rows)            [one token mean]
-       + replay_kd * tau^2 * KL(teacher || student)(replay rows)   [same CE token mean]
-       + lambda_kd * tau^2 * KL(teacher || student)(distill rows)  [distill-token mean]
+  loss = [sum_new CE + lambda_replay * sum_replay CE] / N_ce
+       + replay_kd * tau^2 * [sum_replay KL(teacher || student)] / N_ce
+       + lambda_kd * tau^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
-       + z_loss * mean(log Z^2)
+       + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
 
-The CE terms share one normaliser (all CE tokens), so lambda_replay = 1 is plain
-data mixing; replay_kd > 0 adds the teacher's full next-token distribution as a
-soft target on the replay rows (dark-experience replay: each replayed row carries
-more than its one-hot labels). The teacher is a frozen copy of the stage's
-starting model; it runs only on the rows gathered by `distill_index` (distill
-rows, and replay rows when replay_kd > 0; see `make_loss_fn`).
-Every term is returned on its own in `aux`.
+N_ce is the number of CE tokens (loss-weighted tokens of new and replay rows;
+lambda_replay does not enter it), N_kd the number of loss-weighted tokens of
+distill rows. Both are counted over the whole global batch (`normalisers`), so
+the objective does not depend on how a step is cut into microbatches: each
+microbatch adds its sums over the global normalisers and 1/A of the
+parameter-only terms (see step.py). lambda_replay = 1 is plain data mixing;
+replay_kd > 0 adds the teacher's full next-token distribution as a soft target
+on the replay rows (dark-experience replay). The teacher is a frozen copy of
+the stage's starting model; it runs only on the rows gathered by
+`distill_index` (distill rows when lambda_kd > 0, replay rows when
+replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
+adds up over microbatches.
 """
 
 from __future__ import annotations
@@ -56,10 +61,14 @@ def kl_topk(teacher_logp_NxLxK: Array, teacher_ids_NxLxK: Array,
   s_top = jnp.take_along_axis(s, teacher_ids_NxLxK, axis=-1)
   p_top = jnp.exp(teacher_logp_NxLxK)
   kl_top = jnp.sum(p_top * (teacher_logp_NxLxK - s_top), axis=-1)
-  eps = 1e-6
-  t_rest = jnp.clip(1.0 - jnp.sum(p_top, axis=-1), eps, 1.0)
-  s_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(s_top), axis=-1), eps, 1.0)
-  return kl_top + t_rest * (jnp.log(t_rest) - jnp.log(s_rest))
+  # The tail masses, clipped to [0, 1]: float32 sums of the top-k can pass 1.
+  # A zero teacher tail contributes exactly 0 (0 log 0 = 0).
+  tiny = 1e-12
+  t_rest = jnp.clip(1.0 - jnp.sum(p_top, axis=-1), 0.0, 1.0)
+  s_rest = jnp.clip(1.0 - jnp.sum(jnp.exp(s_top), axis=-1), tiny, 1.0)
+  tail = jnp.where(t_rest > 0,
+                   t_rest * (jnp.log(jnp.maximum(t_rest, tiny)) - jnp.log(s_rest)), 0.0)
+  return kl_top + tail
 
 
 def l2_to_anchor(params: Any, anchor: Any, weights: Any | None = None) -> Array:
@@ -71,9 +80,26 @@ def l2_to_anchor(params: Any, anchor: Any, weights: Any | None = None) -> Array:
   return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
 
 
+def normalisers(batch: dict) -> dict[str, Array]:
+  """The token counts the objective divides by, over the whole (global) batch.
+
+  ce_tokens: loss-weighted tokens of new and replay rows (N_ce);
+  kd_tokens: loss-weighted tokens of distill rows (N_kd);
+  param_share: the share of the parameter-only terms (L2-SP, EWC) one call adds
+  (1 here; 1/A for each of A microbatches).
+  """
+  weights_BxL = batch["loss_weights"].astype(jnp.float32)
+  roles_B = batch["roles"]
+  tok_row_B = jnp.sum(weights_BxL, axis=-1)
+  is_ce_B = (roles_B == batch_lib.NEW) | (roles_B == batch_lib.REPLAY)
+  return {"ce_tokens": jnp.sum(tok_row_B * is_ce_B),
+          "kd_tokens": jnp.sum(tok_row_B * (roles_B == batch_lib.DISTILL)),
+          "param_share": jnp.ones((), jnp.float32)}
+
+
 def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0,
                  decomp: Any = None):
-  """Returns loss_fn(params, batch, frozen) -> (loss, aux).
+  """Returns loss_fn(params, batch, frozen, norms=None) -> (loss, aux).
 
   apply_fn(params, inputs, segment_ids, positions) -> logits [B, L, V].
   batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [Bd]
@@ -81,6 +107,8 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     when replay_kd > 0; -1 = unused slot). Without it, or with lambda_kd ==
     replay_kd == 0, no teacher forward is traced at all.
   frozen: {'teacher': params, 'fisher': tree} as the objective needs.
+  norms: `normalisers` of the global batch when `batch` is one of its
+    microbatches (default: `batch`'s own).
   decomp: a `decomposition.Decomposition` (sigma / tau). Then params is
     {'sigma', 'tau'}, the model runs on sigma + delta(tau), L2-SP / EWC act on sigma
     alone, and `loss` is the vector [loss_T, loss_D]: T = CE (+ z-loss) of `new` rows,
@@ -98,7 +126,10 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   # CE weight per role: new, replay, distill (KL only), eval (never trained).
   ce_role_weight = jnp.asarray([1.0, lambda_replay, 0.0, 0.0], jnp.float32)
 
-  def loss_fn(params, batch, frozen):
+  def loss_fn(params, batch, frozen, norms=None):
+    norms = normalisers(batch) if norms is None else norms
+    ce_den, kd_den = norms["ce_tokens"], norms["kd_tokens"]
+    param_share = norms["param_share"]
     model_params = params if decomp is None else decomp.merge(params)
     logits_BxLxV = apply_fn(model_params, batch["inputs"], batch["segment_ids"],
                             batch["positions"])
@@ -117,7 +148,6 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     }
 
     ce_w_BxL = weights_BxL * ce_role_weight[roles_B][:, None]
-    ce_den = jnp.sum(ce_w_BxL)
     ce_term = loss_lib.safe_div(jnp.sum(ce_BxL * ce_w_BxL), ce_den)
     loss = ce_term
     aux["ce_term"] = ce_term
@@ -150,7 +180,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       tok_w_NxL = take(weights_BxL)
       if lambda_kd > 0:
         w_NxL = tok_w_NxL * (role_N == batch_lib.DISTILL)[:, None]
-        kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), jnp.sum(w_NxL))
+        kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), kd_den)
         aux["kd_term"] = kd_term
         aux["kd_tokens"] = jnp.sum(w_NxL)
         loss = loss + lambda_kd * tau ** 2 * kd_term
@@ -168,13 +198,13 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
 
     reg_params = params if decomp is None else params["sigma"]
     if l2sp > 0:
-      term = 0.5 * l2_to_anchor(reg_params, frozen["teacher"])
+      term = 0.5 * param_share * l2_to_anchor(reg_params, frozen["teacher"])
       aux["l2sp_term"] = term
       loss = loss + l2sp * term
       if decomp is not None:
         loss_d = loss_d + l2sp * term
     if ewc > 0:
-      term = 0.5 * l2_to_anchor(reg_params, frozen["teacher"], frozen["fisher"])
+      term = 0.5 * param_share * l2_to_anchor(reg_params, frozen["teacher"], frozen["fisher"])
       aux["ewc_term"] = term
       loss = loss + ewc * term
       if decomp is not None:

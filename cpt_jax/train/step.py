@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -13,15 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import objective
 from cpt_jax.train.state import TrainState
-
-# aux entries that add up over microbatches; every other entry is averaged.
-_SUMMED = ("domain_ce_sum", "domain_tokens", "role_ce_sum", "role_tokens", "kd_tokens",
-           "teacher_rows")
-
-
-def _combine_micro(aux_list: dict, num_micro: int) -> dict:
-  return {k: (v if k in _SUMMED else v / num_micro) for k, v in aux_list.items()}
 
 
 def microbatch_split(x_BxX: jax.Array, num_micro: int) -> jax.Array:
@@ -36,12 +30,18 @@ def microbatch_split(x_BxX: jax.Array, num_micro: int) -> jax.Array:
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     grad_accum: int = 1, grads_fn: Callable | None = None,
-                    apply_fn: Callable | None = None) -> Callable:
+                    apply_fn: Callable | None = None,
+                    normalisers_fn: Callable = objective.normalisers) -> Callable:
   """step(state, batch) -> (state, metrics); pure, jit it with `jit_train_step`.
 
+  loss_fn(params, batch, frozen, norms) -> (loss, aux), with `norms` the
+  normalisers of the whole batch (`normalisers_fn(batch)`, see objective.py).
   With grad_accum = A > 1 the batch is cut into A microbatches (see
-  `microbatch_split`); `batch['distill_index']`, if present, is then [A, Bd]
-  with indices local to each microbatch.
+  `microbatch_split`); `batch['distill_index']` is then [A, Bd] with indices
+  local to each microbatch ([1, Bd] when A = 1). Each microbatch's loss
+  divides by the whole batch's token counts and carries 1/A of the
+  parameter-only terms, so the summed losses, gradients and aux entries equal
+  the A = 1 step's on the same batch.
 
   Hooks (sigma / tau decomposition, see decomposition.py): grads_fn(loss_fn, params,
   batch, frozen) -> (grads, aux) replaces value_and_grad (grads may cover only part of
@@ -49,13 +49,17 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   tx.update + apply_updates.
   """
 
-  def grads_and_aux(params, batch, frozen):
-    if grads_fn is not None:
-      return grads_fn(loss_fn, params, batch, frozen)
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
-    return grads, aux
-
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    norms = dict(normalisers_fn(batch))
+    norms["param_share"] = jnp.asarray(1.0 / grad_accum, jnp.float32)
+    micro_loss_fn = functools.partial(loss_fn, norms=norms)
+
+    def grads_and_aux(params, mb, frozen):
+      if grads_fn is not None:
+        return grads_fn(micro_loss_fn, params, mb, frozen)
+      (_, aux), grads = jax.value_and_grad(micro_loss_fn, has_aux=True)(params, mb, frozen)
+      return grads, aux
+
     if grad_accum == 1:
       mb = dict(batch)
       if "distill_index" in mb:
@@ -75,9 +79,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
         g, a = grads_and_aux(state.params, mb, state.frozen)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
 
+      # Every microbatch's loss is already over the whole batch's normalisers:
+      # gradients and aux entries add up.
       (grads, aux), _ = jax.lax.scan(body, (zero_grads, zero_aux), micro)
-      grads = jax.tree.map(lambda g: g / grad_accum, grads)
-      aux = _combine_micro(aux, grad_accum)
 
     if apply_fn is not None:
       params, opt_state, extra = apply_fn(grads, state, aux)
@@ -118,17 +122,18 @@ def jit_train_step(step: Callable, state_sh: TrainState, mesh: Mesh, rules,
 
 
 def distill_index(roles_B: np.ndarray, grad_accum: int, min_bucket: int = 1,
-                  with_replay: bool = False) -> np.ndarray | None:
+                  with_replay: bool = False, with_distill: bool = True) -> np.ndarray | None:
   """Host-side: [A, Bd] indices of the teacher's rows per microbatch, or None if none.
 
-  The teacher's rows are the distill rows, plus the replay rows if `with_replay`
-  (objective.replay_kd > 0).
+  The teacher's rows are the distill rows if `with_distill` (objective.lambda_kd
+  > 0) and the replay rows if `with_replay` (objective.replay_kd > 0).
 
   Bd is rounded up to a power of two (>= min_bucket) so only a few step
   variants are ever compiled; unused slots are -1.
   """
   roles_B = np.asarray(roles_B)
-  wanted = (batch_lib.DISTILL, batch_lib.REPLAY) if with_replay else (batch_lib.DISTILL,)
+  wanted = ((batch_lib.DISTILL,) if with_distill else ()) + \
+      ((batch_lib.REPLAY,) if with_replay else ())
   per_micro = [np.nonzero(np.isin(roles_B[m::grad_accum], wanted))[0]
                for m in range(grad_accum)]
   most = max(len(ix) for ix in per_micro)
