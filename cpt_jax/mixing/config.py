@@ -46,7 +46,6 @@ def default_mixing_config() -> ml_collections.ConfigDict:
       exp3_schedule="odm",  # exp3: 'odm' eps_t = min(1/K, sqrt(ln K/(K t))) at step t; 'constant'.
       exp3_eps=0.05,  # exp3: exploration rate for exp3_schedule='constant' (capped at 1/K).
       exp3_reward_decay=0.9,  # exp3: R <- a R + (1 - a) r, ODM's moving average (0: last only).
-      exp3_importance_weighting=True,  # exp3: reward loss / pi as in ODM; False: reward = loss.
       # Replay budget, a hard constraint on every adaptive controller's weights (doremi, exp3,
       # forgetting; see cpt_jax/mixing/controllers.py). 0.0 and 1.0: unconstrained.
       new_min_share=0.5,  # Min total share of the role-new domains (T).
@@ -151,9 +150,6 @@ def validate_mixing_config(cfg: ml_collections.ConfigDict, domains: Sequence[str
   decay = _number(cfg, "exp3_reward_decay", 0.0, 1.0)
   if decay == 1.0:
     raise _err("exp3_reward_decay", "must be < 1 (1 would never update the rewards)")
-  if not isinstance(cfg.exp3_importance_weighting, bool):
-    raise _err("exp3_importance_weighting",
-               f"must be a bool, got {cfg.exp3_importance_weighting!r}")
   new_min = _number(cfg, "new_min_share", 0.0, 1.0)
   budget = _number(cfg, "replay_budget", 0.0, 1.0)
   _number(cfg, "forgetting_gain", 0.0, math.inf)

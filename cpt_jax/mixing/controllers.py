@@ -30,8 +30,7 @@ once at the stage start) into new mixture weights for the data pipeline:
               window (not one sampled arm) updates its reward, so the reward
               is the observed loss itself: ODM's importance weight 1 / w_i
               corrects for observing only the sampled arm and would inflate a
-              1% replay domain's reward 100x here. (The config key
-              mixing.exp3_importance_weighting is ignored.)
+              1% replay domain's reward 100x here.
   forgetting  replay/distill domains (set R) gain weight in proportion to their
               loss increase over the teacher. With b = configured weights
               normalised over the controlled domains, f = floor,
