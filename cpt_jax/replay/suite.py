@@ -300,7 +300,7 @@ def run_one(s: Settings, spec: dict, seed: int, work: str, ckpt: str, m_loss: di
     f.write(key)
   c = cpt_config(s, spec, ckpt, seed, pools)
   summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
-  row = result_row(s, spec, seed, summary, m_loss)
+  row = result_row(s, spec, seed, summary, m_loss, c.replay.selection_fraction)
   row["cache_key"] = key
   with open(os.path.join(work, "row.json"), "w") as f:
     json.dump(row, f)
@@ -340,7 +340,9 @@ def _run_parallel(s, todo, ckpt, m_loss, pools, workers, report) -> dict[str, di
   return out
 
 
-def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict) -> dict:
+def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
+               selection_fraction: float = 0.0) -> dict:
+  """One run's record; t_tokens / t_rows (T trained on) and replay_tokens show the fairness."""
   ev = {d: v["loss"] for d, v in summary["eval"].items()}
   old_loss = {d: ev[d] for d in s.old}
   forgetting = {d: ev[d] - m_loss[d] for d in s.old}
@@ -353,7 +355,11 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict) 
           "replay_fraction_actual": replay_frac, "old_loss": old_loss, "forgetting": forgetting,
           "mean_forgetting": float(np.mean(list(forgetting.values()))),
           "new_loss": ev[s.new], "new_gain": m_loss[s.new] - ev[s.new],
-          "selection_tflops": sel_tf, "teacher_tflops": summary["teacher_tflops"],
+          "t_tokens": int(tok.get("new", 0)),
+          "t_rows": int(summary["data"].get("rows_per_domain", {}).get(s.new, 0)),
+          "replay_tokens": int(tok.get("replay", 0)),
+          "selection_tflops": sel_tf, "selection_fraction": selection_fraction,
+          "teacher_tflops": summary["teacher_tflops"],
           "total_tflops": summary["train_tflops"] + summary["teacher_tflops"] + sel_tf,
           "selection_share": sel_tf / max(summary["train_tflops"] + summary["teacher_tflops"]
                                           + sel_tf, 1e-30),
