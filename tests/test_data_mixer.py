@@ -288,6 +288,36 @@ def test_prefetch_error_surfaces(corpus):
   p.close()
 
 
+def test_error_of_a_discarded_prefetch_generation_is_ignored(corpus):
+  """A batch made with weights that were replaced before it was used never counts."""
+  cfg = make_cfg(corpus, replay="*", prefetch=2)
+  p = pipeline_lib.make_pipeline(cfg, global_batch_size=8)
+  produce = p.mixer.produce
+  started, replaced = threading.Event(), threading.Event()
+
+  def failing_for_old_weights(state, w):
+    if w[0] == 9.0:  # the weights about to be replaced
+      started.set()
+      replaced.wait(10)
+      raise OSError("made with stale weights")
+    return produce(state, w)
+
+  p.mixer.produce = failing_for_old_weights
+  try:
+    p.set_weights({"d000": 9.0})
+    assert started.wait(10)
+    p.set_weights({"d000": 1.0})  # discards the generation that is failing
+    replaced.set()
+    batch = p.next_batch()
+    ref = pipeline_lib.make_pipeline(make_cfg(corpus, replay="*", prefetch=0),
+                                     global_batch_size=8)
+    ref.set_weights({"d000": 1.0})
+    assert_same([ref.next_batch()], [batch])
+    ref.close()
+  finally:
+    p.close()
+
+
 def test_two_hundred_tiny_domains(tmp_path):
   names = write_corpus(tmp_path / "corpus", [3] * 200, val_docs=2)
   cfg = make_cfg(tmp_path, new="d000", replay="*", distill="d199", eval="d198",

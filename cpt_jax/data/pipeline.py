@@ -394,8 +394,10 @@ class Pipeline:
         gen, state, w = self._gen, self._pstate, self._weights
       try:
         batch, new = self.mixer.produce(state, w)
-      except BaseException as e:  # surfaced by next_batch
+      except BaseException as e:  # surfaced by next_batch, unless its batch was discarded
         with self._cv:
+          if gen != self._gen:  # made with replaced weights / state: never used
+            continue
           self._error = e
           self._cv.notify_all()
         return
