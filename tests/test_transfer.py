@@ -61,3 +61,11 @@ def test_no_forgetting_gives_zero():
 def test_unknown_domain_is_an_error():
   with pytest.raises(ValueError, match="no column"):
     transfer_metrics(L, DOMAINS, [["a"], ["zz"], ["c"]])
+
+
+def test_tables_print_as_many_decimals_as_tell_rows_apart():
+  """1.95791 and 1.95795 read 1.958 at three decimals; the column gets four."""
+  from cpt_jax.eval import report as report_lib  # pylint: disable=g-import-not-at-top
+  table = report_lib._table(["stage", "loss"], [["a", 1.95791], ["b", 1.95795], ["c", None]])  # pylint: disable=protected-access
+  assert "| a | 1.9579 |" in table and "| b | 1.9580 |" in table and "| c | - |" in table
+  assert "| x | 2.000 |" in report_lib._table(["s", "v"], [["x", 2.0], ["y", 2.5]])  # pylint: disable=protected-access

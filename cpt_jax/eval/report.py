@@ -122,10 +122,20 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
   return report
 
 
+def _decimals(column: list[Any], least: int = 3, most: int = 6) -> int:
+  """Decimals that print different floats of a column differently (at least `least`)."""
+  floats = sorted({v for v in column if isinstance(v, float)})
+  for d in range(least, most):
+    if len({f"{v:.{d}f}" for v in floats}) == len(floats):
+      return d
+  return most
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
+  decimals = [_decimals([r[i] for r in rows]) for i in range(len(header))]
+  fmt = lambda v, d: f"{v:.{d}f}" if isinstance(v, float) else "-" if v is None else str(v)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+  lines += ["| " + " | ".join(fmt(v, d) for v, d in zip(r, decimals)) + " |" for r in rows]
   return "\n".join(lines)
 
 
