@@ -10,6 +10,11 @@ The selection is written to <workdir>/replay_selection/ (see selection.py); on
 resume that file (or, for `online`, the checkpointed buffer) is reused, so no
 scoring is repeated. With `data.replay_selection` set, that selection is used
 as is (no scoring) and only the mixture weights are planned.
+
+Every forward the scorer runs (padding, rate measurement, refreshes) counts
+in `scorer.run_flops`, checkpointed with the host state; `pending(done, n)`
+is the cost of the online refreshes due in the n steps after `done`, for the
+stage budget's look-ahead.
 """
 
 from __future__ import annotations
@@ -94,20 +99,20 @@ class ReplayManager:
   def start(self, state, host: dict | None = None) -> None:
     """Fresh start (host None): plan, select, write, apply. Resume: reuse what was written."""
     t0 = time.perf_counter()
+    resume = host is not None
+    if resume:  # what earlier invocations scored and spent counts on
+      self.scorer.add_counters(host)
+      self.seconds = float(host.get("seconds", 0.0))
     params = self.trainer.model_params(state.params)
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
     w0 = self._configured_weights()
-    resume = host is not None
     if resume and host.get("rows") is None and os.path.isfile(
         os.path.join(self.dir, selection_lib.SELECTION_FILE)):
       host = dict(host, rows=selection_lib.read_selection(self.dir)[0])
     if resume and host.get("rows") is not None:  # reuse what the fresh start selected
       rows = {d: np.asarray(v, np.int64) for d, v in host["rows"].items()}
       self.reused = True
-      self.seconds = float(host.get("seconds", 0.0))
-      self.scorer.rows_scored = int(host.get("rows_scored", 0))
-      self.scorer.extra_flops = float(host.get("extra_flops", 0.0))
       self.selection = strategies_lib.Selection(rows, {d: np.full(v.size, np.nan)
                                                        for d, v in rows.items()},
                                                 candidates=int(host.get("candidates", 0)))
@@ -148,20 +153,27 @@ class ReplayManager:
         "selection_tflops": self.scorer.flops / 1e12, "selection_seconds": self.seconds})
 
   # ---------------------------------------------------------------- online
-  def maybe_refresh(self, done: int, state) -> None:
+  def _refreshes_at(self, done: int) -> bool:
     every = int(self.plan.get("online_every", self.rcfg.online_every))
-    if self.online is not None and every and done % every == 0 \
-        and done < self.trainer.config.train.steps:
+    return (self.online is not None and every > 0 and done % every == 0
+            and done < self.trainer.config.train.steps)
+
+  def maybe_refresh(self, done: int, state) -> None:
+    if self._refreshes_at(done):
       t0 = time.perf_counter()
       self.online.refresh(done, self.trainer.model_params(state.params))
       self.seconds += time.perf_counter() - t0
+
+  def pending(self, done: int, n: int) -> tuple[float, float]:
+    """(TFLOPs, seconds) of the online refreshes due after steps done+1..done+n."""
+    k = sum(self._refreshes_at(s) for s in range(done + 1, done + n + 1))
+    return self.online.cost(k) if k else (0.0, 0.0)
 
   # ---------------------------------------------------------------- state / summary
   def state_dict(self) -> dict:
     rows = self.pipeline.replay_rows
     out = {"rows": {d: [int(x) for x in v] for d, v in rows.items()},
-           "seconds": self.seconds, "rows_scored": self.scorer.rows_scored,
-           "extra_flops": self.scorer.extra_flops,
+           "seconds": self.seconds, **self.scorer.counters(),
            "candidates": self.selection.candidates if self.selection else 0}
     if self.online is not None:
       out["online"] = self.online.state_dict()
@@ -185,6 +197,7 @@ class ReplayManager:
     total = sum(actual.values())
     return {"strategy": self.strategy.name, "tokens": self.scorer.rows_scored * L,
             "tflops": actual["selection"], "seconds": self.seconds,
+            "run_tflops": self.scorer.run_flops / 1e12,  # + padding, rate measurement
             "candidates": self.selection.candidates if self.selection else 0,
             "buffer_rows": int(sum(np.size(v) for v in self.pipeline.replay_rows.values())),
             "replay_fraction": self.plan.get("replay_fraction"),
@@ -219,6 +232,7 @@ class OnlineBuffer:
     self.cursor = {d: int(v) for d, v in o.get("cursor", {}).items()}
     self.ref_loss = {d: np.asarray(v, np.float64) for d, v in o.get("ref_loss", {}).items()}
     self.refreshes, self.swaps = int(o.get("refreshes", 0)), int(o.get("swaps", 0))
+    self._timed = [0, 0.0]  # rows run and seconds of this invocation's refreshes
     if not self.ref_loss:
       rows = self.m.pipeline.replay_rows
       self.ref_loss = {d: self._loss(self.ref_params, d, rows[d]) for d in rows}
@@ -233,16 +247,45 @@ class OnlineBuffer:
     return np.random.default_rng([self.m.trainer.config.seed, zlib.crc32(d.encode()),
                                   0x6F6E6C]).permutation(n)
 
-  def refresh(self, step: int, params) -> None:
-    rows = self.m.pipeline.replay_rows
+  def _quotas(self) -> dict[str, int]:
     pool = self.m.plan.get("online_pool", self.m.rcfg.online_pool)
-    quotas = strategies_lib.split_quota(pool, {d: s.num_rows for d, s in self.m.stores.items()})
+    return strategies_lib.split_quota(pool, {d: s.num_rows for d, s in self.m.stores.items()})
+
+  def _candidates(self, d: str, c0: int, quota: int) -> tuple[np.ndarray, int]:
+    """The next `quota` rows of d's rolling order from cursor c0, and the next cursor."""
+    order = self._order(d)
+    cand = order[(c0 + np.arange(quota)) % order.size]
+    return cand, (c0 + cand.size) % order.size
+
+  def cost(self, k: int) -> tuple[float, float]:
+    """(TFLOPs, seconds) of the next k refreshes: rows run (whole batches) x L x fwd FLOPs.
+
+    Exact for the next refresh (today's buffer); later ones, whose buffer is
+    not known yet, count every candidate (an upper bound). Seconds at this
+    invocation's refresh pace, else at the planned forward rate.
+    """
+    sc, rows_run = self.m.scorer, 0
+    cursor, quotas = dict(self.cursor), self._quotas()
+    for i in range(k):
+      for d, buf in self.m.pipeline.replay_rows.items():
+        cand, cursor[d] = self._candidates(d, cursor.get(d, 0), quotas.get(d, 0))
+        n = int(np.sum(~np.isin(cand, buf))) if i == 0 else cand.size
+        rows_run += sc.padded(np.size(buf)) + 2 * sc.padded(n)
+    flops = rows_run * sc.seq_len * sc.fwd_flops_tok
+    if self._timed[0]:
+      secs = rows_run * self._timed[1] / self._timed[0]
+    else:
+      rate = float(self.m.plan.get("flops_per_second") or 0.0)
+      secs = flops / rate if rate > 0 else 0.0
+    return flops / 1e12, secs
+
+  def refresh(self, step: int, params) -> None:
+    t0, r0 = time.perf_counter(), self.m.scorer.rows_run
+    rows = self.m.pipeline.replay_rows
+    quotas = self._quotas()
     new_rows = {}
     for d, buf in rows.items():
-      order = self._order(d)
-      c0 = self.cursor.get(d, 0)
-      cand = order[(c0 + np.arange(quotas.get(d, 0))) % order.size]
-      self.cursor[d] = (c0 + cand.size) % order.size
+      cand, self.cursor[d] = self._candidates(d, self.cursor.get(d, 0), quotas.get(d, 0))
       cand = cand[~np.isin(cand, buf)]
       buf_int = self._loss(params, d, buf) - self.ref_loss[d]
       cand_ref = self._loss(self.ref_params, d, cand)
@@ -259,6 +302,8 @@ class OnlineBuffer:
       self.swaps += int(out_pos.size)
     self.refreshes += 1
     self.m.pipeline.set_replay_rows(new_rows)
+    self._timed[0] += self.m.scorer.rows_run - r0
+    self._timed[1] += time.perf_counter() - t0
     _log(f"replay online refresh at step {step}: {self.swaps} swaps so far")
 
   def state_dict(self) -> dict:

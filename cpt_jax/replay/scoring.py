@@ -4,7 +4,10 @@
 token cross-entropy and its pooled final hidden state (mean over the row's
 real tokens), so callers select with bounded memory. Batches are global:
 every process feeds its slice and gets the whole batch's scores back.
-FLOPs are counted as rows x seq_len x forward FLOPs/token (`flops`).
+FLOPs are counted as rows x seq_len x forward FLOPs/token: `flops` over the
+rows asked for (the selection's cost), `run_flops` over every row the device
+ran (the padding of a partial last batch and the rate measurement included),
+which is what a stage's budget counts.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ class Scorer:
     self.batch_rows, self.seq_len = int(batch_rows), int(seq_len)
     self.fwd_flops_tok = flops_per_token(model_cfg, seq_len, training=False)
     self.train_flops_tok = flops_per_token(model_cfg, seq_len, training=True)
-    self.rows_scored = 0  # forward row-passes so far
+    self.rows_scored = 0  # forward row-passes so far (rows asked for)
+    self.rows_run = 0  # forward row-passes run (whole batches: padding included)
     self.extra_flops = 0.0  # look-ahead steps etc.
+    self.measure_flops = 0.0  # the rate measurement's forwards
     self.seconds = 0.0
     if self.batch_rows % jax.process_count():
       raise ValueError(f"replay.score_batch={batch_rows} not divisible by the "
@@ -70,7 +75,30 @@ class Scorer:
 
   @property
   def flops(self) -> float:
+    """The selection's FLOPs: rows asked for, plus look-ahead steps."""
     return self.rows_scored * self.seq_len * self.fwd_flops_tok + self.extra_flops
+
+  @property
+  def run_flops(self) -> float:
+    """Every FLOP run: whole (padded) batches, look-ahead steps, rate measurement."""
+    return (self.rows_run * self.seq_len * self.fwd_flops_tok + self.extra_flops
+            + self.measure_flops)
+
+  def padded(self, rows: int) -> int:
+    """Rows run to score `rows` rows in one `stream` call (whole batches)."""
+    return -(-int(rows) // self.batch_rows) * self.batch_rows
+
+  def counters(self) -> dict[str, float]:
+    """The counts that survive a restart (host state)."""
+    return {"rows_scored": self.rows_scored, "rows_run": self.rows_run,
+            "extra_flops": self.extra_flops, "measure_flops": self.measure_flops}
+
+  def add_counters(self, state: dict) -> None:
+    """Adds an earlier invocation's `counters()` (older checkpoints: rows_run = rows_scored)."""
+    self.rows_scored += int(state.get("rows_scored", 0))
+    self.rows_run += int(state.get("rows_run", state.get("rows_scored", 0)))
+    self.extra_flops += float(state.get("extra_flops", 0.0))
+    self.measure_flops += float(state.get("measure_flops", 0.0))
 
   def _run(self, fn, *args):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -105,6 +133,7 @@ class Scorer:
       loss_B, pooled_BxD = self._run(self._fwd, params, batch)
       loss_B, pooled_BxD = self._fetch(loss_B), self._fetch(pooled_BxD)
       self.rows_scored += chunk.size
+      self.rows_run += self.batch_rows
       self.seconds += time.perf_counter() - t0
       yield chunk, loss_B[:chunk.size].astype(np.float64), pooled_BxD[:chunk.size]
 
@@ -126,16 +155,21 @@ class Scorer:
     return params
 
   def measure_rate(self, params: Any, store, rows: np.ndarray) -> float:
-    """Forward FLOP/s of one scoring batch after compilation (not counted as selection)."""
+    """Forward FLOP/s of one scoring batch after compilation.
+
+    Its two batches (compile, timed) are not selection (`flops`) but count in
+    `measure_flops` / `run_flops`.
+    """
     rows = np.asarray(rows, np.int64)[:self.batch_rows]
     if rows.size == 0:
       return 0.0
-    n0, s0 = self.rows_scored, self.seconds
+    n0, r0, s0 = self.rows_scored, self.rows_run, self.seconds
     for _ in self.stream(params, store, rows):  # compile
       pass
     t0 = time.perf_counter()
     for _ in self.stream(params, store, rows):
       pass
     dt = time.perf_counter() - t0
-    self.rows_scored, self.seconds = n0, s0
+    self.measure_flops += (self.rows_run - r0) * self.seq_len * self.fwd_flops_tok
+    self.rows_scored, self.rows_run, self.seconds = n0, r0, s0
     return self.batch_rows * self.seq_len * self.fwd_flops_tok / max(dt, 1e-9)

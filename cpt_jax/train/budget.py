@@ -5,29 +5,47 @@ scoring, replay, teacher forwards and T. Before training, the replay planner
 sizes the stage to fit (cpt_jax/replay/planner.py); this guard holds the cap
 during training. At every log boundary (the step metrics are fetched there
 anyway, so the check adds no device sync) the stage ends when what it has
-used, plus the next log window at the pace of the last one, would pass a cap.
+used, plus the next log window at the pace of the last one, plus the one-off
+work already scheduled inside that window (online replay refreshes,
+`Usage.lookahead`), would pass a cap. The pace leaves one-off work
+(`Usage.fixed_*`) out, so a refresh in the last window is not taken for pace.
 The stopped stage evaluates, checkpoints and reports like a finished one
 (`summary["budget"]["stopped_at"]`), and a re-run of it trains no further
 unless the caps changed.
 
 Seconds are the stage's wall clock (selection, compilation, evaluation and
 checkpoints included) summed over restarts; TFLOPs are the train step's model
-FLOPs plus teacher forwards and selection scoring. The closing evaluation and
-checkpoint after a stop are outside the cap.
+FLOPs plus teacher forwards, every forward the replay scorer ran (selection,
+online refreshes, the padding of partial batches, the rate measurement), the
+EWC Fisher pass and the mixing controllers' reference forwards. The closing
+evaluation and checkpoint after a stop are outside the cap.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
+
+# n -> (TFLOPs, seconds) of the one-off work scheduled in the next n steps.
+Lookahead = Callable[[int], tuple[float, float]]
 
 
 @dataclasses.dataclass
 class Usage:
-  """What the stage has used by `step` (whole stage, all invocations)."""
+  """What the stage has used by `step` (whole stage, all invocations).
+
+  fixed_tflops / fixed_seconds: the one-off part of tflops / seconds (selection
+  and refresh scoring, Fisher pass, reference forwards), left out of the pace;
+  lookahead: the one-off work already scheduled after `step`; parts: tflops by
+  component, for the summary.
+  """
   step: int
   seconds: float
   tflops: float
+  fixed_tflops: float = 0.0
+  fixed_seconds: float = 0.0
+  lookahead: Lookahead | None = None
+  parts: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -38,6 +56,10 @@ class StageBudget:
   seconds_before: float = 0.0  # wall clock of earlier invocations of this stage
   stopped_at: int | None = None  # the step a cap ended the stage at
   reason: str = ""
+  # One-off TFLOPs counted by the trainer outside the train step and the
+  # replay scorer (e.g. 'reference': controller reference forwards), summed
+  # over restarts (host state in the checkpoint).
+  counted: dict[str, float] = dataclasses.field(default_factory=dict)
   _last: Usage | None = None  # the previous check, for the pace
 
   @property
@@ -48,14 +70,25 @@ class StageBudget:
     """Marks where the pace is measured from (the loop's first step)."""
     self._last = usage
 
+  def count(self, name: str, tflops: float) -> None:
+    """Adds one-off TFLOPs under `name` (see `counted`)."""
+    self.counted[name] = self.counted.get(name, 0.0) + float(tflops)
+
   def check(self, usage: Usage, next_steps: int) -> str:
-    """'' to go on, else why the stage stops before the next `next_steps` steps."""
+    """'' to go on, else why the stage stops before the next `next_steps` steps.
+
+    Needed: the last window's per-step pace without its one-off work, times
+    next_steps, plus the one-off work scheduled in those steps.
+    """
     last, self._last = self._last, usage
     if not self.active or next_steps <= 0 or last is None or usage.step <= last.step:
       return ""
-    per_step_s = (usage.seconds - last.seconds) / (usage.step - last.step)
-    per_step_tf = (usage.tflops - last.tflops) / (usage.step - last.step)
-    need_s, need_tf = per_step_s * next_steps, per_step_tf * next_steps
+    n = usage.step - last.step
+    per_step_s = ((usage.seconds - usage.fixed_seconds) - (last.seconds - last.fixed_seconds)) / n
+    per_step_tf = ((usage.tflops - usage.fixed_tflops) - (last.tflops - last.fixed_tflops)) / n
+    ahead_tf, ahead_s = usage.lookahead(next_steps) if usage.lookahead else (0.0, 0.0)
+    need_s = max(per_step_s, 0.0) * next_steps + ahead_s
+    need_tf = max(per_step_tf, 0.0) * next_steps + ahead_tf
     if self.max_seconds and usage.seconds + need_s > self.max_seconds:
       return (f"replay.max_seconds={self.max_seconds:g}: {usage.seconds:.1f} s used by step "
               f"{usage.step}, the next {next_steps} steps need ~{need_s:.1f} s more")
@@ -69,11 +102,14 @@ class StageBudget:
 
   def state_dict(self, seconds_used: float) -> dict[str, Any]:
     return {"seconds": float(seconds_used), "stopped_at": self.stopped_at, "reason": self.reason,
-            "max_tflops": self.max_tflops, "max_seconds": self.max_seconds}
+            "max_tflops": self.max_tflops, "max_seconds": self.max_seconds,
+            "counted": dict(self.counted)}
 
   def load_state_dict(self, state: dict[str, Any] | None) -> None:
     state = state or {}
     self.seconds_before = float(state.get("seconds", 0.0))
+    for name, tflops in (state.get("counted") or {}).items():  # earlier invocations' counts
+      self.count(name, tflops)
     stopped = state.get("stopped_at")
     caps = (float(state.get("max_tflops", 0.0)), float(state.get("max_seconds", 0.0)))
     if caps != (self.max_tflops, self.max_seconds):  # other caps: they decide afresh
@@ -84,4 +120,5 @@ class StageBudget:
   def summary(self, usage: Usage) -> dict[str, Any]:
     return {"max_tflops": self.max_tflops, "max_seconds": self.max_seconds,
             "seconds_used": usage.seconds, "tflops_used": usage.tflops,
+            "tflops_by_part": dict(usage.parts),
             "stopped_at": self.stopped_at, "reason": self.reason}

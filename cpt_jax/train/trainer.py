@@ -102,9 +102,8 @@ def default_frozen(ctx: RunContext, params, pipeline) -> dict:
     old = [d for d, r in zip(pipeline.domains, pipeline.roles) if r in ("replay", "distill")]
     if not old:
       raise ValueError("objective.ewc > 0 needs old-domain data: set data.replay or data.distill")
-    rows = ctx.config.objective.ewc_batches * ctx.config.train.global_batch_size
-    frozen["fisher"] = regularizers.estimate_fisher(ctx, params, pipeline, old, rows,
-                                                    ctx.config.seed)
+    frozen["fisher"] = regularizers.estimate_fisher(  # its FLOPs: Trainer._usage
+        ctx, params, pipeline, old, regularizers.fisher_rows(ctx.config), ctx.config.seed)
   return frozen
 
 
@@ -247,9 +246,11 @@ class Trainer:
   def reference_losses(self, params, rows_per_domain: int | None = None) -> dict[str, float]:
     """Per-domain CE of `params` (the stage's starting model) on training rows.
 
-    The reference the rate controllers compare the running loss against.
+    The reference the rate controllers compare the running loss against. Its
+    forwards count in the stage's budget (`budget.counted['reference']`).
     """
     rows = rows_per_domain or self.config.train.global_batch_size
+    seq_len = self.config.data.seq_len
     out = {}
     self._ensure_eval_step()
     for d, r in zip(self.pipeline.domains, self.pipeline.roles):
@@ -259,6 +260,8 @@ class Trainer:
       m = jax.device_get(self._eval_step(params, {
           k: jax.device_put(v, shd.replicated(self.ctx.mesh)) for k, v in batch.items()}))
       out[d] = float(m["ce_sum"]) / max(float(m["tokens"]), 1.0)
+      self.budget.count("reference", batch["inputs"].shape[0] * seq_len * flops_per_token(
+          self.ctx.model_cfg, seq_len, training=False) / 1e12)
     return out
 
   # ------------------------------------------------------------------ eval
@@ -458,12 +461,25 @@ class Trainer:
         self.ctx.model_cfg, seq_len, training=False) / 1e12
 
   def _usage(self, step: int) -> budget_lib.Usage:
-    """Seconds (all invocations) and TFLOPs (train + teacher + selection) by `step`."""
-    tflops = self._train_tflops(step) + self._teacher_tflops()
+    """Seconds (all invocations) and TFLOPs by `step`: train steps, teacher forwards, every
+    replay scoring forward run (padding, rate measurement, refreshes), the EWC Fisher pass
+    (default frozen trees) and the controllers' reference forwards; the one-off parts are
+    `fixed_*`, the online refreshes due next the `lookahead`."""
+    parts = {"train": self._train_tflops(step), "teacher": self._teacher_tflops(),
+             **self.budget.counted}
+    if "fisher" in self.ctx.frozen_keys and self.frozen_fn is None:  # at the fresh start
+      parts["fisher"] = regularizers.fisher_tflops(self.config, self.ctx.model_cfg)
+    fixed_s, lookahead = 0.0, None
     if self.replay is not None:
-      tflops += self.replay.scorer.flops / 1e12
-    return budget_lib.Usage(step=step, tflops=tflops, seconds=self.budget.seconds_before
-                            + time.perf_counter() - self._t_start)
+      parts["selection"] = self.replay.scorer.run_flops / 1e12
+      fixed_s = self.replay.seconds
+      lookahead = lambda n: self.replay.pending(step, n)
+    return budget_lib.Usage(step=step, tflops=sum(parts.values()),
+                            seconds=self.budget.seconds_before + time.perf_counter()
+                            - self._t_start,
+                            fixed_tflops=sum(v for k, v in parts.items()
+                                             if k not in ("train", "teacher")),
+                            fixed_seconds=fixed_s, lookahead=lookahead, parts=parts)
 
   def _budget_stop(self, done: int, next_steps: int) -> bool:
     """Whether the stage ends at `done` (the same answer on every process)."""
