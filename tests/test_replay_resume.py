@@ -56,3 +56,45 @@ def test_online_replay_with_kept_teacher_resumes_like_an_uninterrupted_run(tmp_p
   for s in (6, 8):
     assert got[s] == pytest.approx(ref_loss[s], abs=1e-6), s
   np.testing.assert_allclose(out["eval"]["beta"]["loss"], ref["eval"]["beta"]["loss"], rtol=1e-5)
+
+
+def test_plan_timing_and_selection_files_come_from_process_0(tmp_path, monkeypatch):
+  """The measured rate is process 0's on every process; only process 0 writes files."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  corpus = write_corpus(tmp_path / "corpus", docs=60)
+  c = _config(corpus, tmp_path, max_seconds=1e6)
+  trainer = trainer_lib.Trainer(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+  try:
+    state, _ = trainer.initial_state()
+    manager = trainer.replay
+    x = np.array([3.0, 0.25])
+
+    def not_called(v):
+      raise AssertionError("broadcast with one process")
+
+    with monkeypatch.context() as m:  # one process: the value itself, no collective
+      m.setattr(multihost_utils, "broadcast_one_to_all", not_called)
+      assert manager_lib._from_process_0(x) is x  # pylint: disable=protected-access
+    with monkeypatch.context() as m:  # two: what the broadcast from process 0 returns
+      m.setattr(jax, "process_count", lambda: 2)
+      m.setattr(multihost_utils, "broadcast_one_to_all", lambda v: np.array([7.0, 0.5]))
+      np.testing.assert_array_equal(
+          manager_lib._from_process_0(x), [7.0, 0.5])  # pylint: disable=protected-access
+    with monkeypatch.context() as m:  # the plan uses the agreed rate and seconds
+      m.setattr(manager_lib, "_from_process_0", lambda v: np.array([2e9, 3.5]))
+      plan = manager._make_plan(trainer.model_params(state.params))  # pylint: disable=protected-access
+    assert plan["flops_per_second"] == 2e9 and plan["measure_seconds"] == 3.5
+    assert plan["seconds"]["new"] == pytest.approx(plan["tflops"]["new"] * 1e12 / 2e9)
+
+    sel_dir = tmp_path / "run" / "replay_selection"
+    assert (sel_dir / "selection.jsonl").is_file()  # written at the start (process 0)
+    for f in sel_dir.iterdir():
+      f.unlink()
+    with monkeypatch.context() as m:
+      m.setattr(jax, "process_index", lambda: 1)
+      manager._write()  # pylint: disable=protected-access
+    assert not list(sel_dir.iterdir())
+    manager._write()  # pylint: disable=protected-access
+    assert sorted(f.name for f in sel_dir.iterdir()) == ["meta.json", "selection.jsonl"]
+  finally:
+    trainer.close()

@@ -6,10 +6,13 @@
   host["replay"] = manager.state_dict()            # checkpointed with the data state
   summary["selection"] = manager.summary(summary)  # tokens, TFLOPs, seconds, plan vs actual
 
-The selection is written to <workdir>/replay_selection/ (see selection.py); on
-resume that file (or, for `online`, the checkpointed buffer) is reused, so no
-scoring is repeated. With `data.replay_selection` set, that selection is used
-as is (no scoring) and only the mixture weights are planned.
+The selection is written to <workdir>/replay_selection/ (see selection.py) by
+process 0 only (every process holds the same selection in memory); on resume
+that file (or, for `online`, the checkpointed buffer) is reused, so no scoring
+is repeated. With `data.replay_selection` set, that selection is used as is (no
+scoring) and only the mixture weights are planned. The plan depends on a
+measured scoring rate (`replay.max_seconds`); process 0's measurement is
+broadcast so every process plans (and scores) the same.
 
 Every forward the scorer runs (padding, rate measurement, refreshes) counts
 in `scorer.run_flops`, checkpointed with the host state; `pending(done, n)`
@@ -37,6 +40,19 @@ from cpt_jax.replay import strategies as strategies_lib
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"[cpt_jax] {msg}", flush=True)
+
+
+def _from_process_0(x: np.ndarray) -> np.ndarray:
+  """`x` as process 0 has it, on every process (x itself with one process).
+
+  multihost_utils.broadcast_one_to_all: every process passes its x, the others
+  contribute zeros to a cross-process sum, so all get process 0's values (as
+  float32 without x64); a collective, so every process must call it.
+  """
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.broadcast_one_to_all(x), np.float64)
 
 
 class ReplayManager:
@@ -82,6 +98,10 @@ class ReplayManager:
                                     np.arange(min(self.scorer.batch_rows,
                                                   self.stores[d0].num_rows)))
     measure_seconds = time.perf_counter() - t0
+    # A timing: processes differ. Process 0's decides, or plans (candidates,
+    # refreshes) could differ and the scoring collectives hang.
+    rate, measure_seconds = (float(v) for v in _from_process_0(
+        np.array([rate, measure_seconds], np.float64)))
     return dict(measure_seconds=measure_seconds) | planner_lib.plan(
         rcfg=self.rcfg, steps=c.train.steps, batch=c.train.global_batch_size,
         seq_len=c.data.seq_len, weights=self._configured_weights(), roles=self.roles,
@@ -129,8 +149,7 @@ class ReplayManager:
       k = self.plan["buffer_rows"]
       self.selection = self.strategy.select(env, k, self.plan["candidates"])
       self.seconds += time.perf_counter() - t0
-      if jax.process_index() == 0:
-        self._write()
+      self._write()
       _log(f"replay selection [{self.strategy.name}]: {self.selection.num_rows} rows "
            f"({ {d: int(v.size) for d, v in self.selection.rows.items()} }) from "
            f"{self.selection.candidates} candidates; {self.scorer.flops / 1e12:.4g} TFLOPs, "
@@ -144,6 +163,9 @@ class ReplayManager:
       self.online = OnlineBuffer(self, None if resume else params, host, state)
 
   def _write(self) -> None:
+    """Writes the selection files from process 0 (one writer, one temporary path)."""
+    if jax.process_index() != 0:
+      return
     s = self.selection
     selection_lib.write_selection(self.dir, s.rows, s.scores, {
         "strategy": self.strategy.name, "budget": self.rcfg.budget,
