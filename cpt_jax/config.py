@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
       init_from_hf="",  # Warm-start from a Hugging Face folder (config.json + safetensors);
       # sets config.model from it and data.vocab to its tokenizer when data.vocab='byte'.
       progress_bar=True,  # tqdm progress bar with rate and ETA.
-      peak_flops=0.0,  # FLOP/s of the hardware for MFU (0: measure a matmul at start).
+      peak_flops=0.0,  # One device's peak FLOP/s; MFU divides by it x devices (0: measure).
   )
 
   c.optimizer = config_dict.create(

@@ -163,3 +163,16 @@ def test_hard_budget_stops_the_stage_and_a_rerun_trains_no_further(corpus, tmp_p
   raised = budget_lib.StageBudget(max_seconds=200.0)  # a raised cap lets the stage go on
   raised.load_state_dict(b.state_dict(seconds_used=85.0))
   assert (raised.seconds_before, raised.stopped_at) == (85.0, None)
+
+
+def test_log_window_means_a_term_over_the_steps_that_computed_it():
+  """kd_term exists only on steps that ran the teacher: its mean is over those."""
+  w = trainer_lib._Window(1)  # pylint: disable=protected-access
+  zero = {"domain_ce_sum": np.zeros(1), "domain_tokens": np.ones(1),
+          "role_ce_sum": np.zeros(4), "role_tokens": np.ones(4)}
+  w.add({**zero, "loss": 3.0, "kd_term": 2.0, "teacher_rows": 4})
+  w.add({**zero, "loss": 1.0, "teacher_rows": 0})  # a step without teacher rows
+  w.add({**zero, "loss": 2.0, "kd_term": 4.0, "teacher_rows": 4})
+  out = w.summary(["a"])
+  assert out["loss"] == pytest.approx(2.0) and out["kd_term"] == pytest.approx(3.0)
+  assert "teacher_rows" not in out

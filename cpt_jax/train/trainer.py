@@ -161,6 +161,8 @@ class Trainer:
                                              config.train.grad_accum_steps, **hooks)
     self._jitted: dict[bool, Callable] = {}
     self._eval_step = None
+    # Steps whose batch had no row for the teacher, in runs whose teacher runs on rows.
+    self.has_teacher_rows = obj.lambda_kd > 0 or obj.replay_kd > 0
     self.teacher_skipped_steps = 0
     self.teacher_rows = 0
     self.state: state_lib.TrainState | None = None
@@ -294,7 +296,7 @@ class Trainer:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         roles = np.asarray(multihost_utils.process_allgather(roles, tiled=True))
       idx = step_lib.distill_index(roles, self.config.train.grad_accum_steps,
-                                   with_replay=o.replay_kd > 0)
+                                   with_replay=o.replay_kd > 0, with_distill=o.lambda_kd > 0)
       if idx is not None:
         batch["distill_index"] = jax.device_put(idx, shd.replicated(self.ctx.mesh))
     return batch
@@ -319,8 +321,10 @@ class Trainer:
     # Parameter / optimizer-state bytes per group (sigma / tau, or 'model').
     state_bytes = decomp_lib.state_bytes(self.state.params, self.state.opt_state, ctx.decomp)
     writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
+    # MFU = model FLOP/s over the whole mesh's peak: one device's peak x devices.
     peak = float(t.peak_flops) or metrics_lib.measure_matmul_peak(
         dtype=jnp.dtype(c.model.dtype))
+    mesh_peak = peak * ctx.mesh.devices.size
     flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len)
     tokens_per_step = t.global_batch_size * c.data.seq_len
     domains = list(self.pipeline.domains)
@@ -350,7 +354,7 @@ class Trainer:
             f"loss is {loss} at step {s} (run {self.workdir}); stopping. The last good "
             f"checkpoint is step {latest}" if latest is not None else
             f"loss is {loss} at step {s} (run {self.workdir}); stopping before any checkpoint")
-      if int(m["teacher_rows"]) == 0:
+      if int(m["teacher_rows"]) == 0 and self.has_teacher_rows:
         self.teacher_skipped_steps += 1
       self.teacher_rows += int(m["teacher_rows"])
       window.add(m)
@@ -381,7 +385,7 @@ class Trainer:
           tps = window.steps * tokens_per_step / max(dt, 1e-9)
           record.update(
               learning_rate=float(ctx.schedule(done - 1)), tokens_per_sec=tps,
-              mfu=tps * flops_tok / peak, teacher_skipped_steps=self.teacher_skipped_steps,
+              mfu=tps * flops_tok / mesh_peak, teacher_skipped_steps=self.teacher_skipped_steps,
               teacher_rows=self.teacher_rows, weights=_named(domains, self.pipeline.weights),
               data=self.pipeline.stats())
           if ctx.decomp is not None:
@@ -429,6 +433,7 @@ class Trainer:
         "teacher_rows": self.teacher_rows,
         "teacher_tflops": self._teacher_tflops(),
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
+        "num_devices": int(ctx.mesh.devices.size),
         "data": self.pipeline.stats()}
     if self.replay is not None:  # replay selection: cost next to the run's
       summary["selection"] = self.replay.summary(summary)
@@ -444,8 +449,8 @@ class Trainer:
             "teacher_rows": self.teacher_rows, "mixing": self.controller.state_dict()}
     if self.replay is not None:  # replay selection state (buffer ids, online state)
       host["replay"] = self.replay.state_dict()
-    if self.budget.active:
-      host["budget"] = self.budget.state_dict(self._usage(step).seconds)
+    # Seconds and one-off FLOPs so far: a later cap (or re-run) counts them too.
+    host["budget"] = self.budget.state_dict(self._usage(step).seconds)
     self.checkpointer.save(step, self.state, host)
 
   def _train_tflops(self, step: int) -> float:
@@ -512,6 +517,7 @@ class _Window:
   def __init__(self, num_domains: int):
     self.steps = 0
     self.scalars: dict[str, float] = {}
+    self.counts: dict[str, int] = {}  # steps that reported each scalar (kd_term: teacher steps)
     self.domain_ce = np.zeros(num_domains)
     self.domain_tok = np.zeros(num_domains)
     self.role_ce = np.zeros(len(batch_lib.ROLES))
@@ -526,9 +532,12 @@ class _Window:
     for k, v in m.items():
       if np.ndim(v) == 0 and k != "teacher_rows":
         self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
+        self.counts[k] = self.counts.get(k, 0) + 1
 
   def summary(self, domains) -> dict[str, Any]:
-    out = {k: v / max(self.steps, 1) for k, v in self.scalars.items()}
+    # A scalar only some steps report (kd_term, replay_kd_term: steps that ran the
+    # teacher) is the mean over those steps.
+    out = {k: v / self.counts[k] for k, v in self.scalars.items()}
     out["domain_loss"] = {d: float(self.domain_ce[i] / self.domain_tok[i])
                           for i, d in enumerate(domains) if self.domain_tok[i] > 0}
     out["domain_tokens"] = {d: int(self.domain_tok[i])
