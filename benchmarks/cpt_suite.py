@@ -21,7 +21,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpt_jax.replay import suite  # pylint: disable=wrong-import-position
+from cpt_jax.data import sources as sources_lib  # pylint: disable=wrong-import-position
+import suite_lib as suite  # pylint: disable=wrong-import-position
 
 
 def main(argv=None):
@@ -48,8 +49,7 @@ def main(argv=None):
   p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "cpt_suite_cache"))
   p.add_argument("--workdir", default="")
   a = p.parse_args(argv)
-  from cpt_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
-  s = suite.Settings(corpora=data_config.find_corpus_dir(a.corpora), cache=a.cache,
+  s = suite.Settings(corpora=sources_lib.find_corpus_dir(a.corpora), cache=a.cache,
                      workdir=a.workdir)
   if a.quick:
     s = suite.quick(s)

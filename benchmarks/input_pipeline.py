@@ -4,7 +4,7 @@
 
 Prints one JSON object: tokens_per_sec (batch slots B*L per second through
 `next_batch` with prefetch, byte vocabulary, warm cache), ratio_to_train_step
-(tokens_per_sec / cpt_jax.train.bench.train_step_tokens_per_sec(config), null
+(tokens_per_sec / bench_lib.train_step_tokens_per_sec(config), null
 when that is not importable), cold build time, and the same figures for a
 SentencePiece vocabulary trained on the fly. Without a corpus directory it
 falls back to the builtin stdlib corpus.
@@ -21,9 +21,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpt_jax.data import builtin_corpus  # pylint: disable=g-import-not-at-top
-from cpt_jax.data import config as config_lib
-from cpt_jax.data import pipeline as pipeline_lib
+import bench_lib as bench  # pylint: disable=wrong-import-position
+from cpt_jax.data import builtin_corpus  # pylint: disable=wrong-import-position
+from cpt_jax.data import pipeline as pipeline_lib  # pylint: disable=wrong-import-position
+from cpt_jax.data import sources as sources_lib  # pylint: disable=wrong-import-position
+from cpt_jax.schema import data as config_lib  # pylint: disable=wrong-import-position
 
 
 def measure(cfg, batch: int, steps: int) -> dict:
@@ -77,15 +79,9 @@ def train_spm(corpus: str, domains: list[str], out_dir: str, vocab_size: int) ->
 def train_step_rate(batch: int, seq_len: int):
   """Train-step tokens/s at the same batch shape, or (None, why not)."""
   try:
-    from cpt_jax.train import bench  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    return None, f"cpt_jax.train.bench not importable: {e}"
-  try:
-    config = None
-    if hasattr(bench, "throughput_config"):
-      config = bench.throughput_config()
-      config.train.global_batch_size = batch
-      config.data.seq_len = seq_len
+    config = bench.throughput_config()
+    config.train.global_batch_size = batch
+    config.data.seq_len = seq_len
     return float(bench.train_step_tokens_per_sec(config)), None
   except Exception as e:  # pylint: disable=broad-except
     return None, f"train_step_tokens_per_sec failed: {type(e).__name__}: {e}"
@@ -104,7 +100,7 @@ def main() -> int:
   a = ap.parse_args()
 
   tmp = tempfile.mkdtemp(prefix="cpt_bench_")
-  corpus = config_lib.find_corpus_dir(a.corpora)
+  corpus = sources_lib.find_corpus_dir(a.corpora)
   note = None
   if not os.path.isdir(corpus):
     note = f"{corpus} missing; used the builtin stdlib corpus"

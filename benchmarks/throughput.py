@@ -27,7 +27,8 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 
 from cpt_jax import batch as batch_lib  # pylint: disable=wrong-import-position
 from cpt_jax.model.transformer import flops_per_token, ModelConfig  # pylint: disable=wrong-import-position
-from cpt_jax.train import bench, metrics  # pylint: disable=wrong-import-position
+from cpt_jax.train import metrics  # pylint: disable=wrong-import-position
+import bench_lib as bench  # pylint: disable=wrong-import-position
 
 
 class PlainBlock(nn.Module):
@@ -144,7 +145,7 @@ def main() -> None:
   flops_step = flops_per_token(model_cfg, seq) * bsz * seq
 
   from cpt_jax import mixing  # pylint: disable=g-import-not-at-top
-  from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
+  from cpt_jax.schema import mixing as mixing_config  # pylint: disable=g-import-not-at-top
   overhead = {}
   for name in ("doremi", "exp3", "forgetting"):
     mcfg = mixing_config.default_mixing_config()

@@ -1,12 +1,19 @@
-"""The config schema: every key a run may set, its default, and validation.
+"""The config schema: every key a run may set, its default, validation, and stages.
 
 Config files in `configs/` start from `default_config()` and override fields;
 `validate_config` rejects keys the schema does not know and settings that cannot
-run (mesh, batch) before anything compiles.
+run (mesh, batch) before anything compiles. The groups `data`, `mixing`,
+`replay` and `decomposition` live in `cpt_jax/schema/`; this module assembles
+them. It is the bottom of the package's layers: it imports only the schema
+groups, `batch` and `parallel/sharding` (see ARCHITECTURE.md).
+
+Stages (`stage_order`, `stages.<name>`): each stage is the base config with the
+stage's groups laid over it (`stage_config`); `stages.py` runs them.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Any
 
@@ -14,6 +21,17 @@ import ml_collections
 from ml_collections import config_dict
 
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.schema import data as data_schema
+from cpt_jax.schema import decomposition as decomposition_schema
+from cpt_jax.schema import mixing as mixing_schema
+from cpt_jax.schema import replay as replay_schema
+
+ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
+LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
+# Groups a stage may override (the model, mesh and runtime are per run).
+STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
+                "decomposition")  # decomposition: each stage may add its own tau
+STAGE_FIELDS = ("init_from", "description")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -105,40 +123,16 @@ def default_config() -> ml_collections.ConfigDict:
       process_id=-1,  # -1 = from the environment.
   )
 
-  c.data = _data_config()
-  from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
-  c.mixing = mixing_config.default_mixing_config()
-  # --- replay selection (cpt_jax/replay) ---
-  from cpt_jax.replay import config as replay_config  # pylint: disable=g-import-not-at-top
-  c.replay = replay_config.default_replay_config()
-  # --- end replay selection ---
+  c.data = data_schema.default_data_config()
+  c.mixing = mixing_schema.default_mixing_config()
+  c.replay = replay_schema.default_replay_config()
 
-  # --- sigma / tau decomposition (cpt_jax/train/decomposition.py) ---
-  c.decomposition = config_dict.create(
-      mode="",  # '' (off), 'lora' (tau = LoRA adapters) or 'subtree' (tau = delta on leaves).
-      targets=r"attn/(q|v)/kernel",  # Regex over param paths ('layers_0/attn/q/kernel'): tau.
-      lora_rank=8,  # LoRA rank r.
-      lora_alpha=16.0,  # LoRA scale alpha: delta = alpha / r * A @ B.
-      routing=True,  # sigma <- replay/distill rows (+ L2-SP/EWC), tau <- new rows.
-      freeze_sigma=False,  # sigma gets no gradient and no optimizer state.
-      skip_idle_updates=True,  # A group with no signal in a step gets an exactly-zero update.
-      tau_lr=-1.0,  # tau's peak LR (<0: optimizer.lr).
-      tau_schedule="",  # tau's LR schedule ('': optimizer.schedule).
-      tau_warmup_steps=-1,  # tau's warmup (<0: optimizer.warmup_steps).
-      tau_weight_decay=-1.0,  # tau's weight decay (<0: optimizer.weight_decay).
-      eval_without_tau=True,  # Also evaluate every domain with sigma alone (summary).
-  )
-  # --- end sigma / tau decomposition ---
+  c.decomposition = decomposition_schema.default_decomposition_config()  # sigma / tau
 
   # Stages (continued pre-training): see cpt_jax/stages.py. Empty = one run.
   c.stage_order = ""  # Comma-separated stage names, in run order.
   c.stages = ml_collections.ConfigDict()  # name -> {init_from, data, train, optimizer, ...}
   return c
-
-
-def _data_config() -> ml_collections.ConfigDict:
-  from cpt_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
-  return data_config.default_data_config()
 
 
 def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
@@ -148,32 +142,11 @@ def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, li
     if key not in schema:
       out.append((path, list(schema.keys())))
       continue
-    if path == "stages":  # stage contents are checked by stages.validate_stages
+    if path == "stages":  # stage contents are checked by validate_stages
       continue
     sub, ref = cfg[key], schema[key]
     if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, ml_collections.ConfigDict):
       out += _unknown_keys(sub, ref, path + ".")
-  return out
-
-
-def apply_init_from_hf(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of cfg whose model (and byte vocab) come from `train.init_from_hf`."""
-  if not cfg.train.init_from_hf:
-    return cfg
-  import copy  # pylint: disable=g-import-not-at-top
-  from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
-  out = copy.deepcopy(cfg)
-  path = cfg.train.init_from_hf
-  with out.unlocked():
-    keep = {k: out.model[k] for k in ("dtype", "remat", "scan_layers", "attention",
-                                      "vocab_pad_multiple", "init_std")}
-    out.model.update(hf.hf_model_config(path, seq_len=cfg.data.seq_len))
-    out.model.update(keep)
-    if out.data.vocab == "byte":
-      try:
-        out.data.vocab = hf.hf_vocab(path)
-      except FileNotFoundError:
-        pass  # no tokenizer in the folder: keep the byte vocabulary
   return out
 
 
@@ -199,10 +172,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      f"{m.num_heads}; set model.head_dim")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'")
-  from cpt_jax.model import transformer  # pylint: disable=g-import-not-at-top
-  if m.attention not in transformer.ATTENTION_KINDS:
-    raise ValueError(f"model.attention={m.attention!r}; expected one of "
-                     f"{transformer.ATTENTION_KINDS}")
+  if m.attention not in ATTENTION_KINDS:
+    raise ValueError(f"model.attention={m.attention!r}; expected one of {ATTENTION_KINDS}")
+  if cfg.optimizer.schedule not in LR_SCHEDULES:
+    raise ValueError(f"optimizer.schedule={cfg.optimizer.schedule!r}; expected one of "
+                     f"{LR_SCHEDULES}")
   if t.steps < 1:
     raise ValueError(f"train.steps={t.steps} must be >= 1")
   if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
@@ -224,18 +198,14 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
       if m[key] % tp:
         raise ValueError(f"model.{key}={m[key]} is not divisible by the tensor axis "
                          f"({tp}) of sharding.mesh_shape={shape}")
-  from cpt_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
-  if cfg.stage_order or len(cfg.stages):
-    from cpt_jax import stages  # pylint: disable=g-import-not-at-top
-    stages.validate_stages(cfg)
-    for name in stages.stage_names(cfg):
-      data_config.validate_data_config(stages.stage_config(cfg, name).data)
+  if is_staged(cfg):
+    validate_stages(cfg)
+    for name in stage_names(cfg):
+      data_schema.validate_data_config(stage_config(cfg, name).data)
   else:
-    data_config.validate_data_config(cfg.data)
-  from cpt_jax.mixing import config as mixing_config  # pylint: disable=g-import-not-at-top
-  mixing_config.validate_mixing_config(cfg.mixing, log_every=t.log_every)
-  from cpt_jax.replay import config as replay_config  # pylint: disable=g-import-not-at-top
-  replay_config.validate_replay_config(cfg.replay)  # replay selection
+    data_schema.validate_data_config(cfg.data)
+  mixing_schema.validate_mixing_config(cfg.mixing, log_every=t.log_every)
+  replay_schema.validate_replay_config(cfg.replay)
   o = cfg.objective
   if min(o.lambda_kd, o.lambda_replay, o.replay_kd, o.l2sp, o.ewc) < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / replay_kd / l2sp / ewc must be >= 0")
@@ -243,7 +213,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     raise ValueError("set one of train.init_checkpoint and train.init_from_hf, not both")
   if (o.lambda_kd > 0 or o.replay_kd > 0 or o.l2sp > 0 or o.ewc > 0) \
       and not t.init_checkpoint and not t.init_from_hf \
-      and not (cfg.stage_order or len(cfg.stages)):
+      and not is_staged(cfg):
     raise ValueError("objective.lambda_kd / replay_kd / l2sp / ewc need a starting model (the "
                      "teacher): "
                      "set train.init_checkpoint, or run them as a stage with init_from")
@@ -252,5 +222,82 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      "from the model) or 'empirical' (the data's labels)")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
-  from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
-  decomposition.validate_config(cfg)  # sigma / tau decomposition
+  decomposition_schema.validate_decomposition_config(cfg.decomposition, "decomposition",
+                                                    LR_SCHEDULES)
+  for name in (stage_names(cfg) if is_staged(cfg) else ()):
+    if "decomposition" in cfg.stages[name]:
+      decomposition_schema.validate_decomposition_config(
+          stage_config(cfg, name).decomposition, f"stages.{name}.decomposition", LR_SCHEDULES)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def is_staged(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config runs a sequence of stages (`stage_order` / `stages`)."""
+  return bool(config.stage_order) or len(config.stages) > 0
+
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The stage order; errors name `stage_order` / `stages.<name>`."""
+  names = [n for n in (s.strip() for s in config.stage_order.split(",")) if n]
+  defined = list(config.stages.keys())
+  if not names and defined:
+    raise ValueError(f"config.stages defines {defined} but config.stage_order is empty")
+  for n in names:
+    if n not in config.stages:
+      raise ValueError(f"stage_order names {n!r}, which config.stages does not define "
+                       f"(defined: {defined})")
+  extra = [n for n in defined if n not in names]
+  if extra:
+    raise ValueError(f"config.stages defines {extra}, which stage_order does not list")
+  if len(set(names)) != len(names):
+    raise ValueError(f"stage_order lists a stage twice: {config.stage_order!r}")
+  return names
+
+
+def validate_stages(config: ml_collections.ConfigDict) -> None:
+  """Unknown keys inside a stage, or a bad `init_from`, raise ValueError."""
+  names = stage_names(config)
+  schema = default_config()
+  for i, name in enumerate(names):
+    stage = config.stages[name]
+    for key in stage.keys():
+      if key in STAGE_FIELDS:
+        continue
+      if key not in STAGE_GROUPS or key not in schema:
+        raise ValueError(f"stages.{name}.{key}: a stage may set {STAGE_FIELDS + STAGE_GROUPS}")
+      for sub in stage[key].keys():
+        if sub not in schema[key]:
+          raise ValueError(f"unknown config key 'stages.{name}.{key}.{sub}'")
+    init = stage.get("init_from", "")
+    if init not in ("", "scratch") and init not in names[:i]:
+      raise ValueError(f"stages.{name}.init_from={init!r} must name an earlier stage "
+                       f"({names[:i]}), or be '' or 'scratch'")
+
+
+def init_stage_of(config: ml_collections.ConfigDict, name: str) -> str | None:
+  """The stage `name` warm-starts from, or None for random init / external init."""
+  names = stage_names(config)
+  init = config.stages[name].get("init_from", "")
+  if init == "scratch":
+    return None
+  if init:
+    return init
+  i = names.index(name)
+  return names[i - 1] if i > 0 else None
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The base config with stage `name`'s groups laid over it (and no stages)."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    stage = config.stages[name]
+    for group in STAGE_GROUPS:
+      if group in stage:
+        for key, value in stage[group].items():
+          out[group][key] = value
+    out.stages = ml_collections.ConfigDict()
+    out.stage_order = ""
+    out.run_name = name
+  return out

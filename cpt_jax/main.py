@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cpt_jax import run
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, reports.")
@@ -23,7 +25,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library chatter off; --verbosity=0 restores it
-  from cpt_jax import run  # pylint: disable=g-import-not-at-top
   run.run(_CONFIG.value, _WORKDIR.value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from cpt_jax import config as config_lib
 from cpt_jax import stages
 from cpt_jax.train import trainer
 
@@ -13,6 +14,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> di
 
   Returns the run summary, or for a staged config the report (see stages.py).
   """
-  if config.stage_order or len(config.stages):
+  if config_lib.is_staged(config):
     return stages.run_stages(config, workdir, **trainer_kwargs)
   return trainer.train(config, workdir, **trainer_kwargs)

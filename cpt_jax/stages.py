@@ -22,7 +22,6 @@ are written by process 0 only; every process returns the same results.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -32,80 +31,15 @@ import jax
 import ml_collections
 
 from cpt_jax import config as config_lib
-from cpt_jax.data import config as data_config
+from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
+from cpt_jax.eval import report as report_lib
+from cpt_jax.schema import data as data_config
+from cpt_jax.train import state as state_lib
+from cpt_jax.train import trainer as trainer_lib
 
-# Groups a stage may override (the model, mesh and runtime are per run).
-STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
-                "decomposition")  # decomposition: each stage may add its own tau
-STAGE_FIELDS = ("init_from", "description")
 SUMMARY = "summary.json"
 BASELINE = "baseline.json"
-
-
-def stage_names(config: ml_collections.ConfigDict) -> list[str]:
-  """The stage order; errors name `stage_order` / `stages.<name>`."""
-  names = [n for n in (s.strip() for s in config.stage_order.split(",")) if n]
-  defined = list(config.stages.keys())
-  if not names and defined:
-    raise ValueError(f"config.stages defines {defined} but config.stage_order is empty")
-  for n in names:
-    if n not in config.stages:
-      raise ValueError(f"stage_order names {n!r}, which config.stages does not define "
-                       f"(defined: {defined})")
-  extra = [n for n in defined if n not in names]
-  if extra:
-    raise ValueError(f"config.stages defines {extra}, which stage_order does not list")
-  if len(set(names)) != len(names):
-    raise ValueError(f"stage_order lists a stage twice: {config.stage_order!r}")
-  return names
-
-
-def validate_stages(config: ml_collections.ConfigDict) -> None:
-  """Unknown keys inside a stage, or a bad `init_from`, raise ValueError."""
-  names = stage_names(config)
-  schema = config_lib.default_config()
-  for i, name in enumerate(names):
-    stage = config.stages[name]
-    for key in stage.keys():
-      if key in STAGE_FIELDS:
-        continue
-      if key not in STAGE_GROUPS or key not in schema:
-        raise ValueError(f"stages.{name}.{key}: a stage may set {STAGE_FIELDS + STAGE_GROUPS}")
-      for sub in stage[key].keys():
-        if sub not in schema[key]:
-          raise ValueError(f"unknown config key 'stages.{name}.{key}.{sub}'")
-    init = stage.get("init_from", "")
-    if init not in ("", "scratch") and init not in names[:i]:
-      raise ValueError(f"stages.{name}.init_from={init!r} must name an earlier stage "
-                       f"({names[:i]}), or be '' or 'scratch'")
-
-
-def init_stage_of(config: ml_collections.ConfigDict, name: str) -> str | None:
-  """The stage `name` warm-starts from, or None for random init / external init."""
-  names = stage_names(config)
-  init = config.stages[name].get("init_from", "")
-  if init == "scratch":
-    return None
-  if init:
-    return init
-  i = names.index(name)
-  return names[i - 1] if i > 0 else None
-
-
-def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The base config with stage `name`'s groups laid over it (and no stages)."""
-  out = copy.deepcopy(config)
-  with out.unlocked():
-    stage = config.stages[name]
-    for group in STAGE_GROUPS:
-      if group in stage:
-        for key, value in stage[group].items():
-          out[group][key] = value
-    out.stages = ml_collections.ConfigDict()
-    out.stage_order = ""
-    out.run_name = name
-  return out
 
 
 def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None) -> dict:
@@ -116,15 +50,15 @@ def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None)
 def _available(cfg) -> list[str] | None:
   if cfg.data.source == "tfds":
     return None
-  return sources_lib.list_domains(data_config.find_corpus_dir(cfg.data.corpus_dir),
+  return sources_lib.list_domains(sources_lib.find_corpus_dir(cfg.data.corpus_dir),
                                   cfg.data.source)
 
 
 def run_domains(config: ml_collections.ConfigDict) -> list[str]:
   """Every domain any stage trains on or evaluates, sorted."""
   out = set()
-  for name in stage_names(config):
-    cfg = stage_config(config, name)
+  for name in config_lib.stage_names(config):
+    cfg = config_lib.stage_config(config, name)
     out |= set(trained_domains(cfg, _available(cfg)))
   return sorted(out)
 
@@ -144,7 +78,7 @@ def _default_rewarm(config, name: str, init: str, cfg, parent_summary: dict | No
   A parent that its budget stopped early ended at its last logged LR, not its final one.
   """
   own = config.stages[name].get("optimizer", {})
-  parent = stage_config(config, init).optimizer
+  parent = config_lib.stage_config(config, init).optimizer
   summary = parent_summary or {}
   stopped = (summary.get("budget") or {}).get("stopped_at") is not None
   last_lr = (summary.get("last") or {}).get("learning_rate")
@@ -182,19 +116,16 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
   evaluated like the first stage evaluates. Cached in `<workdir>/baseline.json`
   and reused while seed, model, vocabulary and domains match.
   """
-  from cpt_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from cpt_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, BASELINE)
-  first = stage_names(config)[0]
-  key = _baseline_key(stage_config(config, first))
+  first = config_lib.stage_names(config)[0]
+  key = _baseline_key(config_lib.stage_config(config, first))
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       cached = json.load(f)
     if cached.get("key") == key and all(d in cached["eval"] for d in all_domains):
       return {d: cached["eval"][d] for d in all_domains}
-  cfg = _with_all_domains_evaluated(stage_config(config, first), all_domains)
+  cfg = _with_all_domains_evaluated(config_lib.stage_config(config, first), all_domains)
   with cfg.unlocked():
     cfg.decomposition = config_lib.default_config().decomposition
     if not cfg.data.cache_dir:  # share the first stage's packed rows
@@ -217,11 +148,9 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
   """Runs (or skips, when finished) every stage; writes and returns the report."""
-  from cpt_jax.eval import report as report_lib  # pylint: disable=g-import-not-at-top
-  from cpt_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
-  validate_stages(config)
-  names = stage_names(config)
+  config_lib.validate_stages(config)
+  names = config_lib.stage_names(config)
   all_domains = run_domains(config)
   os.makedirs(workdir, exist_ok=True)
   baseline = baseline_evals(config, all_domains, workdir, trainer_kwargs.get("devices"))
@@ -234,8 +163,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
         summaries[name] = json.load(f)
       trainer_lib.log(f"stage {name}: finished earlier, skipped")
       continue
-    cfg = _with_all_domains_evaluated(stage_config(config, name), all_domains)
-    init = init_stage_of(config, name)
+    cfg = _with_all_domains_evaluated(config_lib.stage_config(config, name), all_domains)
+    init = config_lib.init_stage_of(config, name)
     if init is not None and not cfg.train.init_checkpoint:
       with cfg.unlocked():
         cfg.train.init_checkpoint = os.path.join(workdir, "stages", init, "checkpoints")

@@ -8,7 +8,7 @@ import pytest
 from cpt_jax import data as data_lib
 from cpt_jax.model.transformer import ModelConfig, flops_per_token
 from cpt_jax.replay import scoring
-from cpt_jax.replay import selection as selection_lib
+from cpt_jax.data import selection as selection_lib
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import trainer as trainer_lib

@@ -80,15 +80,14 @@ def test_every_config_file_validates():
 def test_demo_cpt_stages_see_the_same_t_rows():
   """cpt_plain: 16 py_help rows x 240 steps; cpt_replay_kd: 16 x 0.75 = 12 rows x 320."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from cpt_jax import stages  # pylint: disable=g-import-not-at-top
-  from cpt_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  from cpt_jax.schema import data as data_config  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
   demo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(demo)
   cfg = demo.get_config()
   t_rows = {}
   for name in ("cpt_plain", "cpt_replay_kd"):
-    c = stages.stage_config(cfg, name)
+    c = config_lib.stage_config(cfg, name)
     weights = dict(data_config.parse_weights(c.data.weights)) if c.data.weights else {}
     share = weights.get(c.data.new, 1.0) / (sum(weights.values()) or 1.0)
     rows_per_step = c.train.global_batch_size * share

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
+import suite_lib as suite  # benchmarks/ is on sys.path (conftest)
 from tests.helpers import write_corpus
 
 
@@ -90,7 +91,6 @@ def test_cpt_suite_kd_controller_and_decomposition_rows(tmp_path):
 
 
 def test_kd_rows_name_their_strategy_and_non_default_weight():
-  from cpt_jax.replay import suite  # pylint: disable=g-import-not-at-top
   names = lambda s: [r["name"] for r in suite.run_specs(s) if "+kd" in r["name"]]
   assert names(suite.Settings(corpora="x")) == ["random_0.01+kd"]
   s = suite.Settings(corpora="x", kd_strategies=("random", "online"), kd_weight=2.0)
@@ -102,7 +102,6 @@ def test_kd_rows_name_their_strategy_and_non_default_weight():
 def _stub_suite(monkeypatch, tmp_path):
   """run_suite without training: M and the pools stubbed; returns the list of trained runs."""
   import os  # pylint: disable=g-import-not-at-top
-  from cpt_jax.replay import suite  # pylint: disable=g-import-not-at-top
   m_loss = {"a": 3.0, "b": 3.0, "t": 5.0}
   monkeypatch.setattr(suite, "pretrain", lambda s: (str(tmp_path / "m"), m_loss))
   monkeypatch.setattr(suite, "_pool_rows", lambda s: {"a": 30, "b": 30, "t": 20})
@@ -157,7 +156,6 @@ def test_cached_row_is_reused_only_under_the_same_config_and_code(tmp_path, monk
 
 
 def test_code_version_hashes_the_sources(tmp_path):
-  from cpt_jax.replay import suite  # pylint: disable=g-import-not-at-top
   (tmp_path / "pkg" / "sub").mkdir(parents=True)
   (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
   (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")

@@ -5,7 +5,7 @@ import os
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.data import builtin_corpus
-from cpt_jax.data import config as config_lib
+from cpt_jax.schema import data as config_lib
 from cpt_jax.data import pipeline as pipeline_lib
 
 DOMAINS = ["py_code", "py_docstrings", "py_help", "py_tests"]

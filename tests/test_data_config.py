@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cpt_jax.data import config as config_lib
+from cpt_jax.schema import data as config_lib
 
 
 def cfg(**kw):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import batch as batch_lib
-from cpt_jax.data import config as config_lib
+from cpt_jax.schema import data as config_lib
 from cpt_jax.data import mixer as mixer_lib
 from cpt_jax.data import pipeline as pipeline_lib
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import batch as batch_lib
-from cpt_jax.data import config as config_lib
+from cpt_jax.schema import data as config_lib
 from cpt_jax.data import convert as convert_lib
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
@@ -164,7 +164,7 @@ def test_convert_command_line(corpus, tmp_path):
 
 
 def test_real_corpora_if_present(tmp_path):
-  corpora = config_lib.find_corpus_dir("")
+  corpora = sources_lib.find_corpus_dir("")
   if not os.path.isdir(corpora):
     pytest.skip(f"no corpora at {corpora}")
   doms = sorted(os.listdir(corpora))

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from cpt_jax import batch as batch_lib
+from cpt_jax import config as config_lib
+from cpt_jax import export as export_lib
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.train import decomposition as dl
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
 from tests.helpers import tiny_config, write_corpus
+import suite_lib  # benchmarks/ (conftest)
 
 NEW, REPLAY, DISTILL = batch_lib.NEW, batch_lib.REPLAY, batch_lib.DISTILL
 
@@ -300,8 +303,7 @@ def test_trainer_resume_warm_start_and_merge(tmp_path):
   merged = dl.merge_tau(jax.device_get(t.state.params), t.ctx.decomp)
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-6),
                jax.device_get(state.params), merged)
-  from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
-  exported = hf.restore_for_export(str(tmp_path / "lora"), t.ctx.model_cfg)  # export merges
+  exported = export_lib.restore_for_export(str(tmp_path / "lora"), t.ctx.model_cfg)  # export merges
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-6),
                jax.device_get(exported), merged)
   with open(tmp_path / "lora" / "config.json", encoding="utf-8") as f:
@@ -309,14 +311,13 @@ def test_trainer_resume_warm_start_and_merge(tmp_path):
 
 
 def test_config_validation():
-  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = _config(**{"decomposition.mode": "adapter"})
   with pytest.raises(ValueError, match="decomposition.mode"):
     config_lib.validate_config(c)
   c = _config(**{"decomposition.targets": "no_such_param"})
   with pytest.raises(ValueError, match="matches no parameter"):
     trainer.build_context(c, jax.devices()[:1])
-  variants = dl.decomposition_variants()
+  variants = suite_lib.decomposition_variants()
   assert set(variants) == {"full", "lora_tau", "sigma_tau_routing"}
   for overrides in variants.values():
     c = _config(mode="")

@@ -17,6 +17,7 @@ import pytest
 safetensors = pytest.importorskip(
     "safetensors", reason="safetensors not installed: pip install -e '.[hf]'")
 
+from cpt_jax import export as export_lib
 from cpt_jax.model import hf
 from cpt_jax.model import hf_weights
 from cpt_jax.model.transformer import ModelConfig, Transformer
@@ -228,7 +229,7 @@ def test_cli_exports_an_orbax_checkpoint(tmp_path):
   ckpt.save(3, TrainState(step=jnp.int32(3), params=params, opt_state={}), {"note": "x"})
   ckpt.close()
   (workdir / "config.json").write_text(json.dumps({"model": dataclasses.asdict(cfg)}))
-  hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out")])
+  export_lib.main(["--checkpoint", str(workdir), "--out", str(tmp_path / "out")])
   loaded = hf.load_hf_params(str(tmp_path / "out"), cfg)
   _assert_trees_equal(loaded["layers_1"], params["layers_1"])
   assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [

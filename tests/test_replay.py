@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cpt_jax import data as data_lib
-from cpt_jax.replay import config as replay_config
+from cpt_jax.schema import replay as replay_config
 from cpt_jax.replay import planner
-from cpt_jax.replay import selection as selection_lib
+from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import strategies
 from cpt_jax.replay import streaming
 from cpt_jax.train import trainer as trainer_lib

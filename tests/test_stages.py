@@ -93,15 +93,15 @@ def test_two_stage_run_report_skip_and_resume(tmp_path):
 
 def test_continued_stage_rewarms_from_parent_floor_by_default():
   c = staged_config("/nonexistent")
-  cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"))  # pylint: disable=protected-access
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", config_lib.stage_config(c, "cpt"))  # pylint: disable=protected-access
   assert cfg.optimizer.schedule == "rewarm_cosine"
   assert cfg.optimizer.init_lr == pytest.approx(c.optimizer.lr * c.optimizer.final_lr_fraction)
   # A parent stopped early by its hard budget ended at its last logged LR.
   stopped = {"budget": {"stopped_at": 6}, "last": {"learning_rate": 7e-4}}
-  cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"), stopped)  # pylint: disable=protected-access
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", config_lib.stage_config(c, "cpt"), stopped)  # pylint: disable=protected-access
   assert cfg.optimizer.init_lr == pytest.approx(7e-4)
   c.stages.cpt.optimizer = {"schedule": "wsd"}
-  cfg = stages._default_rewarm(c, "cpt", "pretrain", stages.stage_config(c, "cpt"))  # pylint: disable=protected-access
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", config_lib.stage_config(c, "cpt"))  # pylint: disable=protected-access
   assert cfg.optimizer.schedule == "wsd"
 
 
@@ -109,15 +109,15 @@ def test_stage_validation_errors():
   c = staged_config("/nonexistent")
   c.stages.cpt.init_from = "later"
   with pytest.raises(ValueError, match="init_from='later' must name an earlier stage"):
-    stages.validate_stages(c)
+    config_lib.validate_stages(c)
   c = staged_config("/nonexistent")
   c.stages.cpt.train = {"stepz": 3}
   with pytest.raises(ValueError, match="stages.cpt.train.stepz"):
-    stages.validate_stages(c)
+    config_lib.validate_stages(c)
   c = staged_config("/nonexistent")
   c.stage_order = "pretrain"
   with pytest.raises(ValueError, match="does not list"):
-    stages.stage_names(c)
+    config_lib.stage_names(c)
 
 
 def fake_summaries():

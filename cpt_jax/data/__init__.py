@@ -4,9 +4,9 @@ Importing this package is cheap (no TensorFlow / seqio); those load lazily in
 the TFRecord/TFDS readers, `tasks` and `convert`.
 """
 
-from cpt_jax.data.config import add_data_config
-from cpt_jax.data.config import default_data_config
-from cpt_jax.data.config import validate_data_config
+from cpt_jax.schema.data import add_data_config
+from cpt_jax.schema.data import default_data_config
+from cpt_jax.schema.data import validate_data_config
 from cpt_jax.data.pipeline import make_pipeline
 from cpt_jax.data.pipeline import Pipeline
 from cpt_jax.data.sources import DataError

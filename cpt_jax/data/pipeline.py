@@ -13,9 +13,10 @@ import ml_collections
 import numpy as np
 
 from cpt_jax import batch as batch_lib
-from cpt_jax.data import config as config_lib
+from cpt_jax.schema import data as config_lib
 from cpt_jax.data import mixer as mixer_lib
 from cpt_jax.data import packing
+from cpt_jax.data import selection as selection_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data import store as store_lib
 from cpt_jax.data import vocab as vocab_lib
@@ -50,7 +51,7 @@ class Pipeline:
     self.process_index, self.process_count = process_index, process_count
     self.batch_size = global_batch_size // process_count
     self.seq_len = cfg.seq_len
-    self.corpus_dir = config_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
+    self.corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
     available = sources_lib.list_domains(self.corpus_dir, cfg.source)
     role_of = config_lib.resolve_roles(cfg, available)
     self.domains: list[str] = sorted(role_of)
@@ -127,7 +128,6 @@ class Pipeline:
             for d, r in zip(self.domains, self.roles) if r == "replay"}
 
   def _load_replay_selection(self, path: str) -> None:
-    from cpt_jax.replay import selection as selection_lib  # pylint: disable=g-import-not-at-top
     rows, meta = selection_lib.read_selection(path)
     selection_lib.check_stores(meta, self.store_names(), path)
     for d, idx in rows.items():

@@ -10,7 +10,11 @@ import dataclasses
 import glob
 import json
 import os
+import sys
+import tempfile
 from typing import Iterator
+
+from cpt_jax.data import builtin_corpus
 
 SPLITS = ("train", "validation")
 
@@ -189,3 +193,27 @@ def _read_tfds(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]
     text = value if isinstance(value, str) else _decode(bytes(value), where, stats, on_bad_line)
     if text is not None and text.strip():
       yield text
+
+
+BUILTIN_STDLIB = "builtin:stdlib"
+
+
+def find_corpus_dir(corpus_dir: str = "") -> str:
+  """corpus_dir, else $CPT_CORPORA, else <repo>/../shared/corpora.
+
+  'builtin:stdlib' builds (once, cached by Python version) the corpus of
+  `builtin_corpus.write_stdlib_corpus` and returns its folder.
+  """
+  if corpus_dir == BUILTIN_STDLIB:
+    tag = "py%d.%d.%d" % sys.version_info[:3]
+    out = os.path.join(os.environ.get("CPT_BUILTIN_CORPUS_DIR", tempfile.gettempdir()),
+                       f"cpt_jax_stdlib_corpus_{tag}")
+    if not os.path.isfile(os.path.join(out, "py_tests", "validation.jsonl")):
+      builtin_corpus.write_stdlib_corpus(out)
+    return out
+  if corpus_dir:
+    return corpus_dir
+  if os.environ.get("CPT_CORPORA"):
+    return os.environ["CPT_CORPORA"]
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.join(os.path.dirname(repo), "shared", "corpora")

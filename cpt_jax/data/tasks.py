@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from cpt_jax.data import config as config_lib
+from cpt_jax.schema import data as config_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data import vocab as vocab_lib
 
@@ -30,7 +30,7 @@ def register_tasks(cfg, splits=sources_lib.SPLITS, prefix: str = "cpt") -> dict:
   """
   import seqio  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  corpus_dir = config_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
+  corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
   role_of = config_lib.resolve_roles(cfg, sources_lib.list_domains(corpus_dir, cfg.source))
   vocab = vocab_lib.make_vocab(cfg.vocab).seqio_vocabulary()
   out = {}

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cpt_jax.model.hf_vocab import TokenizerJsonVocab
+
 BYTE_OFFSET = 3  # seqio.ByteVocabulary: pad=0, eos=1, unk=2, byte b -> b + 3.
 
 
@@ -60,6 +62,5 @@ class Vocab:
 def make_vocab(spec: str):
   """'byte', a SentencePiece .model path, or a Hugging Face tokenizer.json path."""
   if spec.endswith(".json"):
-    from cpt_jax.model.hf_vocab import TokenizerJsonVocab  # pylint: disable=g-import-not-at-top
     return TokenizerJsonVocab(spec)
   return Vocab(spec)

@@ -5,10 +5,10 @@ wraps the pure `init_state` / `update` functions for the trainer's on_metrics
 hook and the checkpoint. Importing this package needs only numpy.
 """
 
-from cpt_jax.mixing.config import CONTROLLERS
-from cpt_jax.mixing.config import default_mixing_config
-from cpt_jax.mixing.config import parse_schedule
-from cpt_jax.mixing.config import validate_mixing_config
+from cpt_jax.schema.mixing import CONTROLLERS
+from cpt_jax.schema.mixing import default_mixing_config
+from cpt_jax.schema.mixing import parse_schedule
+from cpt_jax.schema.mixing import validate_mixing_config
 from cpt_jax.mixing.controllers import accumulate
 from cpt_jax.mixing.controllers import Controller
 from cpt_jax.mixing.controllers import controller_overhead_seconds

@@ -6,7 +6,7 @@ once at the stage start) into new mixture weights for the data pipeline:
 
   static      the configured `data.weights`, never changed.
   schedule    piecewise-constant stages (levanter's staged mixtures); see
-              cpt_jax/mixing/config.py for the format.
+              cpt_jax/schema/mixing.py for the format.
   doremi      exponentiated gradient on excess loss (Xie et al. 2023, DoReMi):
                 e_i   = max(0, loss_i - ref_i)
                 alpha = softmax(log alpha + doremi_lr * e)
@@ -77,7 +77,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from cpt_jax.mixing import config as config_lib
+from cpt_jax.schema import mixing as config_lib
 
 STATE_VERSION = 1
 

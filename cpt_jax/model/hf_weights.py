@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -273,7 +274,6 @@ def load_hf_params(path: str, model_cfg: ModelConfig, shardings: Any = None) -> 
 
 def _host_array(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x), dtype=np.float32)
 

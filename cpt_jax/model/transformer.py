@@ -36,7 +36,6 @@ REMAT_POLICIES = {
 # 'native': the einsum attention below (fastest on CPU); 'dot_product':
 # jax.nn.dot_product_attention (XLA); 'cudnn': the same call with cuDNN's fused
 # flash-attention kernel (NVIDIA GPUs only).
-ATTENTION_KINDS = ("native", "dot_product", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +63,7 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype: 'float32' or 'bfloat16'
   remat: str = "none"  # one of REMAT_POLICIES
   scan_layers: bool = False
-  attention: str = "native"  # one of ATTENTION_KINDS
+  attention: str = "native"  # one of config.ATTENTION_KINDS
 
   @property
   def resolved_head_dim(self) -> int:

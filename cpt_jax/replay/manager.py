@@ -28,13 +28,15 @@ import zlib
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import planner as planner_lib
 from cpt_jax.replay import scoring
-from cpt_jax.replay import selection as selection_lib
 from cpt_jax.replay import strategies as strategies_lib
+from cpt_jax.train import state as state_lib
 
 
 def _log(msg: str) -> None:
@@ -51,7 +53,6 @@ def _from_process_0(x: np.ndarray) -> np.ndarray:
   """
   if jax.process_count() == 1:
     return x
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.broadcast_one_to_all(x), np.float64)
 
 
@@ -344,7 +345,6 @@ def _starting_params(trainer, state):
   params, _ = trainer.starting_model_params()
   if params is not None:
     return params
-  from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   c, ctx = trainer.config, trainer.ctx  # random init: rebuilt from the seed
   return trainer.model_params(state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed,
                                                    c.data.seq_len, decomp=ctx.decomp).params)

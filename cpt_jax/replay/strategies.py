@@ -22,6 +22,7 @@ FLOPs (the look-ahead steps); what it really spent is read off the Scorer.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -73,7 +74,6 @@ def _rng(seed: int, *tags) -> np.random.Generator:
 
 
 def _tag(name: str) -> int:
-  import zlib  # pylint: disable=g-import-not-at-top
   return zlib.crc32(name.encode("utf-8"))
 
 

@@ -6,12 +6,17 @@ so a crash during a save leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from cpt_jax import config as config_lib
+from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import decomposition
 from cpt_jax.train.state import TrainState
 
 
@@ -91,3 +96,41 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
       partial_restore=True)))
   mngr.close()
   return out["state"]["params"]
+
+
+# ------------------------------------------------------------------ warm start from another run
+
+
+def source_decomposition(directory: str) -> dict | None:
+  """The `decomposition` group of the run that wrote `directory` (workdir or its
+  checkpoints/), read from its config.json; None when it had none / no config.json."""
+  directory = os.path.abspath(directory)
+  for cand in (os.path.join(directory, "config.json"),
+               os.path.join(os.path.dirname(directory), "config.json")):
+    if os.path.isfile(cand):
+      with open(cand, encoding="utf-8") as f:
+        group = json.load(f).get("decomposition") or {}
+      return group if group.get("mode") else None
+  return None
+
+
+def restore_merged_params(directory: str, abstract_model_params: Any, model_boxed: Any,
+                          mesh: Any, rules: Any, step: int | None = None) -> Any:
+  """Model params of another run's checkpoint, with its tau (if any) merged into sigma.
+
+  A plain checkpoint is read exactly as `restore_params` does; a decomposed
+  one (its run's config.json has `decomposition.mode`) is read as {'sigma', 'tau'} and
+  merged, so a stage after a LoRA stage starts from the full model that stage ended with.
+  """
+  group = source_decomposition(directory)
+  if group is None:
+    return restore_params(directory, abstract_model_params, step)
+  cfg = config_lib.default_config()
+  cfg.decomposition.update({k: v for k, v in group.items() if k in cfg.decomposition})
+  src = decomposition.build(cfg, model_boxed)
+  tau_sh = shd.logical_shardings(src.boxed_tau(), mesh, rules)
+  tau_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         nn.unbox(src.boxed_tau()), tau_sh)
+  both = restore_params(directory, {"sigma": abstract_model_params, "tau": tau_abs}, step)
+  out_sh = jax.tree.map(lambda s: s.sharding, abstract_model_params)
+  return jax.jit(src.merge, out_shardings=out_sh)(both)

@@ -49,7 +49,7 @@ distill tokens under KD, or L2-SP / EWC switched on. Without routing: either.
 Stages: a stage with `decomposition.mode` set starts a fresh tau on top of the params it
 warm-starts from; a decomposed source checkpoint (an earlier stage's sigma + tau) is merged
 first, so each stage's sigma is the full model the previous stage ended with
-(`restore_merged_params`). The trainer evaluates every domain with and without the stage's
+(`checkpoint.restore_merged_params`). The trainer evaluates every domain with and without the stage's
 tau (summary `eval_without_tau`) and reports parameter / optimizer-state bytes per group
 (summary `state_bytes`, metrics `state_bytes`).
 """
@@ -58,9 +58,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import re
 from typing import Any, Callable
 
@@ -71,9 +69,9 @@ import numpy as np
 import optax
 
 from cpt_jax import batch as batch_lib
+from cpt_jax.schema.decomposition import MODES
 from cpt_jax.train import optimizer as optimizer_lib
 
-MODES = ("", "lora", "subtree")
 GROUPS = ("sigma", "tau")
 
 
@@ -460,97 +458,3 @@ def state_bytes(params: Any, opt_state: Any, decomp: Decomposition | None) -> di
   return {"params": {g: _bytes(params[g]) for g in GROUPS},
           "opt_state": {g: _bytes(opt_state.get(g, ())) for g in GROUPS},
           "trainable_params": trainable}
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def source_decomposition(directory: str) -> dict | None:
-  """The `decomposition` group of the run that wrote `directory` (workdir or its
-  checkpoints/), read from its config.json; None when it had none / no config.json."""
-  directory = os.path.abspath(directory)
-  for cand in (os.path.join(directory, "config.json"),
-               os.path.join(os.path.dirname(directory), "config.json")):
-    if os.path.isfile(cand):
-      with open(cand, encoding="utf-8") as f:
-        group = json.load(f).get("decomposition") or {}
-      return group if group.get("mode") else None
-  return None
-
-
-def restore_merged_params(directory: str, abstract_model_params: Any, model_boxed: Any,
-                          mesh: Any, rules: Any, step: int | None = None) -> Any:
-  """Model params of another run's checkpoint, with its tau (if any) merged into sigma.
-
-  A plain checkpoint is read exactly as `checkpoint.restore_params` does; a decomposed
-  one (its run's config.json has `decomposition.mode`) is read as {'sigma', 'tau'} and
-  merged, so a stage after a LoRA stage starts from the full model that stage ended with.
-  """
-  from cpt_jax.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
-  from cpt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  group = source_decomposition(directory)
-  if group is None:
-    return ckpt_lib.restore_params(directory, abstract_model_params, step)
-  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.default_config()
-  cfg.decomposition.update({k: v for k, v in group.items() if k in cfg.decomposition})
-  src = build(cfg, model_boxed)
-  tau_sh = shd.logical_shardings(src.boxed_tau(), mesh, rules)
-  tau_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         nn.unbox(src.boxed_tau()), tau_sh)
-  both = ckpt_lib.restore_params(directory, {"sigma": abstract_model_params, "tau": tau_abs},
-                                 step)
-  out_sh = jax.tree.map(lambda s: s.sharding, abstract_model_params)
-  return jax.jit(src.merge, out_shardings=out_sh)(both)
-
-
-# ------------------------------------------------------------------ benchmark variants
-
-
-def decomposition_variants() -> dict[str, dict[str, Any]]:
-  """Config overrides (`group.key: value`) for the CPT-suite comparison rows.
-
-  full               every parameter trained on every row (no decomposition)
-  lora_tau           sigma frozen; LoRA tau on attn q/v + MLP trained on all rows
-  sigma_tau_routing  LoRA tau <- new rows, sigma <- replay/distill rows
-  """
-  lora = {"decomposition.mode": "lora",
-          "decomposition.targets": r"(attn/(q|v)|mlp/(gate|up|down))/kernel",
-          "decomposition.lora_rank": 8, "decomposition.lora_alpha": 16.0}
-  return {
-      "full": {"decomposition.mode": ""},
-      "lora_tau": {**lora, "decomposition.routing": False, "decomposition.freeze_sigma": True},
-      "sigma_tau_routing": {**lora, "decomposition.routing": True,
-                            "decomposition.freeze_sigma": False},
-  }
-
-
-# ------------------------------------------------------------------ config
-
-
-def _validate_group(dc: Any, key: str) -> None:
-  if dc.mode not in MODES:
-    raise ValueError(f"{key}.mode={dc.mode!r}; expected one of {MODES}")
-  if not dc.mode:
-    return
-  try:
-    re.compile(dc.targets)
-  except re.error as e:
-    raise ValueError(f"{key}.targets={dc.targets!r} is not a regex: {e}") from None
-  if dc.mode == "lora" and (dc.lora_rank < 1 or dc.lora_alpha <= 0):
-    raise ValueError(f"{key}.lora_rank={dc.lora_rank} must be >= 1 and "
-                     f"{key}.lora_alpha={dc.lora_alpha} > 0")
-  if dc.tau_schedule and dc.tau_schedule not in optimizer_lib.SCHEDULES:
-    raise ValueError(f"{key}.tau_schedule={dc.tau_schedule!r}; expected '' or one of "
-                     f"{optimizer_lib.SCHEDULES}")
-
-
-def validate_config(cfg: Any) -> None:
-  """Checks `decomposition` and every stage's decomposition overrides."""
-  _validate_group(cfg.decomposition, "decomposition")
-  if cfg.stage_order or len(cfg.stages):
-    from cpt_jax import stages  # pylint: disable=g-import-not-at-top
-    for name in stages.stage_names(cfg):
-      if "decomposition" in cfg.stages[name]:
-        _validate_group(stages.stage_config(cfg, name).decomposition,
-                        f"stages.{name}.decomposition")

@@ -18,7 +18,9 @@ from typing import Any, Callable
 import jax
 import optax
 
-SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")
+from cpt_jax import config as config_lib
+
+SCHEDULES = config_lib.LR_SCHEDULES
 
 
 def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import decomposition
 
 
 @flax.struct.dataclass
@@ -53,7 +54,6 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     opt_sh = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep)
   else:
-    from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
     boxed_params = decomp.boxed_params(boxed)
     param_sh = shd.logical_shardings(boxed_params, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed_params))

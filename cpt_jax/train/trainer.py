@@ -22,17 +22,23 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 
 from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
+from cpt_jax import data as data_lib
+from cpt_jax import mixing
 from cpt_jax.eval import evaluate as eval_lib
+from cpt_jax.model import hf
 from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.replay import manager as replay_manager
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import decomposition as decomp_lib
@@ -129,14 +135,13 @@ class Trainer:
                pipeline=None, frozen_fn: Callable | None = None,
                on_metrics: Callable | None = None, devices=None):
     distributed.maybe_initialize(config.distributed)
-    config = config_lib.apply_init_from_hf(config)
+    config = hf.apply_hf_config(config)
     self.config = config
     self.workdir = os.path.abspath(workdir)
     self.ctx = build_context(config, devices)
     self.is_lead = jax.process_index() == 0
     os.makedirs(self.workdir, exist_ok=True)
     if pipeline is None:
-      from cpt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
       pipeline = data_lib.make_pipeline(
           config.data, global_batch_size=config.train.global_batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
@@ -144,7 +149,6 @@ class Trainer:
     self.pipeline = pipeline
     self.frozen_fn = frozen_fn
     self.on_metrics = on_metrics
-    from cpt_jax import mixing  # pylint: disable=g-import-not-at-top
     mixing.validate_mixing_config(config.mixing, pipeline.domains, pipeline.roles,
                                   config.train.log_every)
     self.controller = mixing.Controller.for_pipeline(config.mixing, pipeline)
@@ -208,7 +212,6 @@ class Trainer:
       state = state.replace(frozen=frozen)
     self._start_replay(state, None)  # replay selection: plan, select, write
     if self.replay is not None:  # the controller starts from the planned replay share
-      from cpt_jax import mixing  # pylint: disable=g-import-not-at-top
       self.controller = mixing.Controller.for_pipeline(c.mixing, self.pipeline)
     if c.mixing.controller in ("doremi", "forgetting"):
       self.controller.set_reference(self.reference_losses(state.params))
@@ -228,19 +231,17 @@ class Trainer:
                               nn.unbox(state_lib.abstract_boxed_params(ctx.model, c.data.seq_len)),
                               model_sh)
       # A decomposed source checkpoint (sigma + tau) is merged into model params.
-      params = decomp_lib.restore_merged_params(
+      params = ckpt_lib.restore_merged_params(
           c.train.init_checkpoint, abstract,
           state_lib.abstract_boxed_params(ctx.model, c.data.seq_len), ctx.mesh, ctx.rules)
       return params, f"warm start from {c.train.init_checkpoint}"
     if c.train.init_from_hf:
-      from cpt_jax.model import hf  # pylint: disable=g-import-not-at-top
       params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, model_sh)
       return params, f"warm start from Hugging Face model {c.train.init_from_hf}"
     return None, "random init"
 
   def _start_replay(self, state, host) -> None:
     """Replay selection hook (cpt_jax/replay): fresh start selects, resume reuses."""
-    from cpt_jax.replay import manager as replay_manager  # pylint: disable=g-import-not-at-top
     self.replay = replay_manager.ReplayManager.create(self)
     if self.replay is not None:
       self.replay.start(state, host)
@@ -293,7 +294,6 @@ class Trainer:
     if o.lambda_kd > 0 or o.replay_kd > 0:
       roles = local["roles"]
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         roles = np.asarray(multihost_utils.process_allgather(roles, tiled=True))
       idx = step_lib.distill_index(roles, self.config.train.grad_accum_steps,
                                    with_replay=o.replay_kd > 0, with_distill=o.lambda_kd > 0)
@@ -331,7 +331,6 @@ class Trainer:
 
     bar = None
     if t.progress_bar and self.is_lead:
-      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
       bar = tqdm(total=t.steps, initial=start, desc=os.path.basename(self.workdir) or "train",
                  unit="step", dynamic_ncols=True)
 
@@ -490,7 +489,6 @@ class Trainer:
     """Whether the stage ends at `done` (the same answer on every process)."""
     reason = self.budget.check(self._usage(done), next_steps)
     if jax.process_count() > 1:  # process 0's clock decides for all
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       stop = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(reason))))
       reason = (reason or "process 0's clock passed the cap") if stop else ""
     if reason:

@@ -209,30 +209,3 @@ def check_weights(w: np.ndarray | Mapping[str, float], domains: Sequence[str],
   if not w.sum() > 0:
     raise _err("weights", f"weights sum to {w.sum()}; at least one training domain needs weight > 0")
   return w
-
-
-BUILTIN_STDLIB = "builtin:stdlib"
-
-
-def find_corpus_dir(corpus_dir: str = "") -> str:
-  """corpus_dir, else $CPT_CORPORA, else <repo>/../shared/corpora.
-
-  'builtin:stdlib' builds (once, cached by Python version) the corpus of
-  `builtin_corpus.write_stdlib_corpus` and returns its folder.
-  """
-  if corpus_dir == BUILTIN_STDLIB:
-    import sys  # pylint: disable=g-import-not-at-top
-    import tempfile  # pylint: disable=g-import-not-at-top
-    from cpt_jax.data import builtin_corpus  # pylint: disable=g-import-not-at-top
-    tag = "py%d.%d.%d" % sys.version_info[:3]
-    out = os.path.join(os.environ.get("CPT_BUILTIN_CORPUS_DIR", tempfile.gettempdir()),
-                       f"cpt_jax_stdlib_corpus_{tag}")
-    if not os.path.isfile(os.path.join(out, "py_tests", "validation.jsonl")):
-      builtin_corpus.write_stdlib_corpus(out)
-    return out
-  if corpus_dir:
-    return corpus_dir
-  if os.environ.get("CPT_CORPORA"):
-    return os.environ["CPT_CORPORA"]
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return os.path.join(os.path.dirname(repo), "shared", "corpora")

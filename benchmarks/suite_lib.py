@@ -1,4 +1,4 @@
-"""The replay-selection benchmark behind benchmarks/cpt_suite.py.
+"""The replay-selection benchmark behind benchmarks/cpt_suite.py (not part of the package).
 
 Pretrains M on the old domains (cached under <cache>/pretrain-<hash of the
 settings>), then runs CPT on the new domain from M for every (row, seed):
@@ -19,11 +19,14 @@ scratch (the stale run directory is removed first, so nothing resumes from it).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import time
@@ -33,6 +36,7 @@ import jax
 import numpy as np
 
 from cpt_jax import config as config_lib
+from cpt_jax import data as data_lib
 from cpt_jax.train import trainer as trainer_lib
 
 
@@ -136,11 +140,28 @@ def run_specs(s: Settings) -> list[dict]:
     specs += [{"name": f"random_0.05+{c}", "strategy": "random", "fraction": 0.05,
                "controller": c} for c in s.controllers]
   if "decomposition" in s.extras:
-    from cpt_jax.train import decomposition  # pylint: disable=g-import-not-at-top
     specs += [{"name": f"random_0.05+{name}", "strategy": "random", "fraction": 0.05,
                "overrides": overrides}
-              for name, overrides in decomposition.decomposition_variants().items()]
+              for name, overrides in decomposition_variants().items()]
   return specs
+
+
+def decomposition_variants() -> dict[str, dict[str, Any]]:
+  """Config overrides (`group.key: value`) for the CPT-suite comparison rows.
+
+  full               every parameter trained on every row (no decomposition)
+  lora_tau           sigma frozen; LoRA tau on attn q/v + MLP trained on all rows
+  sigma_tau_routing  LoRA tau <- new rows, sigma <- replay/distill rows
+  """
+  lora = {"decomposition.mode": "lora",
+          "decomposition.targets": r"(attn/(q|v)|mlp/(gate|up|down))/kernel",
+          "decomposition.lora_rank": 8, "decomposition.lora_alpha": 16.0}
+  return {
+      "full": {"decomposition.mode": ""},
+      "lora_tau": {**lora, "decomposition.routing": False, "decomposition.freeze_sigma": True},
+      "sigma_tau_routing": {**lora, "decomposition.routing": True,
+                            "decomposition.freeze_sigma": False},
+  }
 
 
 def source_hash(root: str) -> str:
@@ -155,9 +176,12 @@ def source_hash(root: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-  """The code a row ran with: cpt_jax's sources (cpt_jax/**/*.py) and the JAX version."""
-  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return f"{source_hash(package)}-jax{jax.__version__}"
+  """The code a row ran with: cpt_jax's sources (cpt_jax/**/*.py), this file, JAX's version."""
+  here = os.path.abspath(__file__)
+  package = os.path.join(os.path.dirname(os.path.dirname(here)), "cpt_jax")
+  with open(here, "rb") as f:
+    own = hashlib.sha256(f.read()).hexdigest()[:8]
+  return f"{source_hash(package)}-{own}-jax{jax.__version__}"
 
 
 def row_key(s: Settings, spec: dict, seed: int, ckpt: str, m_loss: dict,
@@ -182,7 +206,6 @@ def cached_row(work: str, key: str) -> dict | None:
 
 def select_specs(specs: list[dict], only: str) -> list[dict]:
   """Keeps the specs whose name matches one of the comma-separated globs in `only`."""
-  import fnmatch  # pylint: disable=g-import-not-at-top
   pats = [p.strip() for p in only.split(",") if p.strip()]
   return [sp for sp in specs if not pats or any(fnmatch.fnmatchcase(sp["name"], p)
                                                  for p in pats)]
@@ -233,7 +256,6 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
 
 
 def _pool_rows(s: Settings) -> dict[str, int]:
-  from cpt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   c = base_config(s)
   c.data.update(new=s.new, replay=",".join(s.old), prefetch=0)
   with data_lib.make_pipeline(c.data, global_batch_size=s.batch) as pipe:
@@ -317,8 +339,6 @@ def _pin_worker(cores) -> None:
 
 def _run_parallel(s, todo, ckpt, m_loss, pools, workers, report) -> dict[str, dict]:
   """Runs `todo` in `workers` spawned processes, longest runs first."""
-  import concurrent.futures as cf  # pylint: disable=g-import-not-at-top
-  import multiprocessing as mp  # pylint: disable=g-import-not-at-top
   ctx = mp.get_context("spawn")  # a fresh interpreter: JAX must not be initialised yet
   cores = ctx.Manager().Queue()
   for i, core in enumerate(sorted(os.sched_getaffinity(0))):

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks (not used in training)."""
+"""Timing helpers shared by benchmarks/throughput.py and input_pipeline.py (not part of the package)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from cpt_jax import batch as batch_lib
+from cpt_jax import config as config_lib
 from cpt_jax.model.transformer import flops_per_token
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
@@ -16,7 +17,6 @@ from cpt_jax.train import objective, state as state_lib, step as step_lib, train
 
 def throughput_config() -> ml_collections.ConfigDict:
   """The headline benchmark shape: d_model 256, 4 layers, seq 256, batch 16, f32, bytes."""
-  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.default_config()
   c.model.update(d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=1024)
   c.data.seq_len = 256

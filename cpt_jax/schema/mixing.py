@@ -25,7 +25,7 @@ import ml_collections
 from ml_collections import config_dict
 import numpy as np
 
-from cpt_jax.data import config as data_config
+from cpt_jax.schema import data as data_config
 
 CONTROLLERS = ("static", "schedule", "doremi", "exp3", "forgetting")
 ADAPTIVE = ("doremi", "exp3", "forgetting")
