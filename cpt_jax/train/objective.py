@@ -1,8 +1,8 @@
 """The continued pre-training objective over rows with roles.
 
   loss = [sum_new CE + lambda_replay * sum_replay CE] / N_ce
-       + replay_kd * tau^2 * [sum_replay KL(teacher || student)] / N_ce
-       + lambda_kd * tau^2 * [sum_distill KL(teacher || student)] / N_kd
+       + replay_kd * T^2 * [sum_replay KL(teacher || student)] / N_ce   (T: kd_temperature)
+       + lambda_kd * T^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
 
@@ -33,31 +33,33 @@ from cpt_jax.train import loss as loss_lib
 Array = jax.Array
 
 
-def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array, tau: float) -> Array:
-  """KL(softmax(t/tau) || softmax(s/tau)) per token: [N, L]."""
-  t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
-  s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
+            temperature: float) -> Array:
+  """KL(softmax(t/T) || softmax(s/T)) per token at temperature T: [N, L]."""
+  t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
+  s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
-def teacher_topk(teacher_logits_NxLxV: Array, k: int, tau: float) -> tuple[Array, Array]:
+def teacher_topk(teacher_logits_NxLxV: Array, k: int,
+                 temperature: float) -> tuple[Array, Array]:
   """The teacher's top-k log-probabilities [N, L, k] and their token ids [N, L, k].
 
   This is all the top-k KL needs, so teacher outputs can be precomputed and stored.
   """
-  t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   logp_NxLxK, ids_NxLxK = jax.lax.top_k(t, k)
   return logp_NxLxK, ids_NxLxK
 
 
 def kl_topk(teacher_logp_NxLxK: Array, teacher_ids_NxLxK: Array,
-            student_logits_NxLxV: Array, tau: float) -> Array:
+            student_logits_NxLxV: Array, temperature: float) -> Array:
   """KL over k+1 buckets (the teacher's top-k tokens and 'the rest'): [N, L].
 
   Exactly zero when student == teacher, positive otherwise; needs only the
   teacher's top-k log-probabilities.
   """
-  s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / tau, axis=-1)
+  s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   s_top = jnp.take_along_axis(s, teacher_ids_NxLxK, axis=-1)
   p_top = jnp.exp(teacher_logp_NxLxK)
   kl_top = jnp.sum(p_top * (teacher_logp_NxLxK - s_top), axis=-1)
@@ -118,7 +120,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   lambda_replay = float(obj_cfg.lambda_replay)
   lambda_kd = float(obj_cfg.lambda_kd)
   replay_kd = float(obj_cfg.get("replay_kd", 0.0))
-  tau = float(obj_cfg.kd_temperature)
+  temperature = float(obj_cfg.kd_temperature)
   topk = int(obj_cfg.kd_topk)
   l2sp = float(obj_cfg.l2sp)
   ewc = float(obj_cfg.ewc)
@@ -173,26 +175,26 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       teacher_logits = jax.lax.stop_gradient(teacher_logits)
       student_logits = take(logits_BxLxV)
       if topk > 0:
-        t_logp, t_ids = teacher_topk(teacher_logits, topk, tau)
-        kl_NxL = kl_topk(t_logp, t_ids, student_logits, tau)
+        t_logp, t_ids = teacher_topk(teacher_logits, topk, temperature)
+        kl_NxL = kl_topk(t_logp, t_ids, student_logits, temperature)
       else:
-        kl_NxL = kl_full(teacher_logits, student_logits, tau)
+        kl_NxL = kl_full(teacher_logits, student_logits, temperature)
       tok_w_NxL = take(weights_BxL)
       if lambda_kd > 0:
         w_NxL = tok_w_NxL * (role_N == batch_lib.DISTILL)[:, None]
         kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), kd_den)
         aux["kd_term"] = kd_term
         aux["kd_tokens"] = jnp.sum(w_NxL)
-        loss = loss + lambda_kd * tau ** 2 * kd_term
+        loss = loss + lambda_kd * temperature ** 2 * kd_term
         if decomp is not None:
-          loss_d = loss_d + lambda_kd * tau ** 2 * kd_term
+          loss_d = loss_d + lambda_kd * temperature ** 2 * kd_term
       if replay_kd > 0:  # shares the CE normaliser, like the replay rows' CE
         w_NxL = tok_w_NxL * (role_N == batch_lib.REPLAY)[:, None]
         rkd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), ce_den)
         aux["replay_kd_term"] = rkd_term
-        loss = loss + replay_kd * tau ** 2 * rkd_term
+        loss = loss + replay_kd * temperature ** 2 * rkd_term
         if decomp is not None:
-          loss_d = loss_d + replay_kd * tau ** 2 * rkd_term
+          loss_d = loss_d + replay_kd * temperature ** 2 * rkd_term
       teacher_rows = idx_N.shape[0]
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 
