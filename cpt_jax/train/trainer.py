@@ -5,11 +5,13 @@ else (2) warm-start params from `train.init_checkpoint` (continued
 pre-training; the optimizer starts fresh); else (3) random init.
 
 Side effects (I/O, logging, checkpoints) live here; everything inside
-`jit` is pure (see step.py / objective.py). Metrics are fetched one step
-late so dispatch stays asynchronous; a NaN/Inf loss raises FloatingPointError
-before any checkpoint of that step is written. With `replay.max_tflops` /
-`replay.max_seconds` set, the stage ends early at the log boundary before a
-cap would be passed (budget.py).
+`jit` is pure (see step.py / objective.py). `Trainer.run` is the loop: step,
+hooks (train/hooks.py: replay refresh, budget stop, rate controller, metric
+writer, callback; their order is the list `make_hooks` returns), evaluation,
+checkpoint. Metrics are fetched one step late so dispatch stays asynchronous;
+a NaN/Inf loss raises FloatingPointError before any checkpoint of that step
+is written. With `replay.max_tflops` / `replay.max_seconds` set, the stage
+ends early at the log boundary before a cap would be passed (budget.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cpt_jax.replay import manager as replay_manager
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import decomposition as decomp_lib
+from cpt_jax.train import hooks as hooks_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
 from cpt_jax.train import optimizer as optimizer_lib
@@ -174,6 +177,7 @@ class Trainer:
     self.budget = budget_lib.StageBudget(max_tflops=float(config.replay.max_tflops),
                                          max_seconds=float(config.replay.max_seconds))
     self._t_start = time.perf_counter()
+    self.hooks: list[hooks_lib.Hook] = []  # built by `make_hooks` once the state exists
 
   # ------------------------------------------------------------------ init
   def _jit_for(self, with_distill: bool) -> Callable:
@@ -303,47 +307,102 @@ class Trainer:
 
   # ------------------------------------------------------------------ loop
   def run(self) -> dict[str, Any]:
-    """Trains to `train.steps`; returns a summary (final step, last metrics, ...)."""
-    c, ctx = self.config, self.ctx
-    t = c.train
-    t_start = self._t_start = time.perf_counter()
+    """Trains to `train.steps` (or a budget stop); returns the run summary."""
+    t = self.config.train
+    self._t_start = time.perf_counter()
     self.state, how = self.initial_state()
     start = int(jax.device_get(self.state.step))
+    end = self._announce(start, how)
+    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
+    self.hooks = self.make_hooks(writer)
+    self._window, self._pending, self._t_window = _Window(self.pipeline.num_domains), None, \
+        time.perf_counter()
+    self.budget.start_window(self._usage(start))
+    bar = tqdm(total=t.steps, initial=start, desc=os.path.basename(self.workdir) or "train",
+               unit="step", dynamic_ncols=True) if t.progress_bar and self.is_lead else None
+    last, last_eval = {}, {}
+    try:
+      for step in range(start, end):
+        self.state, metrics = self._train_step(self.pipeline.next_batch())
+        done, is_last = step + 1, step + 1 == t.steps
+        for h in self.hooks:
+          h.after_step(done, self.state)
+        logs, saves = done % t.log_every == 0, done % t.checkpoint_every == 0
+        self._fetch(done, metrics, now=logs or saves or is_last)  # one step late otherwise
+        if logs and not is_last:  # e.g. the hard budget: stop before a cap would be passed
+          is_last = self._should_stop(done, min(t.log_every, t.steps - done))
+        if logs or is_last:
+          last = self._record(done)
+          for h in self.hooks:
+            h.on_log(done, last)
+          if bar is not None:
+            bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+        if (t.eval_every and done % t.eval_every == 0) or is_last:
+          last_eval = self.evaluate()
+          writer.write(done, last_eval, kind="eval")
+        if saves or is_last:
+          self.save(done)
+        if bar is not None:
+          bar.update(1)
+        if is_last:
+          break
+      self._fetch(None, None, now=True)
+    finally:
+      if bar is not None:
+        bar.close()
+      writer.close()
+      self.checkpointer.wait()
+    return self._summary(how, start, last, last_eval or self.evaluate())
+
+  def make_hooks(self, writer) -> list[hooks_lib.Hook]:
+    """The loop's hooks, in the order their effects must happen (see train/hooks.py)."""
+    out: list[hooks_lib.Hook] = []
+    if self.replay is not None:
+      out.append(hooks_lib.ReplayRefresh(self.replay))
+    out.append(hooks_lib.BudgetStop(self.budget, self._usage))
+    out.append(hooks_lib.RateController(self.controller, self.pipeline))
+    out.append(hooks_lib.MetricsWriter(writer))
+    if self.on_metrics is not None:
+      out.append(hooks_lib.Callback(self.on_metrics, self.pipeline))
+    return out
+
+  def _announce(self, start: int, how: str) -> int:
+    """Logs where the run starts, writes config.json; returns the step to train to."""
+    c, t = self.config, self.config.train
     end = t.steps if self.budget.stopped_at is None else start  # a cap ended it earlier
+    name = os.path.basename(self.workdir)
     if end == start < t.steps:
-      log(f"{os.path.basename(self.workdir)}: stopped at step {start} by its budget earlier "
-          f"({self.budget.reason}); not training further")
-    log(f"{os.path.basename(self.workdir)}: {how}; steps {start}..{t.steps}; "
-        f"{state_lib.param_count(self.state.params):,} params on mesh {dict(ctx.mesh.shape)}")
+      log(f"{name}: stopped at step {start} by its budget earlier ({self.budget.reason}); "
+          "not training further")
+    log(f"{name}: {how}; steps {start}..{t.steps}; "
+        f"{state_lib.param_count(self.state.params):,} params on mesh {dict(self.ctx.mesh.shape)}")
     if self.is_lead:
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(c.to_json_best_effort(indent=2))
     # Parameter / optimizer-state bytes per group (sigma / tau, or 'model').
-    state_bytes = decomp_lib.state_bytes(self.state.params, self.state.opt_state, ctx.decomp)
-    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
+    self._state_bytes = decomp_lib.state_bytes(self.state.params, self.state.opt_state,
+                                               self.ctx.decomp)
     # MFU = model FLOP/s over the whole mesh's peak: one device's peak x devices.
-    peak = float(t.peak_flops) or metrics_lib.measure_matmul_peak(
+    self._peak = float(t.peak_flops) or metrics_lib.measure_matmul_peak(
         dtype=jnp.dtype(c.model.dtype))
-    mesh_peak = peak * ctx.mesh.devices.size
-    flops_tok = flops_per_token(ctx.model_cfg, c.data.seq_len)
-    tokens_per_step = t.global_batch_size * c.data.seq_len
-    domains = list(self.pipeline.domains)
+    return end
 
-    bar = None
-    if t.progress_bar and self.is_lead:
-      bar = tqdm(total=t.steps, initial=start, desc=os.path.basename(self.workdir) or "train",
-                 unit="step", dynamic_ncols=True)
+  def _train_step(self, local: dict[str, np.ndarray]) -> tuple[Any, dict]:
+    batch = self._device_batch(local)
+    return self._jit_for("distill_index" in batch)(self.state, batch)
 
-    window = _Window(len(domains))
-    pending = None  # (step, device metrics) of the last dispatched step
-    last: dict[str, Any] = {}
-    last_eval: dict[str, Any] = {}
-    t_window = time.perf_counter()
-    self.budget.start_window(self._usage(start))
+  def _fetch(self, done: int | None, metrics, now: bool) -> None:
+    """Fetches the previous step's metrics (and this one's if `now`) into the window.
 
-    def settle(pending_item):
-      """Fetches a step's metrics; raises on a non-finite loss."""
-      s, m = pending_item
+    Metrics are fetched one step late so dispatch stays asynchronous; a NaN / Inf
+    loss raises NonFiniteLossError before any checkpoint of that step is written.
+    """
+    todo = [self._pending] if self._pending is not None else []
+    self._pending = None if done is None else (done, metrics)
+    if now and self._pending is not None:
+      todo.append(self._pending)
+      self._pending = None
+    for s, m in todo:
       m = jax.device_get(m)
       loss = float(m["loss"])
       if not np.isfinite(loss):
@@ -356,100 +415,64 @@ class Trainer:
       if int(m["teacher_rows"]) == 0 and self.has_teacher_rows:
         self.teacher_skipped_steps += 1
       self.teacher_rows += int(m["teacher_rows"])
-      window.add(m)
-      return s, m
+      self._window.add(m)
 
-    try:
-      for step in range(start, end):
-        local = self.pipeline.next_batch()
-        batch = self._device_batch(local)
-        fn = self._jit_for("distill_index" in batch)
-        self.state, m = fn(self.state, batch)
-        if self.replay is not None:  # replay selection: online refresh every N steps
-          self.replay.maybe_refresh(step + 1, self.state)
-        if pending is not None:
-          settle(pending)
-        pending = (step + 1, m)
-        done = step + 1
-        is_last = done == t.steps
-        if done % t.log_every == 0 or is_last or done % t.checkpoint_every == 0:
-          settle(pending)
-          pending = None
-        if done % t.log_every == 0 and not is_last and self.budget.active:
-          # The hard budget: stop before the next window would pass a cap.
-          is_last = self._budget_stop(done, min(t.log_every, t.steps - done))
-        if done % t.log_every == 0 or is_last:
-          dt = time.perf_counter() - t_window
-          record = window.summary(domains)
-          tps = window.steps * tokens_per_step / max(dt, 1e-9)
-          record.update(
-              learning_rate=float(ctx.schedule(done - 1)), tokens_per_sec=tps,
-              mfu=tps * flops_tok / mesh_peak, teacher_skipped_steps=self.teacher_skipped_steps,
-              teacher_rows=self.teacher_rows, weights=_named(domains, self.pipeline.weights),
-              data=self.pipeline.stats())
-          if ctx.decomp is not None:
-            record["state_bytes"] = state_bytes
-          self.controller.maybe_update(done, record, self.pipeline)
-          record.update(self.controller.metrics())
-          record["controller_seconds"] = self.controller.seconds
-          writer.write(done, record)
-          if self.on_metrics is not None:
-            self.on_metrics(done, record, self.pipeline)
-          last = record
-          window = _Window(len(domains))
-          t_window = time.perf_counter()
-          if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-        if (t.eval_every and done % t.eval_every == 0) or is_last:
-          evals = self.evaluate()
-          writer.write(done, evals, kind="eval")
-          last_eval = evals
-        if done % t.checkpoint_every == 0 or is_last:
-          self.save(done)
-        if bar is not None:
-          bar.update(1)
-        if is_last:
-          break
-      if pending is not None:
-        settle(pending)
-    finally:
-      if bar is not None:
-        bar.close()
-      writer.close()
-      self.checkpointer.wait()
-    if not last_eval:  # already finished before this call (e.g. a re-run)
-      last_eval = self.evaluate()
+  def _record(self, done: int) -> dict[str, Any]:
+    """The log record of the window ending at `done` (then a new window starts)."""
+    c, domains = self.config, list(self.pipeline.domains)
+    dt = time.perf_counter() - self._t_window
+    record = self._window.summary(domains)
+    tps = self._window.steps * c.train.global_batch_size * c.data.seq_len / max(dt, 1e-9)
+    record.update(
+        learning_rate=float(self.ctx.schedule(done - 1)), tokens_per_sec=tps,
+        mfu=tps * flops_per_token(self.ctx.model_cfg, c.data.seq_len)
+        / (self._peak * self.ctx.mesh.devices.size),
+        teacher_skipped_steps=self.teacher_skipped_steps, teacher_rows=self.teacher_rows,
+        weights=_named(domains, self.pipeline.weights), data=self.pipeline.stats())
+    if self.ctx.decomp is not None:
+      record["state_bytes"] = self._state_bytes
+    self._window, self._t_window = _Window(len(domains)), time.perf_counter()
+    return record
+
+  def _should_stop(self, done: int, next_steps: int) -> bool:
+    """Whether a hook ends the stage at `done` (the same answer on every process)."""
+    for h in self.hooks:
+      reason = h.should_stop(done, next_steps)
+      if reason:
+        log(f"{os.path.basename(self.workdir)}: stopping at step {done} of "
+            f"{self.config.train.steps}: {reason}")
+        return True
+    return False
+
+  def _summary(self, how: str, start: int, last: dict, last_eval: dict) -> dict[str, Any]:
+    """The run summary: tokens and FLOPs count the whole stage (to its final step),
+    also after a resume; `seconds` and `steps_run` are this invocation's."""
+    c, ctx = self.config, self.ctx
     final = int(jax.device_get(self.state.step))
-    steps_run = final - start
-    # Tokens and FLOPs count the whole stage (to its final step), also after a
-    # resume; `seconds` and `steps_run` are this invocation's.
     summary = {
         "step": final, "init": how, "last": last,
         "eval": last_eval, "domains": list(self.pipeline.domains),
-        "roles": list(self.pipeline.roles), "seconds": time.perf_counter() - t_start,
-        "steps_run": steps_run, "train_tokens": final * tokens_per_step,
+        "roles": list(self.pipeline.roles), "seconds": time.perf_counter() - self._t_start,
+        "steps_run": final - start,
+        "train_tokens": final * c.train.global_batch_size * c.data.seq_len,
         "train_tflops": self._train_tflops(final),
         "teacher_rows": self.teacher_rows,
         "teacher_tflops": self._teacher_tflops(),
-        "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": peak,
+        "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": self._peak,
         "num_devices": int(ctx.mesh.devices.size),
         "data": self.pipeline.stats()}
-    if self.replay is not None:  # replay selection: cost next to the run's
-      summary["selection"] = self.replay.summary(summary)
-    if self.budget.active:  # the hard budget: what was used, and where a cap stopped it
-      summary["budget"] = self.budget.summary(self._usage(final))
-    summary["state_bytes"] = state_bytes  # sigma / tau decomposition: bytes per group
+    for h in self.hooks:  # replay selection cost, the budget's use
+      entry = h.summary(summary) if h.summary_key else None
+      if entry is not None:
+        summary[h.summary_key] = entry
+    summary["state_bytes"] = self._state_bytes  # sigma / tau decomposition: bytes per group
     if ctx.decomp is not None and c.decomposition.eval_without_tau:  # sigma alone
       summary["eval_without_tau"] = self.evaluate(ctx.decomp.without_tau(self.state.params))
     return summary
 
   def save(self, step: int) -> None:
     host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps,
-            "teacher_rows": self.teacher_rows, "mixing": self.controller.state_dict()}
-    if self.replay is not None:  # replay selection state (buffer ids, online state)
-      host["replay"] = self.replay.state_dict()
-    # Seconds and one-off FLOPs so far: a later cap (or re-run) counts them too.
-    host["budget"] = self.budget.state_dict(self._usage(step).seconds)
+            "teacher_rows": self.teacher_rows, **hooks_lib.host_state(self.hooks)}
     self.checkpointer.save(step, self.state, host)
 
   def _train_tflops(self, step: int) -> float:
@@ -484,18 +507,6 @@ class Trainer:
                             fixed_tflops=sum(v for k, v in parts.items()
                                              if k not in ("train", "teacher")),
                             fixed_seconds=fixed_s, lookahead=lookahead, parts=parts)
-
-  def _budget_stop(self, done: int, next_steps: int) -> bool:
-    """Whether the stage ends at `done` (the same answer on every process)."""
-    reason = self.budget.check(self._usage(done), next_steps)
-    if jax.process_count() > 1:  # process 0's clock decides for all
-      stop = bool(multihost_utils.broadcast_one_to_all(np.int32(bool(reason))))
-      reason = (reason or "process 0's clock passed the cap") if stop else ""
-    if reason:
-      self.budget.stop(done, reason)
-      log(f"{os.path.basename(self.workdir)}: stopping at step {done} of {self.config.train.steps}"
-          f" within the stage's budget: {reason}")
-    return bool(reason)
 
   def close(self) -> None:
     self.checkpointer.close()
