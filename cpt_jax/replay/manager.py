@@ -1,6 +1,6 @@
-"""The trainer's replay hook: plan, select (fresh start), reuse (resume), refresh (online).
+"""Replay selection for a stage: plan, select (fresh start), reuse (resume), refresh (online).
 
-  manager = ReplayManager.create(trainer)          # None when replay.strategy is ''
+  manager = ReplayManager(config, pipeline, ctx, workdir, model_params, start_params)
   manager.start(state, host=None)                  # fresh: plan + select + write; resume: reuse
   manager.maybe_refresh(done_steps, state)         # online: every replay.online_every steps
   host["replay"] = manager.state_dict()            # checkpointed with the data state
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -36,7 +36,6 @@ from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import planner as planner_lib
 from cpt_jax.replay import scoring
 from cpt_jax.replay import strategies as strategies_lib
-from cpt_jax.train import state as state_lib
 
 
 def _log(msg: str) -> None:
@@ -59,18 +58,21 @@ def _from_process_0(x: np.ndarray) -> np.ndarray:
 class ReplayManager:
   """Replay selection for one stage (see module docstring)."""
 
-  def __init__(self, trainer):
-    self.trainer = trainer
-    c = trainer.config
+  def __init__(self, config, pipeline, ctx, workdir: str, model_params: Callable,
+               start_params: Callable):
+    """config: the run's config (replay, train, data, seed); ctx: its RunContext (model,
+    mesh, shardings); model_params(params) -> model-shaped params (tau merged);
+    start_params(state | None) -> the stage's starting model M (a fresh copy)."""
+    c = self.config = config
     self.rcfg = c.replay
-    self.pipeline = trainer.pipeline
+    self.pipeline = pipeline
+    self.model_params, self.start_params = model_params, start_params
     self.strategy = strategies_lib.get(self.rcfg.strategy)
     self.roles = dict(zip(self.pipeline.domains, self.pipeline.roles))
     self.replay_domains = [d for d, r in self.roles.items() if r == "replay"]
     if not self.replay_domains:
       raise ValueError(f"replay.strategy={self.rcfg.strategy!r} needs replay domains: "
                        "set data.replay")
-    ctx = trainer.ctx
     micro = c.train.global_batch_size // c.train.grad_accum_steps
     self.scorer = scoring.Scorer(ctx.model, ctx.model_cfg, ctx.mesh, ctx.rules,
                                  self.rcfg.score_batch or micro, c.data.seq_len)
@@ -80,11 +82,7 @@ class ReplayManager:
     self.seconds = 0.0
     self.reused = False
     self.online: OnlineBuffer | None = None
-    self.dir = selection_lib.selection_dir(trainer.workdir)
-
-  @classmethod
-  def create(cls, trainer) -> "ReplayManager | None":
-    return cls(trainer) if trainer.config.replay.strategy else None
+    self.dir = selection_lib.selection_dir(workdir)
 
   # ---------------------------------------------------------------- start
   def _configured_weights(self) -> dict[str, float]:
@@ -92,7 +90,7 @@ class ReplayManager:
     return {d: float(x) for d, x in zip(self.pipeline.domains, w)}
 
   def _make_plan(self, params) -> dict:
-    c = self.trainer.config
+    c = self.config
     t0 = time.perf_counter()
     d0 = self.replay_domains[0]
     rate = self.scorer.measure_rate(params, self.stores[d0],
@@ -113,8 +111,8 @@ class ReplayManager:
 
   def _new_batches(self, n: int) -> list:
     new = [d for d, r in self.roles.items() if r == "new"]
-    b = self.trainer.config.train.global_batch_size // self.trainer.config.train.grad_accum_steps
-    return [self.pipeline.training_rows(new, b, self.trainer.config.seed + 7919 * (i + 1))
+    b = self.config.train.global_batch_size // self.config.train.grad_accum_steps
+    return [self.pipeline.training_rows(new, b, self.config.seed + 7919 * (i + 1))
             for i in range(n)] if new else []
 
   def start(self, state, host: dict | None = None) -> None:
@@ -124,7 +122,7 @@ class ReplayManager:
     if resume:  # what earlier invocations scored and spent counts on
       self.scorer.add_counters(host)
       self.seconds = float(host.get("seconds", 0.0))
-    params = self.trainer.model_params(state.params)
+    params = self.model_params(state.params)
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
     w0 = self._configured_weights()
@@ -137,16 +135,16 @@ class ReplayManager:
       self.selection = strategies_lib.Selection(rows, {d: np.full(v.size, np.nan)
                                                        for d, v in rows.items()},
                                                 candidates=int(host.get("candidates", 0)))
-    elif self.trainer.config.data.get("replay_selection", ""):
+    elif self.config.data.get("replay_selection", ""):
       rows = self.pipeline.replay_rows
       self.reused = True
       self.selection = strategies_lib.Selection(rows, {d: np.full(v.size, np.nan)
                                                        for d, v in rows.items()})
     else:
       env = strategies_lib.SelectEnv(
-          stores=self.stores, seed=self.trainer.config.seed, cfg=self.rcfg, scorer=self.scorer,
+          stores=self.stores, seed=self.config.seed, cfg=self.rcfg, scorer=self.scorer,
           params=params, new_batches=self._new_batches,
-          lookahead_lr=self.rcfg.lookahead_lr or self.trainer.config.optimizer.lr)
+          lookahead_lr=self.rcfg.lookahead_lr or self.config.optimizer.lr)
       k = self.plan["buffer_rows"]
       self.selection = self.strategy.select(env, k, self.plan["candidates"])
       self.seconds += time.perf_counter() - t0
@@ -170,7 +168,7 @@ class ReplayManager:
     s = self.selection
     selection_lib.write_selection(self.dir, s.rows, s.scores, {
         "strategy": self.strategy.name, "budget": self.rcfg.budget,
-        "seq_len": self.trainer.config.data.seq_len, "unit": "packed row",
+        "seq_len": self.config.data.seq_len, "unit": "packed row",
         "stores": self.pipeline.store_names(), "plan": self.plan,
         "candidates": s.candidates, "peak_held": s.peak_held, "info": _jsonable(s.info),
         "selection_tflops": self.scorer.flops / 1e12, "selection_seconds": self.seconds})
@@ -179,12 +177,12 @@ class ReplayManager:
   def _refreshes_at(self, done: int) -> bool:
     every = int(self.plan.get("online_every", self.rcfg.online_every))
     return (self.online is not None and every > 0 and done % every == 0
-            and done < self.trainer.config.train.steps)
+            and done < self.config.train.steps)
 
   def maybe_refresh(self, done: int, state) -> None:
     if self._refreshes_at(done):
       t0 = time.perf_counter()
-      self.online.refresh(done, self.trainer.model_params(state.params))
+      self.online.refresh(done, self.model_params(state.params))
       self.seconds += time.perf_counter() - t0
 
   def pending(self, done: int, n: int) -> tuple[float, float]:
@@ -204,7 +202,7 @@ class ReplayManager:
 
   def summary(self, run_summary: dict) -> dict:
     """summary['selection']: selection tokens/TFLOPs/seconds and planned vs actual per component."""
-    c = self.trainer.config
+    c = self.config
     L = c.data.seq_len
     roles_tok = run_summary.get("data", {}).get("tokens_per_role", {})
     f_train = self.scorer.train_flops_tok
@@ -250,7 +248,7 @@ class OnlineBuffer:
     if start_params is not None:
       self.ref_params = jax.tree.map(jnp.copy, start_params)
     else:
-      self.ref_params = _starting_params(manager.trainer, state)
+      self.ref_params = manager.start_params(state)
     o = (host or {}).get("online") or {}
     self.cursor = {d: int(v) for d, v in o.get("cursor", {}).items()}
     self.ref_loss = {d: np.asarray(v, np.float64) for d, v in o.get("ref_loss", {}).items()}
@@ -267,7 +265,7 @@ class OnlineBuffer:
 
   def _order(self, d: str) -> np.ndarray:
     n = self.m.stores[d].num_rows
-    return np.random.default_rng([self.m.trainer.config.seed, zlib.crc32(d.encode()),
+    return np.random.default_rng([self.m.config.seed, zlib.crc32(d.encode()),
                                   0x6F6E6C]).permutation(n)
 
   def _quotas(self) -> dict[str, int]:
@@ -332,22 +330,6 @@ class OnlineBuffer:
   def state_dict(self) -> dict:
     return {"cursor": dict(self.cursor), "refreshes": self.refreshes, "swaps": self.swaps,
             "ref_loss": {d: [float(x) for x in v] for d, v in self.ref_loss.items()}}
-
-
-def _starting_params(trainer, state):
-  """The stage's starting model on resume: the teacher if kept, else rebuilt as at the start.
-
-  The teacher is copied: the train step donates the whole state (frozen trees
-  included), so arrays shared with it are deleted by the next step.
-  """
-  if state is not None and state.frozen and "teacher" in state.frozen:
-    return jax.tree.map(jnp.copy, trainer.model_params(state.frozen["teacher"]))
-  params, _ = trainer.starting_model_params()
-  if params is not None:
-    return params
-  c, ctx = trainer.config, trainer.ctx  # random init: rebuilt from the seed
-  return trainer.model_params(state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed,
-                                                   c.data.seq_len, decomp=ctx.decomp).params)
 
 
 def _jsonable(x: Any) -> Any:

@@ -245,10 +245,25 @@ class Trainer:
     return None, "random init"
 
   def _start_replay(self, state, host) -> None:
-    """Replay selection hook (cpt_jax/replay): fresh start selects, resume reuses."""
-    self.replay = replay_manager.ReplayManager.create(self)
-    if self.replay is not None:
+    """Replay selection (cpt_jax/replay): fresh start selects, resume reuses."""
+    self.replay = None
+    if self.config.replay.strategy:
+      self.replay = replay_manager.ReplayManager(
+          self.config, self.pipeline, self.ctx, self.workdir, self.model_params,
+          self.reference_params)
       self.replay.start(state, host)
+
+  def reference_params(self, state=None):
+    """The stage's starting model M, model-shaped: the kept teacher (copied: the step
+    donates the whole state, frozen trees included), else rebuilt as at the start."""
+    if state is not None and state.frozen and "teacher" in state.frozen:
+      return jax.tree.map(jnp.copy, self.model_params(state.frozen["teacher"]))
+    params, _ = self.starting_model_params()
+    if params is not None:
+      return params
+    c, ctx = self.config, self.ctx  # random init: rebuilt from the seed
+    return self.model_params(state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed,
+                                                  c.data.seq_len, decomp=ctx.decomp).params)
 
   def reference_losses(self, params, rows_per_domain: int | None = None) -> dict[str, float]:
     """Per-domain CE of `params` (the stage's starting model) on training rows.
