@@ -1,7 +1,6 @@
 """The package's layers: import-linter's contracts (pyproject.toml) and no hidden imports."""
 
 import ast
-import pathlib
 import shutil
 import subprocess
 

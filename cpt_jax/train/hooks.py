@@ -10,7 +10,7 @@ The loop (train/trainer.py `Trainer.run`) calls, for every hook in its list:
                                   component reads it back when the trainer resumes)
   summary(summary)                an entry of the run summary under `summary_key`
 
-The order of the list is the order of effects, written once in `Trainer.hooks`:
+The order of the list is the order of effects, written once in `Trainer.make_hooks`:
 replay refresh, budget stop, rate controller, metric writer, user callback (a
 controller's new weights are in the record the writer writes; the callback sees
 what was written). Hooks hold the narrow objects they act on, never the trainer.

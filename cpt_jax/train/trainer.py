@@ -17,7 +17,6 @@ ends early at the log boundary before a cap would be passed (budget.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -28,7 +27,6 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm.auto import tqdm
 
 from cpt_jax import batch as batch_lib
@@ -327,7 +325,7 @@ class Trainer:
     self._t_start = time.perf_counter()
     self.state, how = self.initial_state()
     start = int(jax.device_get(self.state.step))
-    end = self._announce(start, how)
+    end = self._prepare_run(start, how)
     writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
     self.hooks = self.make_hooks(writer)
     self._window, self._pending, self._t_window = _Window(self.pipeline.num_domains), None, \
@@ -381,8 +379,9 @@ class Trainer:
       out.append(hooks_lib.Callback(self.on_metrics, self.pipeline))
     return out
 
-  def _announce(self, start: int, how: str) -> int:
-    """Logs where the run starts, writes config.json; returns the step to train to."""
+  def _prepare_run(self, start: int, how: str) -> int:
+    """Logs where the run starts, writes config.json, takes the state's bytes per group
+    and the peak FLOP/s for MFU; returns the step to train to."""
     c, t = self.config, self.config.train
     end = t.steps if self.budget.stopped_at is None else start  # a cap ended it earlier
     name = os.path.basename(self.workdir)
