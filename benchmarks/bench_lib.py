@@ -33,9 +33,9 @@ def time_train_step(config: ml_collections.ConfigDict, steps: int = 10, repeats:
   ctx = trainer.build_context(config, devices)
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=1)
   step = step_lib.jit_train_step(
-      step_lib.make_train_step(loss_fn, ctx.tx, config.train.grad_accum_steps),
+      step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps),
       ctx.state_sh, ctx.mesh, ctx.rules)
-  state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, 0, config.data.seq_len)
+  state = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, config.data.seq_len)
   rng = np.random.default_rng(0)
   batch = shd.global_batch(batch_lib.synthetic_batch(
       rng, config.train.global_batch_size, config.data.seq_len, config.model.vocab_size,

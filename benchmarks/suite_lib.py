@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cpt_jax import stages
 from cpt_jax import config as config_lib
 from cpt_jax import data as data_lib
 from cpt_jax.train import trainer as trainer_lib
@@ -115,7 +116,7 @@ def pretrain(s: Settings) -> tuple[str, dict]:
   c = base_config(s)
   c.data.update(new=",".join(s.old), eval=s.new)
   c.train.steps = s.pretrain_steps
-  summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
+  summary = stages.train(c, work, devices=jax.devices()[:1])
   losses = {d: v["loss"] for d, v in summary["eval"].items()}
   with open(done, "w") as f:
     json.dump(losses, f)
@@ -321,7 +322,7 @@ def run_one(s: Settings, spec: dict, seed: int, work: str, ckpt: str, m_loss: di
   with open(key_file, "w") as f:
     f.write(key)
   c = cpt_config(s, spec, ckpt, seed, pools)
-  summary = trainer_lib.train(c, work, devices=jax.devices()[:1])
+  summary = stages.train(c, work, devices=jax.devices()[:1])
   row = result_row(s, spec, seed, summary, m_loss, c.replay.selection_fraction)
   row["cache_key"] = key
   with open(os.path.join(work, "row.json"), "w") as f:

@@ -6,7 +6,6 @@ import ml_collections
 
 from cpt_jax import config as config_lib
 from cpt_jax import stages
-from cpt_jax.train import trainer
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
@@ -16,4 +15,4 @@ def run(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> di
   """
   if config_lib.is_staged(config):
     return stages.run_stages(config, workdir, **trainer_kwargs)
-  return trainer.train(config, workdir, **trainer_kwargs)
+  return stages.train(config, workdir, **trainer_kwargs)

@@ -31,6 +31,7 @@ import jax
 import ml_collections
 
 from cpt_jax import config as config_lib
+from cpt_jax import features
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.eval import report as report_lib
@@ -41,6 +42,20 @@ from cpt_jax.train import trainer as trainer_lib
 SUMMARY = "summary.json"
 BASELINE = "baseline.json"
 
+
+
+def make_trainer(config: ml_collections.ConfigDict, workdir: str,
+                 **kwargs) -> trainer_lib.Trainer:
+  """A Trainer for one stage with every feature its config can ask for (replay selection,
+  rate controller, budget stop, ...: `features.make_hooks`)."""
+  kwargs.setdefault("hooks_fn", features.make_hooks)
+  return trainer_lib.Trainer(config, workdir, **kwargs)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:
+  """Trains one stage with its features (`make_trainer`); returns the run summary."""
+  kwargs.setdefault("hooks_fn", features.make_hooks)
+  return trainer_lib.train(config, workdir, **kwargs)
 
 def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None) -> dict:
   """{domain: role} of a stage's data config (patterns resolved)."""
@@ -135,9 +150,9 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
   trainer = trainer_lib.Trainer(cfg, scratch, devices=devices)
   try:
     ctx = trainer.ctx
-    params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, cfg.seed,
+    params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, cfg.seed,
                                   cfg.data.seq_len).params
-    evals = trainer.evaluate(params, all_domains)
+    evals = trainer.evaluate(ctx.model_params(params), all_domains)
   finally:
     trainer.close()
   if jax.process_index() == 0:
@@ -171,7 +186,7 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
     if init is not None:
       cfg = _default_rewarm(config, name, init, cfg, summaries.get(init))
     trainer_lib.log(f"stage {name}: " + (f"from stage {init}" if init else "from scratch"))
-    summary = trainer_lib.train(cfg, stage_dir, **trainer_kwargs)
+    summary = train(cfg, stage_dir, **trainer_kwargs)
     summary.update(name=name, init_from=init, learned=learned_domains(summary))
     _write_json(summary_path, summary)
     summaries[name] = summary

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpt_jax import stages
 from cpt_jax import data as data_lib
 from cpt_jax.model.transformer import ModelConfig, flops_per_token
 from cpt_jax.replay import scoring
@@ -32,7 +33,7 @@ def _base_config(tmp_path):
 def test_scorer_counts_padding_and_the_rate_measurement(tmp_path):
   c = _base_config(tmp_path)
   ctx = trainer_lib.build_context(c, jax.devices()[:1])
-  params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, 0, c.data.seq_len).params
+  params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, c.data.seq_len).params
   row = _fwd_row(c)
   with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
     store = pipe.full_training_store("beta")
@@ -54,7 +55,7 @@ def test_fisher_pass_and_reference_forwards_count_in_the_usage(tmp_path):
   c.objective.update(ewc=1.0, ewc_batches=3)
   c.train.init_checkpoint = "unused"  # only satisfies validation: the usage is read directly
   c.replay.max_tflops = 1e9
-  trainer = trainer_lib.Trainer(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+  trainer = stages.make_trainer(c, str(tmp_path / "run"), devices=jax.devices()[:1])
   try:
     L = c.data.seq_len
     f_train = flops_per_token(trainer.ctx.model_cfg, L, training=True)
@@ -62,7 +63,7 @@ def test_fisher_pass_and_reference_forwards_count_in_the_usage(tmp_path):
     use = trainer._usage(0)  # pylint: disable=protected-access
     assert use.parts["fisher"] == pytest.approx(fisher)
     assert use.tflops == pytest.approx(fisher)
-    params = state_lib.init_state(trainer.ctx.model, trainer.ctx.tx, trainer.ctx.state_sh, 0,
+    params = state_lib.init_state(trainer.ctx.model, trainer.ctx.layout, trainer.ctx.state_sh, 0,
                                   L).params
     trainer.reference_losses(params)  # alpha (new), beta and gamma (replay): 8 rows each
     ref = 3 * 8 * _fwd_row(c) / 1e12
@@ -126,12 +127,12 @@ def test_online_refresh_past_the_cap_stops_the_stage_before_it(tmp_path):
       raise Crash()
 
   with pytest.raises(Crash):
-    trainer_lib.train(c, str(tmp_path / "run"), devices=dev, on_metrics=crash)
+    stages.train(c, str(tmp_path / "run"), devices=dev, on_metrics=crash)
   rows, meta = selection_lib.read_selection(str(tmp_path / "run" / "replay_selection"))
   assert rows["beta"].size == buf
   plan = meta["plan"]
   assert (plan["online_refreshes"], plan["online_every"], plan["online_pool"]) == (2, 4, P)
-  out = trainer_lib.train(c, str(tmp_path / "run"), devices=dev)  # resumed from step 4
+  out = stages.train(c, str(tmp_path / "run"), devices=dev)  # resumed from step 4
   assert out["init"] == "resumed from step 4"
   b = out["budget"]
   # At step 6 the next window holds step 8's refresh, which would pass the cap.

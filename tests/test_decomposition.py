@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpt_jax import stages
 from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
 from cpt_jax import export as export_lib
 from cpt_jax.parallel import sharding as shd
-from cpt_jax.train import decomposition as dl
+from cpt_jax.train import tau as tau_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
 from tests.helpers import tiny_config, write_corpus
@@ -45,17 +46,13 @@ def _setup(config, devices=None):
   if key not in _SETUPS:
     ctx = trainer.build_context(config, devices or jax.devices()[:1])
     loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=3,
-                                     decomp=ctx.decomp)
-    hooks = {}
-    if ctx.decomp is not None:
-      hooks = {"grads_fn": dl.make_grads_fn(ctx.decomp),
-               "apply_fn": dl.make_apply_fn(ctx.decomp, ctx.tx)}
-    step = step_lib.make_train_step(loss_fn, ctx.tx, config.train.grad_accum_steps, **hooks)
+                                     layout=ctx.layout)
+    step = step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps)
     step.jitted = {}
     _SETUPS[key] = (ctx, step)
   ctx, step = _SETUPS[key]
-  state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, config.seed,
-                               config.data.seq_len, decomp=ctx.decomp)
+  state = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, config.seed,
+                               config.data.seq_len)
   return ctx, step, state
 
 
@@ -82,6 +79,9 @@ def _equal(a, b) -> bool:
 
 
 def _logits(ctx, params, b):
+  """The model's logits; trained (sigma / tau) params are merged as the loss merges them."""
+  if isinstance(params, dict) and set(params) == {"sigma", "tau"}:
+    params = ctx.model_params(params)
   return np.asarray(ctx.apply_fn(params, jnp.asarray(b["inputs"]), jnp.asarray(b["segment_ids"]),
                                  jnp.asarray(b["positions"])))
 
@@ -111,13 +111,13 @@ def test_lora_zero_b_leaves_outputs_unchanged():
 
 
 def test_merged_weights_reproduce_adapter_logits():
-  """merge_tau vs an unmerged adapter forward: y = x W + (alpha/r) (x A) B at each Dense."""
+  """The merged model vs an unmerged adapter forward: y = x W + (alpha/r) (x A) B at each Dense."""
   config = _config(**{"decomposition.targets": r"(attn/(q|o)|mlp/down)/kernel",
                       "decomposition.lora_rank": 4, "decomposition.lora_alpha": 8.0})
   ctx, _, state = _setup(config)
   params = _random_tau(state)
   b = _batch(config, (NEW,))
-  tau, scale = params["tau"], ctx.decomp.scale
+  tau, scale = params["tau"], ctx.layout.tau.scale
   seen = []
 
   def adapter(next_fun, args, kwargs, context):
@@ -138,7 +138,7 @@ def test_merged_weights_reproduce_adapter_logits():
   with nn.intercept_methods(adapter):
     ref = _logits(ctx, params["sigma"], b)
   assert len(seen) == 6, seen  # q, o, down in both layers
-  merged = dl.merge_tau(params, ctx.decomp)
+  merged = ctx.layout.merge(params)
   assert set(merged) == set(params["sigma"])  # a plain model tree (save_hf takes it)
   got = _logits(ctx, merged, b)
   assert np.abs(got - _logits(ctx, params["sigma"], b)).max() > 1e-2  # tau matters
@@ -149,12 +149,12 @@ def test_merged_weights_reproduce_adapter_logits():
 def test_lora_merge_of_stacked_layers_matches_per_layer():
   a = np.random.default_rng(0).normal(size=(3, 8, 2)).astype(np.float32)
   bb = np.random.default_rng(1).normal(size=(3, 2, 4, 5)).astype(np.float32)
-  got = dl.lora_delta(a, bb, 0.5, w_ndim=4)
+  got = tau_lib.lora_delta(a, bb, 0.5, w_ndim=4)
   for i in range(3):
     np.testing.assert_allclose(got[i], 0.5 * np.tensordot(a[i], bb[i], axes=1), rtol=1e-5)
   config = _config(**{"model.scan_layers": True})
   ctx, _, state = _setup(config)
-  assert ctx.decomp.specs[0].stacked and ctx.decomp.specs[0].keys[0] == "layers"
+  assert ctx.layout.tau.specs[0].stacked and ctx.layout.tau.specs[0].keys[0] == "layers"
   b = _batch(config, (NEW,))
   np.testing.assert_array_equal(_logits(ctx, state.params, b),
                                 _logits(ctx, state.params["sigma"], b))
@@ -185,7 +185,7 @@ def test_distill_kl_routes_to_sigma_only():
                       "optimizer.weight_decay": 0.0,
                       "train.init_checkpoint": "unused"})  # KD validation wants a teacher
   ctx, step, state = _setup(config)
-  teacher = jax.tree.map(lambda x: x * 1.05, ctx.decomp.merge(state.params))
+  teacher = jax.tree.map(lambda x: x * 1.05, ctx.layout.merge(state.params))
   state = state.replace(frozen={"teacher": teacher})
   b = _batch(config, (DISTILL,))
   b["distill_index"] = step_lib.distill_index(b["roles"], 1)
@@ -215,7 +215,7 @@ def test_frozen_sigma_has_no_optimizer_state_and_bytes_are_reported():
   config = _config(**{"decomposition.freeze_sigma": True, "decomposition.routing": False})
   ctx, step, state = _setup(config)
   assert set(state.opt_state) == {"tau"}
-  sb = dl.state_bytes(state.params, state.opt_state, ctx.decomp)
+  sb = ctx.layout.state_bytes(state.params, state.opt_state)
   assert sb["opt_state"]["sigma"] == 0
   tau_bytes = sb["params"]["tau"]
   assert 2 * tau_bytes <= sb["opt_state"]["tau"] <= 2 * tau_bytes + 64  # Adam mu, nu + counts
@@ -224,18 +224,17 @@ def test_frozen_sigma_has_no_optimizer_state_and_bytes_are_reported():
   s2, m = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   assert _equal(s2.params["sigma"], state.params["sigma"])
   assert not _equal(s2.params["tau"], state.params["tau"])
-  full = dl.state_bytes(state.params["sigma"],
-                        jax.eval_shape(trainer.build_context(_config(mode=""),
-                                                             jax.devices()[:1]).tx.init,
-                                       state.params["sigma"]), None)
+  plain = trainer.build_context(_config(mode=""), jax.devices()[:1]).layout
+  full = plain.state_bytes(state.params["sigma"],
+                           jax.eval_shape(plain.tx.init, state.params["sigma"]))
   assert full["opt_state"]["model"] > 10 * sb["opt_state"]["tau"]
 
 
 def test_subtree_tau_freezes_base_leaves_without_optimizer_state():
   config = _config("subtree", **{"decomposition.targets": r"layers_\d+/mlp/"})
   ctx, step, state = _setup(config)
-  assert len(ctx.decomp.specs) == 6
-  sb = dl.state_bytes(state.params, state.opt_state, ctx.decomp)
+  assert len(ctx.layout.tau.specs) == 6
+  sb = ctx.layout.state_bytes(state.params, state.opt_state)
   assert sb["opt_state"]["sigma"] < 2 * (sb["params"]["sigma"] - sb["params"]["tau"]) + 256
   s2, _ = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   for i in range(2):
@@ -274,11 +273,11 @@ def test_trainer_resume_warm_start_and_merge(tmp_path):
     return c
 
   base = cfg(mode="", **{"train.steps": 2})
-  trainer.train(base, str(tmp_path / "base"), devices=jax.devices()[:1])
+  stages.train(base, str(tmp_path / "base"), devices=jax.devices()[:1])
   # Decomposed stage warm-started from a plain checkpoint: sigma = base params, tau fresh.
   # (grad accumulation on, to cover the accumulated decomposed step)
   lora = cfg(**{"train.init_checkpoint": str(tmp_path / "base"), "train.grad_accum_steps": 2})
-  t = trainer.Trainer(lora, str(tmp_path / "lora"), devices=jax.devices()[:1])
+  t = stages.make_trainer(lora, str(tmp_path / "lora"), devices=jax.devices()[:1])
   summary = t.run()
   t.close()
   assert summary["init"].startswith("warm start")
@@ -291,16 +290,16 @@ def test_trainer_resume_warm_start_and_merge(tmp_path):
   # Resume: drop the final checkpoint and run again from step 2.
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(tmp_path / "lora" / "checkpoints" / "4")
-  resumed = trainer.train(lora, str(tmp_path / "lora"), devices=jax.devices()[:1])
+  resumed = stages.train(lora, str(tmp_path / "lora"), devices=jax.devices()[:1])
   assert resumed["init"] == "resumed from step 2"
   assert metrics_lib.read_metrics(tmp_path / "lora")[-1]["loss"] == pytest.approx(ref, abs=1e-6)
 
   # A plain stage after the LoRA stage starts from the merged model.
   plain = cfg(mode="", **{"train.init_checkpoint": str(tmp_path / "lora")})
-  t2 = trainer.Trainer(plain, str(tmp_path / "after"), devices=jax.devices()[:1])
-  state, _ = t2.initial_state()
+  t2 = stages.make_trainer(plain, str(tmp_path / "after"), devices=jax.devices()[:1])
+  state, _, _ = t2.initial_state()
   t2.close()
-  merged = dl.merge_tau(jax.device_get(t.state.params), t.ctx.decomp)
+  merged = t.ctx.model_params(jax.device_get(t.state.params))
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-6),
                jax.device_get(state.params), merged)
   exported = export_lib.restore_for_export(str(tmp_path / "lora"), t.ctx.model_cfg)  # export merges

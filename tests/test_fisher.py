@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
   c.objective.ewc = 1.0
   c.train.init_checkpoint = "unused"  # only satisfies validation: the test builds M
   ctx = trainer_lib.build_context(c, jax.devices()[:1])
-  params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, 0, c.data.seq_len).params
+  params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, c.data.seq_len).params
   pipe = data_lib.make_pipeline(c.data, global_batch_size=8)
   yield c, ctx, params, pipe
   pipe.close()

@@ -5,6 +5,7 @@ A = 1 step's: every normaliser (CE tokens, distill tokens) is the global batch's
 and parameter-only terms (L2-SP, EWC) count once.
 """
 
+import copy
 import functools
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.train import decomposition as decomp_lib
+from cpt_jax.train import layout as layout_lib
 from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
 from tests.helpers import tiny_config
 
@@ -62,21 +64,21 @@ def _grads_and_loss(config, grad_accum, decomp_mode=""):
   config.train.grad_accum_steps = grad_accum
   config.decomposition.mode = decomp_mode
   ctx = trainer.build_context(config, jax.devices()[:1])
-  tx = optax.sgd(1.0) if ctx.decomp is None else decomp_lib.GroupOptimizer(
-      {g: optax.sgd(1.0) for g in ctx.decomp.trainable_groups},
-      {g: (lambda s: 1.0) for g in ctx.decomp.trainable_groups})
-  params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, config.seed,
-                                config.data.seq_len, decomp=ctx.decomp).params
-  model_params = params if ctx.decomp is None else ctx.decomp.merge(params)
-  frozen = _frozen(model_params)
+  params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, config.seed,
+                                config.data.seq_len).params
+  layout = copy.copy(ctx.layout)  # SGD(1) per trainable group: grads = params before - after
+  if isinstance(layout, decomp_lib.SigmaTau):
+    layout.txs = {g: optax.sgd(1.0) for g in layout.trainable_groups}
+    layout.tx = decomp_lib.GroupOptimizer(layout.txs)
+  else:
+    layout = layout_lib.Plain(optax.sgd(1.0), lambda s: 1.0)
+  tx = layout.tx
+  frozen = _frozen(ctx.model_params(params))
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params), frozen=frozen)
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, 3, config.train.z_loss,
-                                   decomp=ctx.decomp)
-  hooks = {} if ctx.decomp is None else {
-      "grads_fn": decomp_lib.make_grads_fn(ctx.decomp),
-      "apply_fn": decomp_lib.make_apply_fn(ctx.decomp, tx)}
-  step = step_lib.make_train_step(loss_fn, tx, grad_accum, **hooks)
+                                   layout=layout)
+  step = step_lib.make_train_step(loss_fn, layout, grad_accum)
   b = _batch(config)
   batch = {k: jnp.asarray(v) for k, v in b.items()}
   idx = step_lib.distill_index(b["roles"], grad_accum, with_replay=True)
@@ -114,7 +116,7 @@ def test_full_batch_loss_by_hand():
   config = _config(kd_topk=0)
   config.train.z_loss = 0.0
   ctx = trainer.build_context(config, jax.devices()[:1])
-  params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, config.seed,
+  params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, config.seed,
                                 config.data.seq_len).params
   frozen = _frozen(params)
   b = _batch(config)

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cpt_jax import stages
 from cpt_jax import data as data_lib
 from cpt_jax.schema import replay as replay_config
 from cpt_jax.replay import planner
@@ -207,7 +208,7 @@ def test_strategy_selects_writes_and_reports_cost(tmp_path, strategy):
   corpus = write_corpus(tmp_path / "corpus", docs=60)
   c = _config(corpus, tmp_path, strategy)
   work = tmp_path / "run"
-  summary = trainer_lib.train(c, str(work), devices=jax.devices()[:1])
+  summary = stages.train(c, str(work), devices=jax.devices()[:1])
   sel = summary["selection"]
   rows, meta = selection_lib.read_selection(str(work / "replay_selection"))
   plan = meta["plan"]
@@ -258,7 +259,7 @@ def test_strategy_interface_bounded_and_costed(tmp_path, strategy):
   corpus = write_corpus(tmp_path / "corpus", docs=80)
   c = _config(corpus, tmp_path, strategy, sketch_rows=16)
   ctx = trainer_lib.build_context(c, jax.devices()[:1])
-  params = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, 0, c.data.seq_len).params
+  params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, c.data.seq_len).params
   with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
     stores = {d: pipe.full_training_store(d) for d in ("beta", "gamma")}
     scorer = scoring.Scorer(ctx.model, ctx.model_cfg, ctx.mesh, ctx.rules, 8, c.data.seq_len)
@@ -297,7 +298,7 @@ def test_online_refresh_survives_resume(tmp_path, decomposition):
   c = _config(corpus, tmp_path, "online", online_every=2, online_pool=40, online_swap=0.5)
   c.train.update(steps=8, checkpoint_every=4, log_every=2)
   c.decomposition.mode = decomposition
-  ref = trainer_lib.train(c, str(tmp_path / "ref"), devices=jax.devices()[:1])
+  ref = stages.train(c, str(tmp_path / "ref"), devices=jax.devices()[:1])
   assert ref["selection"]["online"]["refreshes"] == 3
   assert ref["selection"]["online"]["swaps"] > 0
   assert ref["selection"]["tflops"] > 0
@@ -310,8 +311,8 @@ def test_online_refresh_survives_resume(tmp_path, decomposition):
       raise Crash()
 
   with pytest.raises(Crash):
-    trainer_lib.train(c, str(tmp_path / "run"), devices=jax.devices()[:1], on_metrics=crash)
-  out = trainer_lib.train(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+    stages.train(c, str(tmp_path / "run"), devices=jax.devices()[:1], on_metrics=crash)
+  out = stages.train(c, str(tmp_path / "run"), devices=jax.devices()[:1])
   assert out["init"] == "resumed from step 4"
   assert out["selection"]["online"] == ref["selection"]["online"]
   np.testing.assert_allclose(out["eval"]["alpha"]["loss"], ref["eval"]["alpha"]["loss"],

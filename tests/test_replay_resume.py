@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpt_jax import stages
 from cpt_jax.replay import manager as manager_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import trainer as trainer_lib
@@ -40,15 +41,15 @@ def test_online_replay_with_kept_teacher_resumes_like_an_uninterrupted_run(tmp_p
   base = _config(corpus, tmp_path)
   base.replay.strategy = ""
   base.train.update(steps=2, checkpoint_every=2)
-  trainer_lib.train(base, str(tmp_path / "base"), devices=dev)  # the stage's starting model
+  stages.train(base, str(tmp_path / "base"), devices=dev)  # the stage's starting model
   c = _config(corpus, tmp_path)
   c.train.init_checkpoint = str(tmp_path / "base")
   c.objective.replay_kd = 1.0
-  ref = trainer_lib.train(c, str(tmp_path / "ref"), devices=dev)
+  ref = stages.train(c, str(tmp_path / "ref"), devices=dev)
   assert ref["selection"]["online"]["refreshes"] == 3  # at steps 2, 4, 6
   with pytest.raises(_Crash):  # stops after the step-4 checkpoint, before the step-6 refresh
-    trainer_lib.train(c, str(tmp_path / "run"), devices=dev, on_metrics=_crash_at_6)
-  out = trainer_lib.train(c, str(tmp_path / "run"), devices=dev)
+    stages.train(c, str(tmp_path / "run"), devices=dev, on_metrics=_crash_at_6)
+  out = stages.train(c, str(tmp_path / "run"), devices=dev)
   assert out["init"] == "resumed from step 4"
   assert out["selection"]["online"] == ref["selection"]["online"]
   ref_loss, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
@@ -63,10 +64,10 @@ def test_plan_timing_and_selection_files_come_from_process_0(tmp_path, monkeypat
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   corpus = write_corpus(tmp_path / "corpus", docs=60)
   c = _config(corpus, tmp_path, max_seconds=1e6)
-  trainer = trainer_lib.Trainer(c, str(tmp_path / "run"), devices=jax.devices()[:1])
+  trainer = stages.make_trainer(c, str(tmp_path / "run"), devices=jax.devices()[:1])
   try:
-    state, _ = trainer.initial_state()
-    manager = trainer.replay
+    trainer.prepare()
+    state, manager = trainer.state, trainer.hook("replay").manager
     x = np.array([3.0, 0.25])
 
     def not_called(v):

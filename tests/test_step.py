@@ -13,9 +13,9 @@ from tests.helpers import tiny_config
 def _setup(config, devices):
   ctx = trainer.build_context(config, devices)
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=3)
-  step = step_lib.make_train_step(loss_fn, ctx.tx, config.train.grad_accum_steps)
+  step = step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps)
   jitted = step_lib.jit_train_step(step, ctx.state_sh, ctx.mesh, ctx.rules)
-  state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, config.seed,
+  state = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, config.seed,
                                config.data.seq_len)
   return ctx, jitted, state
 

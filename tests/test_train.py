@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpt_jax import stages
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import trainer as trainer_lib
@@ -28,7 +29,7 @@ def _config(corpus, **kw):
 
 
 def _train(config, workdir, **kw):
-  return trainer_lib.train(config, str(workdir), devices=jax.devices()[:1], **kw)
+  return stages.train(config, str(workdir), devices=jax.devices()[:1], **kw)
 
 
 class _Crash(Exception):
@@ -75,13 +76,13 @@ def test_half_written_checkpoint_is_ignored(corpus, tmp_path):
 
 def test_warm_start_from_another_run(corpus, tmp_path):
   config = _config(corpus, **{"train.steps": 4})
-  base = trainer_lib.Trainer(config, str(tmp_path / "base"), devices=jax.devices()[:1])
+  base = stages.make_trainer(config, str(tmp_path / "base"), devices=jax.devices()[:1])
   base.run()
   base.close()
   cpt = _config(corpus, **{"train.steps": 2, "train.init_checkpoint": str(tmp_path / "base")})
   cpt.optimizer.update(schedule="rewarm_cosine", init_lr=1e-4)
-  warm = trainer_lib.Trainer(cpt, str(tmp_path / "cpt"), devices=jax.devices()[:1])
-  state, how = warm.initial_state()
+  warm = stages.make_trainer(cpt, str(tmp_path / "cpt"), devices=jax.devices()[:1])
+  state, how, _ = warm.initial_state()
   warm.close()
   assert how.startswith("warm start") and int(state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
@@ -117,8 +118,8 @@ def test_init_from_hf_folder(corpus, tmp_path):
   hf.save_hf(params, model_cfg, str(tmp_path / "hf_model"))
   config.model.update(d_model=16, num_layers=1)  # overwritten from config.json
   config.train.init_from_hf = str(tmp_path / "hf_model")
-  trainer = trainer_lib.Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
-  state, how = trainer.initial_state()
+  trainer = stages.make_trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  state, how, _ = trainer.initial_state()
   trainer.close()
   assert "Hugging Face" in how and trainer.config.model.d_model == 32
   params = jax.tree.map(np.array, params)
@@ -131,7 +132,7 @@ def test_hard_budget_stops_the_stage_and_a_rerun_trains_no_further(corpus, tmp_p
   from cpt_jax.model.transformer import flops_per_token  # pylint: disable=g-import-not-at-top
   from cpt_jax.train import budget as budget_lib  # pylint: disable=g-import-not-at-top
   config = _config(corpus)  # 8 steps, metrics every 2, checkpoints every 4
-  trainer = trainer_lib.Trainer(config, str(tmp_path / "probe"), devices=jax.devices()[:1])
+  trainer = stages.make_trainer(config, str(tmp_path / "probe"), devices=jax.devices()[:1])
   per_step = (config.train.global_batch_size * config.data.seq_len
               * flops_per_token(trainer.ctx.model_cfg, config.data.seq_len) / 1e12)
   trainer.close()

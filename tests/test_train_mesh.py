@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from cpt_jax import stages
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import trainer as trainer_lib
 from tests.helpers import tiny_config, write_corpus
@@ -33,7 +34,7 @@ def start(tmp_path_factory):
   c.replay.strategy = ""
   c.objective.update(lambda_kd=0.0, replay_kd=0.0)
   c.train.update(steps=2, checkpoint_every=2, grad_accum_steps=1, init_checkpoint="")
-  trainer_lib.train(c, str(root / "m"), devices=jax.devices()[:1])
+  stages.train(c, str(root / "m"), devices=jax.devices()[:1])
   return corpus, root
 
 
@@ -56,12 +57,12 @@ def _records(workdir):
 
 def test_2x2x2_mesh_with_teacher_online_replay_and_resume_equals_one_device(start, tmp_path):
   corpus, root = start
-  one = trainer_lib.train(_config(corpus, root, (1, 1, 1)), str(tmp_path / "one"),
+  one = stages.train(_config(corpus, root, (1, 1, 1)), str(tmp_path / "one"),
                           devices=jax.devices()[:1])
   c8 = _config(corpus, root, (2, 2, 2))
   with pytest.raises(_Crash):  # after the step-4 checkpoint, before the step-6 refresh
-    trainer_lib.train(c8, str(tmp_path / "mesh"), on_metrics=_crash_at_6)
-  mesh = trainer_lib.train(c8, str(tmp_path / "mesh"))
+    stages.train(c8, str(tmp_path / "mesh"), on_metrics=_crash_at_6)
+  mesh = stages.train(c8, str(tmp_path / "mesh"))
   assert mesh["init"] == "resumed from step 4" and mesh["num_devices"] == 8
   assert one["selection"]["online"]["refreshes"] == 3  # steps 2, 4, 6: online scoring ran
   o1, o8 = one["selection"]["online"], mesh["selection"]["online"]
@@ -86,7 +87,7 @@ def test_mfu_divides_by_the_peak_of_every_device(start, tmp_path):
   c.replay.strategy = ""
   c.objective.update(lambda_kd=0.0, replay_kd=0.0)
   c.train.update(steps=2, grad_accum_steps=1, init_checkpoint="")
-  summary = trainer_lib.train(c, str(tmp_path / "run"))
+  summary = stages.train(c, str(tmp_path / "run"))
   rec = metrics_lib.read_metrics(tmp_path / "run")[-1]
   # FLOPs per token of the tiny model, by hand: matmul weights per layer q 32x32,
   # k, v 32x16 (2 KV heads of 8), o 32x32, SwiGLU 3 x 32x64; 2 layers; head 32x259.

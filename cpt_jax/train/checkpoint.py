@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 
 from cpt_jax import config as config_lib
 from cpt_jax.parallel import sharding as shd
-from cpt_jax.train import decomposition
+from cpt_jax.train import tau as tau_lib
 from cpt_jax.train.state import TrainState
 
 
@@ -125,12 +125,12 @@ def restore_merged_params(directory: str, abstract_model_params: Any, model_boxe
   group = source_decomposition(directory)
   if group is None:
     return restore_params(directory, abstract_model_params, step)
-  cfg = config_lib.default_config()
-  cfg.decomposition.update({k: v for k, v in group.items() if k in cfg.decomposition})
-  src = decomposition.build(cfg, model_boxed)
-  tau_sh = shd.logical_shardings(src.boxed_tau(), mesh, rules)
+  dc = config_lib.default_config().decomposition
+  dc.update({k: v for k, v in group.items() if k in dc})
+  src = tau_lib.build(dc, model_boxed)
+  tau_sh = shd.logical_shardings(src.boxed(), mesh, rules)
   tau_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         nn.unbox(src.boxed_tau()), tau_sh)
+                         nn.unbox(src.boxed()), tau_sh)
   both = restore_params(directory, {"sigma": abstract_model_params, "tau": tau_abs}, step)
   out_sh = jax.tree.map(lambda s: s.sharding, abstract_model_params)
   return jax.jit(src.merge, out_shardings=out_sh)(both)

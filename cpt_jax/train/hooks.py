@@ -2,22 +2,30 @@
 
 The loop (train/trainer.py `Trainer.run`) calls, for every hook in its list:
 
+  start(state, saved)             once the state exists, before the first step; `saved`
+                                  is the hook's host state from the checkpoint when the
+                                  run resumes, else None (then the loop restores the
+                                  data position)
   after_step(done, state)         right after step `done` is dispatched (replay refresh)
   should_stop(done, next_steps)   at a log boundary: '' to go on, else why the stage ends
   on_log(done, record)            with the log record of the window ending at `done`;
                                   may add entries (controller metrics) or write it
-  state_dict()                    host state saved in every checkpoint under `name` (the
-                                  component reads it back when the trainer resumes)
-  summary(summary)                an entry of the run summary under `summary_key`
+  cost(step)                      a `Cost`: TFLOPs / seconds the hook spent for the stage
+                                  budget (train/budget.py), or None
+  state_dict()                    host state saved in every checkpoint under `name`
+  summary(summary, state)         an entry of the run summary under `summary_key`
 
-The order of the list is the order of effects, written once in `Trainer.make_hooks`:
-replay refresh, budget stop, rate controller, metric writer, user callback (a
-controller's new weights are in the record the writer writes; the callback sees
-what was written). Hooks hold the narrow objects they act on, never the trainer.
+The order of the list is the order of effects, written once in `cpt_jax/features.py`
+(`make_hooks`): replay selection before the rate controller (the controller starts
+from the planned replay share), the controller before the metric writer (its new
+weights are in the record the writer writes), the writer before a user callback.
+Hooks are built from their config group and the narrow objects in `Env`, never
+from the trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -25,11 +33,51 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 
+@dataclasses.dataclass
+class Cost:
+  """What a hook spent (for the stage budget): TFLOPs by part, one-off seconds, and
+  lookahead(n) -> (TFLOPs, seconds) of its work due in the next n steps."""
+
+  tflops: dict[str, float]
+  seconds: float = 0.0
+  lookahead: Callable[[int], tuple[float, float]] | None = None
+
+
+@dataclasses.dataclass
+class Env:
+  """The narrow objects a run offers its hooks (built by the loop before the first step).
+
+  config: the run's config; pipeline: data/pipeline.py; ctx: the run context (mesh,
+  model, layout, shardings); workdir; writer: the metric sink (metrics.py);
+  budget: the stage's budget (budget.py); usage(step) -> budget.Usage;
+  model_params(params) -> model-shaped params; start_params(state | None) -> the
+  stage's starting model M (a fresh copy); reference_losses(model_params) -> per-domain
+  CE on training rows (counted in the budget); evaluate(model_params) -> per-domain
+  eval; on_metrics: the user's callback or None.
+  """
+
+  config: Any
+  pipeline: Any
+  ctx: Any
+  workdir: str
+  writer: Any
+  budget: Any
+  usage: Callable[[int], Any]
+  model_params: Callable[[Any], Any]
+  start_params: Callable[[Any], Any]
+  reference_losses: Callable[[Any], dict[str, float]]
+  evaluate: Callable[[Any], dict]
+  on_metrics: Callable | None = None
+
+
 class Hook:
   """The interface; every method is optional."""
 
   name = ""  # key of the hook's host state in checkpoints ('' = none)
   summary_key = ""  # key of its entry in the run summary ('' = none)
+
+  def start(self, state: Any, saved: dict[str, Any] | None) -> None:
+    pass
 
   def after_step(self, done: int, state: Any) -> None:
     pass
@@ -40,29 +88,14 @@ class Hook:
   def on_log(self, done: int, record: dict[str, Any]) -> None:
     pass
 
+  def cost(self, step: int) -> Cost | None:
+    return None
+
   def state_dict(self) -> dict[str, Any] | None:
     return None
 
-  def summary(self, summary: dict[str, Any]) -> dict[str, Any] | None:
+  def summary(self, summary: dict[str, Any], state: Any) -> dict[str, Any] | None:
     return None
-
-
-class ReplayRefresh(Hook):
-  """Online replay: re-scores and swaps buffer rows every `replay.online_every` steps."""
-
-  name, summary_key = "replay", "selection"
-
-  def __init__(self, manager):
-    self.manager = manager  # replay/manager.py ReplayManager (already started)
-
-  def after_step(self, done, state):
-    self.manager.maybe_refresh(done, state)
-
-  def state_dict(self):
-    return self.manager.state_dict()
-
-  def summary(self, summary):
-    return self.manager.summary(summary)
 
 
 class BudgetStop(Hook):
@@ -73,6 +106,11 @@ class BudgetStop(Hook):
   def __init__(self, budget, usage_fn: Callable[[int], Any]):
     self.budget, self.usage_fn = budget, usage_fn
     self.step = 0  # the last step seen, for the state's seconds
+
+  def start(self, state, saved):
+    self.step = int(jax.device_get(state.step))
+    if saved is not None:  # earlier invocations' seconds, counts and stop
+      self.budget.load_state_dict(saved)
 
   def after_step(self, done, state):
     self.step = done
@@ -91,26 +129,20 @@ class BudgetStop(Hook):
   def state_dict(self):  # seconds and one-off FLOPs so far: a later cap counts them too
     return self.budget.state_dict(self.usage_fn(self.step).seconds)
 
-  def summary(self, summary):
+  def summary(self, summary, state):
     return self.budget.summary(self.usage_fn(summary["step"])) if self.budget.active else None
 
 
-class RateController(Hook):
-  """Mixture weights from the window's per-domain losses (mixing/controllers.py)."""
+class EvalWithoutTau(Hook):
+  """Every domain evaluated with the model without this stage's delta (sigma alone)."""
 
-  name = "mixing"
+  summary_key = "eval_without_tau"
 
-  def __init__(self, controller, pipeline):
-    self.controller, self.pipeline = controller, pipeline
+  def __init__(self, evaluate: Callable, layout):
+    self.evaluate, self.layout = evaluate, layout
 
-  def on_log(self, done, record):
-    self.controller.maybe_update(done, record, self.pipeline)
-    record.update(self.controller.metrics())
-    record["controller_seconds"] = self.controller.seconds
-
-  def state_dict(self):
-    return self.controller.state_dict()
-
+  def summary(self, summary, state):
+    return self.evaluate(self.layout.base(state.params))
 
 
 class MetricsWriter(Hook):
@@ -131,6 +163,14 @@ class Callback(Hook):
 
   def on_log(self, done, record):
     self.fn(done, record, self.pipeline)
+
+
+def loop_hooks(env: Env) -> list[Hook]:
+  """The hooks every run has (no features): budget stop, metric writer, user callback."""
+  out: list[Hook] = [BudgetStop(env.budget, env.usage), MetricsWriter(env.writer)]
+  if env.on_metrics is not None:
+    out.append(Callback(env.on_metrics, env.pipeline))
+  return out
 
 
 def host_state(hooks: list[Hook]) -> dict[str, Any]:

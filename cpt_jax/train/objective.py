@@ -18,6 +18,11 @@ the stage's starting model; it runs only on the rows gathered by
 `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
 adds up over microbatches.
+
+By signal: loss_new = the CE (+ z-loss) of `new` rows over N_ce (what T
+teaches), loss_old = loss - loss_new (replay CE, KL, L2-SP / EWC: what keeps D);
+both are in `aux`. A parameter layout (train/layout.py) decides which
+parameters follow which (the sigma / tau layout routes them).
 """
 
 from __future__ import annotations
@@ -100,23 +105,23 @@ def normalisers(batch: dict) -> dict[str, Array]:
 
 
 def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0,
-                 decomp: Any = None):
+                 layout: Any = None):
   """Returns loss_fn(params, batch, frozen, norms=None) -> (loss, aux).
 
-  apply_fn(params, inputs, segment_ids, positions) -> logits [B, L, V].
-  batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [Bd]
+  apply_fn(model_params, inputs, segment_ids, positions) -> logits [B, L, V].
+  batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [N]
     (row indices of the rows the teacher runs on: distill rows, and replay rows
     when replay_kd > 0; -1 = unused slot). Without it, or with lambda_kd ==
     replay_kd == 0, no teacher forward is traced at all.
-  frozen: {'teacher': params, 'fisher': tree} as the objective needs.
+  frozen: {'teacher': model params, 'fisher': tree} as the objective needs.
   norms: `normalisers` of the global batch when `batch` is one of its
     microbatches (default: `batch`'s own).
-  decomp: a `decomposition.Decomposition` (sigma / tau). Then params is
-    {'sigma', 'tau'}, the model runs on sigma + delta(tau), L2-SP / EWC act on sigma
-    alone, and `loss` is the vector [loss_T, loss_D]: T = CE (+ z-loss) of `new` rows,
-    D = CE of `replay` rows + KL of `distill` rows + L2-SP / EWC (their sum is the loss
-    of the plain objective; aux['loss'] is that sum). The step routes their gradients.
+  layout: the parameter layout (train/layout.py; default: params are the
+    model's): the model runs on `layout.merge(params)`, L2-SP / EWC act on
+    `layout.regularized(params)`.
   """
+  merge = layout.merge if layout is not None else _identity
+  regularized = layout.regularized if layout is not None else _identity
   lambda_replay = float(obj_cfg.lambda_replay)
   lambda_kd = float(obj_cfg.lambda_kd)
   replay_kd = float(obj_cfg.get("replay_kd", 0.0))
@@ -132,8 +137,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     norms = normalisers(batch) if norms is None else norms
     ce_den, kd_den = norms["ce_tokens"], norms["kd_tokens"]
     param_share = norms["param_share"]
-    model_params = params if decomp is None else decomp.merge(params)
-    logits_BxLxV = apply_fn(model_params, batch["inputs"], batch["segment_ids"],
+    logits_BxLxV = apply_fn(merge(params), batch["inputs"], batch["segment_ids"],
                             batch["positions"])
     ce_BxL, log_z_BxL = loss_lib.cross_entropy(logits_BxLxV, batch["targets"])
     weights_BxL = batch["loss_weights"].astype(jnp.float32)
@@ -157,12 +161,10 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       z_term = z_loss * loss_lib.safe_div(jnp.sum(jnp.square(log_z_BxL) * ce_w_BxL), ce_den)
       aux["z_term"] = z_term
       loss = loss + z_term
-    if decomp is not None:  # T part: CE (+ z-loss) of new rows; everything else is D
-      new_w_BxL = ce_w_BxL * (roles_B == batch_lib.NEW)[:, None]
-      old_w_BxL = ce_w_BxL * (roles_B != batch_lib.NEW)[:, None]
-      tok_BxL = ce_BxL + z_loss * jnp.square(log_z_BxL) if z_loss else ce_BxL
-      loss_t = loss_lib.safe_div(jnp.sum(tok_BxL * new_w_BxL), ce_den)
-      loss_d = loss_lib.safe_div(jnp.sum(tok_BxL * old_w_BxL), ce_den)
+    # The new signal: CE (+ z-loss) of new rows; everything else is the old signal.
+    new_w_BxL = ce_w_BxL * (roles_B == batch_lib.NEW)[:, None]
+    tok_BxL = ce_BxL + z_loss * jnp.square(log_z_BxL) if z_loss else ce_BxL
+    loss_new = loss_lib.safe_div(jnp.sum(tok_BxL * new_w_BxL), ce_den)
 
     teacher_rows = 0
     if (lambda_kd > 0 or replay_kd > 0) and "distill_index" in batch:
@@ -186,35 +188,29 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         aux["kd_term"] = kd_term
         aux["kd_tokens"] = jnp.sum(w_NxL)
         loss = loss + lambda_kd * temperature ** 2 * kd_term
-        if decomp is not None:
-          loss_d = loss_d + lambda_kd * temperature ** 2 * kd_term
       if replay_kd > 0:  # shares the CE normaliser, like the replay rows' CE
         w_NxL = tok_w_NxL * (role_N == batch_lib.REPLAY)[:, None]
         rkd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), ce_den)
         aux["replay_kd_term"] = rkd_term
         loss = loss + replay_kd * temperature ** 2 * rkd_term
-        if decomp is not None:
-          loss_d = loss_d + replay_kd * temperature ** 2 * rkd_term
       teacher_rows = idx_N.shape[0]
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 
-    reg_params = params if decomp is None else params["sigma"]
+    reg_params = regularized(params)
     if l2sp > 0:
       term = 0.5 * param_share * l2_to_anchor(reg_params, frozen["teacher"])
       aux["l2sp_term"] = term
       loss = loss + l2sp * term
-      if decomp is not None:
-        loss_d = loss_d + l2sp * term
     if ewc > 0:
       term = 0.5 * param_share * l2_to_anchor(reg_params, frozen["teacher"], frozen["fisher"])
       aux["ewc_term"] = term
       loss = loss + ewc * term
-      if decomp is not None:
-        loss_d = loss_d + ewc * term
     aux["loss"] = loss
-    if decomp is not None:
-      aux["loss_new"], aux["loss_old"] = loss_t, loss_d
-      return jnp.stack([loss_t, loss_d]), aux
+    aux["loss_new"], aux["loss_old"] = loss_new, loss - loss_new
     return loss, aux
 
   return loss_fn
+
+
+def _identity(params):
+  return params

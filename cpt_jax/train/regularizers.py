@@ -94,7 +94,7 @@ def estimate_fisher(ctx: Any, params: Any, pipeline: Any, domains: list[str],
   n's labels are sampled with jax.random.split(jax.random.key(seed), num_rows)[n].
   """
   mode = mode or ctx.config.objective.get("ewc_fisher", "true")
-  fn = make_fisher_fn(ctx.apply_fn, ctx.mesh, ctx.rules, ctx.state_sh.params, mode)
+  fn = make_fisher_fn(ctx.apply_fn, ctx.mesh, ctx.rules, ctx.model_sh, mode)
   batch = pipeline.training_rows(domains, num_rows, seed)
   rep = shd.replicated(ctx.mesh)
   batch = {k: jax.device_put(np.asarray(v), rep) for k, v in batch.items()}

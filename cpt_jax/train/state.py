@@ -8,18 +8,16 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from cpt_jax.parallel import sharding as shd
-from cpt_jax.train import decomposition
 
 
 @flax.struct.dataclass
 class TrainState:
   """Everything the jitted step reads and writes.
 
-  step: scalar int32; params: model parameters; opt_state: optimizer state of
+  step: scalar int32; params: the trained params (the layout's, train/layout.py); opt_state: optimizer state of
   the trainable parameters; frozen: non-trained trees the objective needs
   (e.g. {'teacher': params of the stage's starting model}), or {}.
   """
@@ -36,75 +34,62 @@ def abstract_boxed_params(model: nn.Module, seq_len: int) -> Any:
   return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules, seq_len: int, frozen_keys: tuple[str, ...] = (),
-                    decomp: Any = None) -> TrainState:
-  """NamedShardings for every leaf of the TrainState (frozen trees shard like params).
+def state_shardings(model: nn.Module, layout: Any, mesh: Mesh, rules, seq_len: int,
+                    frozen_keys: tuple[str, ...] = ()) -> TrainState:
+  """NamedShardings for every leaf of the TrainState.
 
-  With `decomp` (sigma / tau, see decomposition.py) params are {'sigma', 'tau'} and
-  frozen trees shard like the model params (= sigma).
+  params are the layout's (train/layout.py); frozen trees shard like the model's params.
   """
   boxed = abstract_boxed_params(model, seq_len)
   model_sh = shd.logical_shardings(boxed, mesh, rules)
   rep = shd.replicated(mesh)
-  if decomp is None:
-    param_sh = model_sh
-    abstract_params = nn.unbox(boxed)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep)
-  else:
-    boxed_params = decomp.boxed_params(boxed)
-    param_sh = shd.logical_shardings(boxed_params, mesh, rules)
-    abstract_opt = jax.eval_shape(tx.init, nn.unbox(boxed_params))
-    opt_sh = decomposition.opt_state_shardings(abstract_opt, param_sh, rep)
-  return TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+  trained_boxed = layout.boxed(boxed)
+  param_sh = shd.logical_shardings(trained_boxed, mesh, rules)
+  abstract_opt = jax.eval_shape(layout.tx.init, nn.unbox(trained_boxed))
+  return TrainState(step=rep, params=param_sh,
+                    opt_state=layout.opt_shardings(abstract_opt, param_sh, rep),
                     frozen={k: model_sh for k in frozen_keys})
 
 
-def abstract_state(model, tx, shardings: TrainState, seq_len: int,
-                   frozen_keys: tuple[str, ...] = (), decomp: Any = None) -> TrainState:
+def abstract_state(model, layout: Any, shardings: TrainState, seq_len: int,
+                   frozen_keys: tuple[str, ...] = ()) -> TrainState:
   """ShapeDtypeStructs (with shardings) of the TrainState, for restoring."""
   boxed = abstract_boxed_params(model, seq_len)
-  model_params = nn.unbox(boxed)
-  params = model_params if decomp is None else nn.unbox(decomp.boxed_params(boxed))
+  params = nn.unbox(layout.boxed(boxed))
   shape = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     opt_state=jax.eval_shape(tx.init, params),
-                     frozen={k: model_params for k in frozen_keys})
+                     opt_state=jax.eval_shape(layout.tx.init, params),
+                     frozen={k: nn.unbox(boxed) for k in frozen_keys})
   shardings = shardings.replace(frozen={k: shardings.frozen[k] for k in frozen_keys})
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, shardings)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState,
-               seed: int, seq_len: int, decomp: Any = None) -> TrainState:
+def init_state(model: nn.Module, layout: Any, shardings: TrainState, seed: int,
+               seq_len: int) -> TrainState:
   """Initialises params and optimizer state directly in their sharded layout."""
 
   def init(rng):
-    params = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
-    if decomp is not None:
-      params = decomp.init(params, jax.random.fold_in(rng, 1))
+    model_params = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
+    params = layout.init(model_params, jax.random.fold_in(rng, 1))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), frozen={})
+                      opt_state=layout.tx.init(params), frozen={})
 
   out_sh = shardings.replace(frozen={})
   return jax.jit(init, out_shardings=out_sh)(jax.random.key(seed))
 
 
-def with_params(params: Any, tx: optax.GradientTransformation,
-                shardings: TrainState, decomp: Any = None, seed: int = 0) -> TrainState:
-  """A fresh state (step 0, new optimizer state) around given params (warm start).
-
-  With `decomp`, model-shaped params become sigma and tau starts fresh.
-  """
+def with_params(model_params: Any, layout: Any, shardings: TrainState,
+                seed: int = 0) -> TrainState:
+  """A fresh state (step 0, new optimizer state) around given model params (warm start);
+  the layout adds what it trains besides them (a fresh tau)."""
   out_sh = shardings.replace(frozen={})
 
   def build(p):
-    if decomp is not None:
-      p = decomp.init(p, jax.random.fold_in(jax.random.key(seed), 1))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), frozen={})
+    p = layout.init(p, jax.random.fold_in(jax.random.key(seed), 1))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=layout.tx.init(p),
+                      frozen={})
 
-  return jax.jit(build, out_shardings=out_sh)(params)
+  return jax.jit(build, out_shardings=out_sh)(model_params)
 
 
 def param_bytes(tree: Any) -> int:

@@ -6,10 +6,10 @@ pre-training; the optimizer starts fresh); else (3) random init.
 
 Side effects (I/O, logging, checkpoints) live here; everything inside
 `jit` is pure (see step.py / objective.py). `Trainer.run` is the loop: step,
-hooks (train/hooks.py: replay refresh, budget stop, rate controller, metric
-writer, callback; their order is the list `make_hooks` returns), evaluation,
-checkpoint. Metrics are fetched one step late so dispatch stays asynchronous;
-a NaN/Inf loss raises FloatingPointError before any checkpoint of that step
+hooks (train/hooks.py; the features' list, in order, is `cpt_jax/features.py`
+`make_hooks`, passed as `hooks_fn`; without it only the budget stop, metric
+writer and callback run), evaluation, checkpoint. Metrics are fetched one step
+late so dispatch stays asynchronous; a NaN/Inf loss raises FloatingPointError before any checkpoint of that step
 is written. With `replay.max_tflops` / `replay.max_seconds` set, the stage
 ends early at the log boundary before a cap would be passed (budget.py).
 """
@@ -32,20 +32,18 @@ from tqdm.auto import tqdm
 from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
 from cpt_jax import data as data_lib
-from cpt_jax import mixing
 from cpt_jax.eval import evaluate as eval_lib
 from cpt_jax.model import hf
 from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
-from cpt_jax.replay import manager as replay_manager
+from cpt_jax.schema import mixing as mixing_schema
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import decomposition as decomp_lib
 from cpt_jax.train import hooks as hooks_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
-from cpt_jax.train import optimizer as optimizer_lib
 from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import step as step_lib
@@ -60,15 +58,26 @@ class RunContext:
   rules: tuple
   model_cfg: ModelConfig
   model: Transformer
-  tx: Any
-  schedule: Callable
+  layout: Any  # the trained params' layout: layout.Plain or decomposition.SigmaTau
   state_sh: state_lib.TrainState
+  model_sh: Any  # shardings of model-shaped params (teacher, Fisher, warm starts)
   frozen_keys: tuple[str, ...]
-  decomp: Any = None  # decomposition.Decomposition (sigma / tau) or None
 
-  def apply_fn(self, params, inputs, segment_ids, positions):
-    params = decomp_lib.merge_tau(params, self.decomp)  # {'sigma','tau'} -> model params
-    return self.model.apply({"params": params}, inputs, segment_ids, positions)
+  def apply_fn(self, model_params, inputs, segment_ids, positions):
+    """logits [B, L, V] of the model on model-shaped params."""
+    return self.model.apply({"params": model_params}, inputs, segment_ids, positions)
+
+  def model_params(self, params):
+    """The model's params from the trained ones (sigma + tau merged when decomposed)."""
+    return self.layout.merge(params)
+
+  @property
+  def tx(self):
+    return self.layout.tx
+
+  @property
+  def schedule(self) -> Callable:
+    return self.layout.schedule
 
 
 def needs_teacher(obj_cfg) -> bool:
@@ -84,26 +93,21 @@ def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext
   rules = shd.rules_from_config(config.sharding.logical_axis_rules)
   model_cfg = ModelConfig.from_config(config.model)
   model = Transformer(model_cfg)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-  # sigma / tau decomposition: None unless config.decomposition.mode is set.
-  decomp = decomp_lib.build(config, state_lib.abstract_boxed_params(model, config.data.seq_len))
-  if decomp is not None:
-    tx, schedule = decomp_lib.make_optimizer(decomp, config)
+  boxed = state_lib.abstract_boxed_params(model, config.data.seq_len)
+  layout = decomp_lib.make_layout(config, boxed)  # plain, or sigma / tau
   frozen_keys = ("teacher",) if needs_teacher(config.objective) else ()
   if config.objective.ewc > 0:
     frozen_keys += ("fisher",)
-  state_sh = state_lib.state_shardings(model, tx, mesh, rules, config.data.seq_len, frozen_keys,
-                                       decomp=decomp)
-  return RunContext(config, mesh, rules, model_cfg, model, tx, schedule, state_sh, frozen_keys,
-                    decomp)
+  state_sh = state_lib.state_shardings(model, layout, mesh, rules, config.data.seq_len,
+                                       frozen_keys)
+  model_sh = shd.logical_shardings(boxed, mesh, rules)
+  return RunContext(config, mesh, rules, model_cfg, model, layout, state_sh, model_sh,
+                    frozen_keys)
 
 
 def default_frozen(ctx: RunContext, params, pipeline) -> dict:
   """The teacher is the stage's starting params; EWC adds a Fisher from the old domains."""
-  if ctx.decomp is not None:  # the starting model (sigma + fresh tau = sigma), model-shaped
-    params = ctx.decomp.merge(params)
-    ctx = dataclasses.replace(ctx, decomp=None,
-                              state_sh=ctx.state_sh.replace(params=ctx.state_sh.frozen["teacher"]))
+  params = ctx.model_params(params)  # the starting model (sigma + fresh tau = sigma)
   frozen = {"teacher": jax.tree.map(jnp.copy, params)}
   if "fisher" in ctx.frozen_keys:
     old = [d for d, r in zip(pipeline.domains, pipeline.roles) if r in ("replay", "distill")]
@@ -127,14 +131,17 @@ class NonFiniteLossError(FloatingPointError):
 class Trainer:
   """Runs `config.train.steps` steps of one stage in `workdir`.
 
-  Hooks for later components: `frozen_fn(ctx, params, pipeline) -> dict` builds
-  the frozen trees (teacher, Fisher) at a fresh start; `on_metrics(step,
-  metrics, pipeline)` sees every logged record (rate controllers use it).
+  hooks_fn(env: hooks.Env) -> [Hook]: the run's hooks in order (`features.make_hooks`;
+  default `hooks.loop_hooks`, which refuses configs that ask for a feature);
+  `frozen_fn(ctx, params, pipeline) -> dict` builds the frozen trees (teacher,
+  Fisher) at a fresh start; `on_metrics(step, metrics, pipeline)` sees every
+  logged record.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
                pipeline=None, frozen_fn: Callable | None = None,
-               on_metrics: Callable | None = None, devices=None):
+               on_metrics: Callable | None = None, devices=None,
+               hooks_fn: Callable[[hooks_lib.Env], list] | None = None):
     distributed.maybe_initialize(config.distributed)
     config = hf.apply_hf_config(config)
     self.config = config
@@ -150,20 +157,17 @@ class Trainer:
     self.pipeline = pipeline
     self.frozen_fn = frozen_fn
     self.on_metrics = on_metrics
-    mixing.validate_mixing_config(config.mixing, pipeline.domains, pipeline.roles,
-                                  config.train.log_every)
-    self.controller = mixing.Controller.for_pipeline(config.mixing, pipeline)
+    self.hooks_fn = hooks_fn or hooks_lib.loop_hooks
+    mixing_schema.validate_mixing_config(config.mixing, pipeline.domains, pipeline.roles,
+                                         config.train.log_every)
     self.checkpointer = ckpt_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), keep=config.train.keep_checkpoints,
         async_save=config.train.async_checkpoints)
     obj = config.objective
     self.loss_fn = objective_lib.make_loss_fn(
-        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss, decomp=self.ctx.decomp)
-    hooks = {} if self.ctx.decomp is None else {  # sigma / tau gradient routing
-        "grads_fn": decomp_lib.make_grads_fn(self.ctx.decomp),
-        "apply_fn": decomp_lib.make_apply_fn(self.ctx.decomp, self.ctx.tx)}
-    self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.tx,
-                                             config.train.grad_accum_steps, **hooks)
+        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss, layout=self.ctx.layout)
+    self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.layout,
+                                             config.train.grad_accum_steps)
     self._jitted: dict[bool, Callable] = {}
     self._eval_step = None
     # Steps whose batch had no row for the teacher, in runs whose teacher runs on rows.
@@ -171,11 +175,10 @@ class Trainer:
     self.teacher_skipped_steps = 0
     self.teacher_rows = 0
     self.state: state_lib.TrainState | None = None
-    self.replay = None  # replay selection (cpt_jax/replay/manager.py)
     self.budget = budget_lib.StageBudget(max_tflops=float(config.replay.max_tflops),
                                          max_seconds=float(config.replay.max_seconds))
     self._t_start = time.perf_counter()
-    self.hooks: list[hooks_lib.Hook] = []  # built by `make_hooks` once the state exists
+    self.hooks: list[hooks_lib.Hook] = []  # built by `hooks_fn` once the state exists
 
   # ------------------------------------------------------------------ init
   def _jit_for(self, with_distill: bool) -> Callable:
@@ -185,40 +188,56 @@ class Trainer:
           self._step_fn, self.ctx.state_sh, self.ctx.mesh, self.ctx.rules, keys)
     return self._jitted[with_distill]
 
-  def initial_state(self) -> tuple[state_lib.TrainState, str]:
-    """Resume > warm start > scratch; returns (state, how)."""
+  def initial_state(self) -> tuple[state_lib.TrainState, str, dict | None]:
+    """Resume > warm start > scratch; returns (state, how, the checkpoint's host state
+    or None on a fresh start)."""
     c, ctx = self.config, self.ctx
     if self.checkpointer.latest_step() is not None:
-      abstract = state_lib.abstract_state(ctx.model, ctx.tx, ctx.state_sh, c.data.seq_len,
-                                          ctx.frozen_keys, decomp=ctx.decomp)
+      abstract = state_lib.abstract_state(ctx.model, ctx.layout, ctx.state_sh, c.data.seq_len,
+                                          ctx.frozen_keys)
       state, host = self.checkpointer.restore(abstract)
-      self._start_replay(state, host.get("replay") or {})  # replay selection: reuse
-      self.pipeline.restore(host["data"])
-      self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
-      self.teacher_rows = int(host.get("teacher_rows", 0))
-      self.budget.load_state_dict(host.get("budget"))
-      if "mixing" in host:
-        self.controller.load_state_dict(host["mixing"])
-      self.controller.start(self.pipeline)
-      return state, f"resumed from step {int(state.step)}"
+      return state, f"resumed from step {int(state.step)}", host
     params, how = self.starting_model_params()
     if params is not None:
-      state = state_lib.with_params(params, ctx.tx, ctx.state_sh, ctx.decomp, c.seed)
+      state = state_lib.with_params(params, ctx.layout, ctx.state_sh, c.seed)
     else:
-      state = state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed, c.data.seq_len,
-                                   decomp=ctx.decomp)
+      state = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, c.seed, c.data.seq_len)
     if ctx.frozen_keys:
       frozen = (self.frozen_fn or default_frozen)(ctx, state.params, self.pipeline)
       frozen = jax.tree.map(lambda x, s: jax.device_put(x, s), frozen,
                             {k: ctx.state_sh.frozen[k] for k in frozen})
       state = state.replace(frozen=frozen)
-    self._start_replay(state, None)  # replay selection: plan, select, write
-    if self.replay is not None:  # the controller starts from the planned replay share
-      self.controller = mixing.Controller.for_pipeline(c.mixing, self.pipeline)
-    if c.mixing.controller in ("doremi", "forgetting"):
-      self.controller.set_reference(self.reference_losses(state.params))
-    self.controller.start(self.pipeline)
-    return state, how
+    return state, how, None
+
+  def prepare(self, writer=None) -> str:
+    """The state (`initial_state`), then the hooks (`hooks_fn`) built and started in list
+    order, then on resume the loop's own host state (data position, teacher counters);
+    returns how the state was made."""
+    self.state, how, host = self.initial_state()
+    env = hooks_lib.Env(
+        config=self.config, pipeline=self.pipeline, ctx=self.ctx, workdir=self.workdir,
+        writer=writer, budget=self.budget, usage=self._usage, model_params=self.model_params,
+        start_params=self.reference_params, reference_losses=self.reference_losses,
+        evaluate=self.evaluate, on_metrics=self.on_metrics)
+    self.hooks = self.hooks_fn(env)
+    names = {h.name for h in self.hooks}
+    wanted = {"replay": bool(self.config.replay.strategy),
+              "mixing": self.config.mixing.controller != "static"}
+    missing = [k for k, on in wanted.items() if on and k not in names]
+    if missing:
+      raise ValueError(f"the config asks for {missing} but the run has no such hook; run it "
+                       "with cpt_jax.run.train (hooks_fn=features.make_hooks)")
+    for h in self.hooks:
+      h.start(self.state, None if host is None else host.get(h.name))
+    if host is not None:
+      self.pipeline.restore(host["data"])
+      self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
+      self.teacher_rows = int(host.get("teacher_rows", 0))
+    return how
+
+  def hook(self, name: str) -> hooks_lib.Hook | None:
+    """The run's hook called `name` (e.g. 'replay', 'mixing'), or None."""
+    return next((h for h in self.hooks if h.name == name), None)
 
   def starting_model_params(self) -> tuple[Any, str]:
     """(model-shaped params the stage starts from, how); params None for a random init.
@@ -227,7 +246,7 @@ class Trainer:
     train.init_from_hf; the random init is the seed's (`init_state`).
     """
     c, ctx = self.config, self.ctx
-    model_sh = ctx.state_sh.params if ctx.decomp is None else ctx.state_sh.params["sigma"]
+    model_sh = ctx.model_sh
     if c.train.init_checkpoint:
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               nn.unbox(state_lib.abstract_boxed_params(ctx.model, c.data.seq_len)),
@@ -242,15 +261,6 @@ class Trainer:
       return params, f"warm start from Hugging Face model {c.train.init_from_hf}"
     return None, "random init"
 
-  def _start_replay(self, state, host) -> None:
-    """Replay selection (cpt_jax/replay): fresh start selects, resume reuses."""
-    self.replay = None
-    if self.config.replay.strategy:
-      self.replay = replay_manager.ReplayManager(
-          self.config, self.pipeline, self.ctx, self.workdir, self.model_params,
-          self.reference_params)
-      self.replay.start(state, host)
-
   def reference_params(self, state=None):
     """The stage's starting model M, model-shaped: the kept teacher (copied: the step
     donates the whole state, frozen trees included), else rebuilt as at the start."""
@@ -260,11 +270,11 @@ class Trainer:
     if params is not None:
       return params
     c, ctx = self.config, self.ctx  # random init: rebuilt from the seed
-    return self.model_params(state_lib.init_state(ctx.model, ctx.tx, ctx.state_sh, c.seed,
-                                                  c.data.seq_len, decomp=ctx.decomp).params)
+    return self.model_params(state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, c.seed,
+                                                  c.data.seq_len).params)
 
   def reference_losses(self, params, rows_per_domain: int | None = None) -> dict[str, float]:
-    """Per-domain CE of `params` (the stage's starting model) on training rows.
+    """Per-domain CE of model-shaped `params` (the stage's starting model) on training rows.
 
     The reference the rate controllers compare the running loss against. Its
     forwards count in the stage's budget (`budget.counted['reference']`).
@@ -287,7 +297,7 @@ class Trainer:
   # ------------------------------------------------------------------ eval
   def model_params(self, params):
     """The model's params (sigma + tau merged when decomposed), for forward-only uses."""
-    return decomp_lib.merge_tau(params, self.ctx.decomp)
+    return self.ctx.model_params(params)
 
   def _ensure_eval_step(self) -> None:
     if self._eval_step is None:
@@ -296,9 +306,10 @@ class Trainer:
                                                 self.ctx.rules)
 
   def evaluate(self, params=None, domains=None) -> dict[str, dict[str, float]]:
-    """Per-domain validation loss and bits/byte (default: every domain of the run)."""
+    """Per-domain validation loss and bits/byte of model-shaped `params` (default: the
+    state's model) on `domains` (default: every domain of the run)."""
     self._ensure_eval_step()
-    params = self.state.params if params is None else params
+    params = self.model_params(self.state.params) if params is None else params
     return eval_lib.evaluate_domains(
         self._eval_step, params, self.pipeline, self.pipeline.domains if domains is None
         else domains, self.config.train.global_batch_size // self.config.train.grad_accum_steps,
@@ -323,11 +334,10 @@ class Trainer:
     """Trains to `train.steps` (or a budget stop); returns the run summary."""
     t = self.config.train
     self._t_start = time.perf_counter()
-    self.state, how = self.initial_state()
+    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
+    how = self.prepare(writer)
     start = int(jax.device_get(self.state.step))
     end = self._prepare_run(start, how)
-    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
-    self.hooks = self.make_hooks(writer)
     self._window, self._pending, self._t_window = _Window(self.pipeline.num_domains), None, \
         time.perf_counter()
     self.budget.start_window(self._usage(start))
@@ -367,18 +377,6 @@ class Trainer:
       self.checkpointer.wait()
     return self._summary(how, start, last, last_eval or self.evaluate())
 
-  def make_hooks(self, writer) -> list[hooks_lib.Hook]:
-    """The loop's hooks, in the order their effects must happen (see train/hooks.py)."""
-    out: list[hooks_lib.Hook] = []
-    if self.replay is not None:
-      out.append(hooks_lib.ReplayRefresh(self.replay))
-    out.append(hooks_lib.BudgetStop(self.budget, self._usage))
-    out.append(hooks_lib.RateController(self.controller, self.pipeline))
-    out.append(hooks_lib.MetricsWriter(writer))
-    if self.on_metrics is not None:
-      out.append(hooks_lib.Callback(self.on_metrics, self.pipeline))
-    return out
-
   def _prepare_run(self, start: int, how: str) -> int:
     """Logs where the run starts, writes config.json, takes the state's bytes per group
     and the peak FLOP/s for MFU; returns the step to train to."""
@@ -394,8 +392,7 @@ class Trainer:
       with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(c.to_json_best_effort(indent=2))
     # Parameter / optimizer-state bytes per group (sigma / tau, or 'model').
-    self._state_bytes = decomp_lib.state_bytes(self.state.params, self.state.opt_state,
-                                               self.ctx.decomp)
+    self._state_bytes = self.ctx.layout.state_bytes(self.state.params, self.state.opt_state)
     # MFU = model FLOP/s over the whole mesh's peak: one device's peak x devices.
     self._peak = float(t.peak_flops) or metrics_lib.measure_matmul_peak(
         dtype=jnp.dtype(c.model.dtype))
@@ -442,9 +439,8 @@ class Trainer:
         mfu=tps * flops_per_token(self.ctx.model_cfg, c.data.seq_len)
         / (self._peak * self.ctx.mesh.devices.size),
         teacher_skipped_steps=self.teacher_skipped_steps, teacher_rows=self.teacher_rows,
-        weights=_named(domains, self.pipeline.weights), data=self.pipeline.stats())
-    if self.ctx.decomp is not None:
-      record["state_bytes"] = self._state_bytes
+        weights=_named(domains, self.pipeline.weights), data=self.pipeline.stats(),
+        state_bytes=self._state_bytes)
     self._window, self._t_window = _Window(len(domains)), time.perf_counter()
     return record
 
@@ -475,13 +471,11 @@ class Trainer:
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": self._peak,
         "num_devices": int(ctx.mesh.devices.size),
         "data": self.pipeline.stats()}
-    for h in self.hooks:  # replay selection cost, the budget's use
-      entry = h.summary(summary) if h.summary_key else None
+    summary["state_bytes"] = self._state_bytes  # parameter / optimizer bytes per group
+    for h in self.hooks:  # replay selection cost, the budget's use, eval without tau
+      entry = h.summary(summary, self.state) if h.summary_key else None
       if entry is not None:
         summary[h.summary_key] = entry
-    summary["state_bytes"] = self._state_bytes  # sigma / tau decomposition: bytes per group
-    if ctx.decomp is not None and c.decomposition.eval_without_tau:  # sigma alone
-      summary["eval_without_tau"] = self.evaluate(ctx.decomp.without_tau(self.state.params))
     return summary
 
   def save(self, step: int) -> None:
@@ -510,11 +504,13 @@ class Trainer:
              **self.budget.counted}
     if "fisher" in self.ctx.frozen_keys and self.frozen_fn is None:  # at the fresh start
       parts["fisher"] = regularizers.fisher_tflops(self.config, self.ctx.model_cfg)
-    fixed_s, lookahead = 0.0, None
-    if self.replay is not None:
-      parts["selection"] = self.replay.scorer.run_flops / 1e12
-      fixed_s = self.replay.seconds
-      lookahead = lambda n: self.replay.pending(step, n)
+    fixed_s, ahead = 0.0, []
+    for cost in filter(None, (h.cost(step) for h in self.hooks)):  # replay selection
+      parts.update(cost.tflops)
+      fixed_s += cost.seconds
+      if cost.lookahead is not None:
+        ahead.append(cost.lookahead)
+    lookahead = (lambda n: tuple(map(sum, zip(*(f(n) for f in ahead))))) if ahead else None
     return budget_lib.Usage(step=step, tflops=sum(parts.values()),
                             seconds=self.budget.seconds_before + time.perf_counter()
                             - self._t_start,

@@ -1,0 +1,87 @@
+"""How a run's trained parameters are laid out: one interface, plain or sigma / tau.
+
+The objective, the state and the step see only this interface, so they have no
+branch on the layout. A layout answers:
+
+  boxed(model_boxed)              the trained params, shape-only with logical-axis boxes
+  init(model_params, rng)         the trained params around model params (jit-safe)
+  merge(params)                   the model params the forward runs on
+  base(params)                    the model without this stage's delta
+  regularized(params)             what L2-SP / EWC pull toward the teacher
+  tx, schedule                    the optimizer and the learning-rate schedule logged
+  opt_shardings(abstract_opt, param_sh, rep)   shardings of the optimizer state
+  grads(loss_fn, params, batch, frozen) -> (grads, aux)   which loss each group follows
+  apply(grads, state, aux) -> (params, opt_state, metrics)
+  state_bytes(params, opt_state)  parameter / optimizer-state bytes per group
+
+`Plain` is the model's own tree trained on the whole loss. The sigma / tau layout
+(train/decomposition.py) routes the objective's two signals, aux['loss_new'] (the
+new dataset's rows) and the rest of the loss (old domains, regularisers), to tau
+and sigma. `decomposition.make_layout(config, model_boxed)` picks one from
+`config.decomposition`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of the arrays (or ShapeDtypeStructs) in `tree`."""
+  return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
+
+
+def tree_size(tree: Any) -> int:
+  """Elements of the arrays (or ShapeDtypeStructs) in `tree`."""
+  return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
+
+
+class Plain:
+  """The model's params, one optimizer, gradients of the whole loss."""
+
+  groups = ("model",)
+  has_delta = False  # base(params) is the model itself
+
+  def __init__(self, tx: optax.GradientTransformation, schedule: Callable):
+    self.tx, self.schedule = tx, schedule
+
+  def boxed(self, model_boxed: Any) -> Any:
+    return model_boxed
+
+  def init(self, model_params: Any, rng: jax.Array) -> Any:
+    del rng
+    return model_params
+
+  def merge(self, params: Any) -> Any:
+    return params
+
+  def base(self, params: Any) -> Any:
+    return params
+
+  def regularized(self, params: Any) -> Any:
+    return params
+
+  def opt_shardings(self, abstract_opt: Any, param_sh: Any, rep: Any) -> Any:
+    return optax.tree_utils.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep)
+
+  def grads(self, loss_fn: Callable, params: Any, batch: dict, frozen: Any):
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, frozen)
+    return grads, aux
+
+  def apply(self, grads: Any, state: Any, aux: dict):
+    del aux
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return params, opt_state, {"grad_norm": optax.global_norm(grads),
+                               "update_norm": optax.global_norm(updates)}
+
+  def state_bytes(self, params: Any, opt_state: Any) -> dict:
+    return {"params": {"model": tree_bytes(params)}, "opt_state": {"model": tree_bytes(opt_state)},
+            "trainable_params": tree_size(params)}
