@@ -250,7 +250,7 @@ class Pipeline:
     """JSON-serialisable iterator state (for the checkpoint)."""
     with self._cv:
       return {"version": STATE_VERSION, "seed": int(self.cfg.seed), "domains": list(self.domains),
-              "rows": [int(x) for x in self.mixer.rows_D],
+              "rows": [int(x) for x in self.mixer.rows_C],
               "weights": [float(x) for x in self._weights], **self._cstate.to_json()}
 
   def restore(self, state: Mapping) -> None:
@@ -269,11 +269,11 @@ class Pipeline:
     idx = {d: i for i, d in enumerate(state["domains"])}
     for i, d in enumerate(self.domains):
       if d in idx:
-        new.consumed_D[i] = int(state["consumed"][idx[d]])
-        new.tokens_D[i] = int(state["tokens"][idx[d]])
-        if int(state["rows"][idx[d]]) != int(self.mixer.rows_D[i]):
+        new.consumed_C[i] = int(state["consumed"][idx[d]])
+        new.tokens_C[i] = int(state["tokens"][idx[d]])
+        if int(state["rows"][idx[d]]) != int(self.mixer.rows_C[i]):
           logging.warning("domain %s had %s rows at save time, now %d: resume is not bit-exact",
-                          d, state["rows"][idx[d]], self.mixer.rows_D[i])
+                          d, state["rows"][idx[d]], self.mixer.rows_C[i])
     with self._cv:
       if same:
         self._weights = config_lib.check_weights(np.asarray(state["weights"], np.float64),
@@ -287,19 +287,19 @@ class Pipeline:
     """Tokens per domain and role, epochs per domain, skipped lines, weights."""
     with self._cv:
       st, w = self._cstate, self._weights.copy()
-    rows = self.mixer.rows_D
+    rows = self.mixer.rows_C
     tokens_per_role = {r: 0 for r in batch_lib.ROLES}
-    for r, t in zip(self.roles, st.tokens_D):
+    for r, t in zip(self.roles, st.tokens_C):
       tokens_per_role[r] += int(t)
     with self._store_lock:
       skipped = {f"{d}/{s}": int(v.meta["skipped_lines"]) for (d, s), v in self._stores.items()}
     return {
         "step": int(st.step),
-        "tokens_per_domain": {d: int(t) for d, t in zip(self.domains, st.tokens_D)},
+        "tokens_per_domain": {d: int(t) for d, t in zip(self.domains, st.tokens_C)},
         "tokens_per_role": tokens_per_role,
-        "rows_per_domain": {d: int(c) for d, c in zip(self.domains, st.consumed_D)},
+        "rows_per_domain": {d: int(c) for d, c in zip(self.domains, st.consumed_C)},
         "epochs_per_domain": {d: (float(c) / n if n else 0.0)
-                              for d, c, n in zip(self.domains, st.consumed_D, rows)},
+                              for d, c, n in zip(self.domains, st.consumed_C, rows)},
         "skipped_lines": skipped,
         "weights": {d: float(x) for d, x in zip(self.domains, w)},
     }
@@ -370,9 +370,9 @@ class Pipeline:
   # -- internals (call with self._cv held) -----------------------------------
   def _advance(self, new: mixer_lib.MixerState) -> None:
     old = self._cstate
-    rows = self.mixer.rows_D
-    for d in np.nonzero(new.consumed_D != old.consumed_D)[0]:
-      e_old, e_new = old.consumed_D[d] // rows[d], new.consumed_D[d] // rows[d]
+    rows = self.mixer.rows_C
+    for d in np.nonzero(new.consumed_C != old.consumed_C)[0]:
+      e_old, e_new = old.consumed_C[d] // rows[d], new.consumed_C[d] // rows[d]
       if e_new > e_old:
         logging.info("data: domain %s finished epoch %d at step %d", self.domains[d], e_new,
                      old.step)
@@ -409,21 +409,21 @@ class Pipeline:
 
 
 class IndexedStore:
-  """A PackedStore restricted to rows `idx_K` (no copy): row i is base row idx_K[i]."""
+  """A PackedStore restricted to rows `idx_N` (no copy): row i is base row idx_N[i]."""
 
-  def __init__(self, base, idx_K: np.ndarray):
-    self.base, self.idx_K = base, np.asarray(idx_K, np.int64)
+  def __init__(self, base, idx_N: np.ndarray):
+    self.base, self.idx_N = base, np.asarray(idx_N, np.int64)
     self.path = base.path
-    self.meta = dict(base.meta, selected_rows=int(self.idx_K.size))
-    self.rows_3xNxL = base.rows_3xNxL  # the mixer reads only its row length
-    self.row_tokens_N = np.asarray(base.row_tokens_N)[self.idx_K]
+    self.meta = dict(base.meta, selected_rows=int(self.idx_N.size))
+    self.rows_3xRxL = base.rows_3xRxL  # the mixer reads only its row length
+    self.row_tokens_R = np.asarray(base.row_tokens_R)[self.idx_N]
 
   @property
   def num_rows(self) -> int:
-    return int(self.idx_K.size)
+    return int(self.idx_N.size)
 
   def gather(self, idx_B: np.ndarray) -> np.ndarray:
-    return self.base.gather(self.idx_K[np.asarray(idx_B, np.int64)])
+    return self.base.gather(self.idx_N[np.asarray(idx_B, np.int64)])
 
 
 def make_pipeline(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
