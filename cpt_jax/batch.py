@@ -1,7 +1,7 @@
 """The batch contract between the data pipeline and the train step.
 
 Every batch the train step sees is a dict of numpy/jax arrays with these keys
-(B = global or per-process batch rows, L = row length):
+(shapes in the letters below):
 
   inputs        int32   [B, L]  token ids fed to the model (shifted targets)
   targets       int32   [B, L]  next-token targets
@@ -16,6 +16,37 @@ Roles (see the continued pre-training objective):
   replay   rows of old domains D whose data is available: cross-entropy
   distill  rows of old domains whose training data is unavailable: KL to the teacher
   eval     evaluation only; never in a training batch
+
+Shape letters, one table for the whole package. An array's name ends in one
+capital letter per axis joined by 'x' (`logits_BxLxV` is [B, L, V]), and
+docstrings write shapes as [B, L, V] with the same letters. A digit is a
+literal size (`planes_3xBxL`, `mask_Bx1x1xLxL`); a size derived from the
+letters is written out (`angles_BxLxHalf`: E / 2; [H*E, D]; Vp: V padded).
+Each letter has one meaning:
+
+  B  batch rows (the global batch, or this process's slice of it)
+  L  positions in a row (seq_len)
+  V  vocabulary
+  D  model width (d_model): hidden states, and a row's pooled hidden state
+  H  query heads
+  K  key/value heads
+  G  query heads per key/value head (H / K)
+  E  head width (head_dim)
+  F  MLP width (mlp_dim)
+  A  microbatches (gradient accumulation)
+  N  a subset of rows: teacher rows, scored candidates, selected rows
+  R  rows of a packed store (what the packer writes)
+  O  documents
+  P  pieces (a document cut into pieces of at most L tokens)
+  T  flat tokens (documents laid end to end)
+  C  domains of the run
+  U  groups a reduction sums rows into (domains or roles)
+  S  stages
+  J  top-k entries (the teacher's k most likely tokens)
+  X  any further axes (`x_BxX` is [B, ...])
+
+In prose a capital may name a thing rather than an axis (the new dataset T,
+old domains D, `q_T`): only a suffix or a bracketed shape uses the table.
 """
 
 from __future__ import annotations

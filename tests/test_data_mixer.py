@@ -90,7 +90,7 @@ def test_batches_honour_contract_and_roles(corpus):
       # distill rows come from the validation split, the others from train.
       for i, d in enumerate(b["domain_ids"]):
         split = "validation" if d == 2 else "train"
-        rows = p._store(p.domains[d], split).rows_3xNxL[0]  # pylint: disable=protected-access
+        rows = p._store(p.domains[d], split).rows_3xRxL[0]  # pylint: disable=protected-access
         assert (rows == b["targets"][i]).all(axis=1).any()
     assert seen == {0, 1, 2}  # eval never trains
   finally:
@@ -197,7 +197,7 @@ def test_epoch_rollover_reshuffles_and_logs(corpus, caplog):
   caplog.set_level(logging.INFO)
   cfg = make_cfg(corpus, new="d002", prefetch=0)  # one small domain
   p = pipeline_lib.make_pipeline(cfg, global_batch_size=4)
-  n = p.mixer.rows_D[p.domains.index("d002")]
+  n = p.mixer.rows_C[p.domains.index("d002")]
   seqs = [p.next_batch()["targets"] for _ in range(3 * n // 4 + 2)]
   assert "domain d002 finished epoch 2" in caplog.text
   rows = np.concatenate(seqs)

@@ -76,7 +76,7 @@ def test_store_rows_equal_reference_packing_and_cache(tmp_path):
   ref = batch_lib.pack_documents(docs, 16)
   got = packing.rows_to_batch(st.gather(np.arange(st.num_rows)), ref["domain_ids"], ref["roles"])
   assert_batches_equal(ref, got)
-  np.testing.assert_array_equal(st.row_tokens_N, ref["loss_weights"].sum(1))
+  np.testing.assert_array_equal(st.row_tokens_R, ref["loss_weights"].sum(1))
   assert st.meta["docs"] == 4 and st.meta["tokens"] == sum(map(len, docs))
   # Cached: same folder, no temp folders left behind.
   assert store_lib.build_or_load(src, vocab, 16, cache).path == st.path

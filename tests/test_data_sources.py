@@ -51,7 +51,7 @@ def make_cfg(tmp_path, **kw):
 
 def all_rows(p, split="train"):
   """Every stored row of every domain, as targets arrays, in store order."""
-  return {d: p._store(d, split).rows_3xNxL[0].copy() for d in p.domains}  # pylint: disable=protected-access
+  return {d: p._store(d, split).rows_3xRxL[0].copy() for d in p.domains}  # pylint: disable=protected-access
 
 
 def take(p, n=5):
@@ -115,7 +115,7 @@ def test_jsonl_rows_hold_every_document(corpus):
   p = pipeline_lib.make_pipeline(make_cfg(corpus), global_batch_size=4)
   rows = all_rows(p)["alpha"]
   st = p._store("alpha", "train")  # pylint: disable=protected-access
-  seg = st.rows_3xNxL[1]
+  seg = st.rows_3xRxL[1]
   flat = rows[seg > 0]
   v = vocab_lib.Vocab("byte")
   want = np.concatenate([np.append(v.encode_batch([t])[0], v.eos_id) for t in TEXTS["alpha"]])

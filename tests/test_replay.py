@@ -178,7 +178,7 @@ def test_selection_file_restricts_replay_domains(tmp_path):
   assert rows["beta"].tolist() == [1, 3] and meta["rows_per_domain"] == {"beta": 2, "gamma": 1}
   c.data.replay_selection = sel
   with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
-    assert pipe.mixer.rows_D.tolist() == [pipe.mixer.rows_D[0], 2, 1]
+    assert pipe.mixer.rows_C.tolist() == [pipe.mixer.rows_C[0], 2, 1]
     full = pipe.full_training_store("beta")
     assert full.num_rows == n_beta
     for _ in range(5):

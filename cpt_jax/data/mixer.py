@@ -33,15 +33,15 @@ _PERM_TAG = 0x70726D  # 'prm'
 class MixerState:
   """Where the mixer stands: the step of the next batch and per-domain counters."""
   step: int
-  consumed_D: np.ndarray  # int64 rows taken from each domain's stream
-  tokens_D: np.ndarray  # int64 non-padding tokens delivered (global batch)
+  consumed_C: np.ndarray  # int64 rows taken from each domain's stream
+  tokens_C: np.ndarray  # int64 non-padding tokens delivered (global batch)
 
   def copy(self) -> "MixerState":
-    return MixerState(self.step, self.consumed_D.copy(), self.tokens_D.copy())
+    return MixerState(self.step, self.consumed_C.copy(), self.tokens_C.copy())
 
   def to_json(self) -> dict:
-    return {"step": int(self.step), "consumed": [int(x) for x in self.consumed_D],
-            "tokens": [int(x) for x in self.tokens_D]}
+    return {"step": int(self.step), "consumed": [int(x) for x in self.consumed_C],
+            "tokens": [int(x) for x in self.tokens_C]}
 
   @classmethod
   def from_json(cls, d: dict) -> "MixerState":
@@ -49,14 +49,14 @@ class MixerState:
                np.asarray(d["tokens"], np.int64))
 
 
-def assign_slots(seed: int, step: int, weights_D: np.ndarray, batch_size: int) -> np.ndarray:
+def assign_slots(seed: int, step: int, weights_C: np.ndarray, batch_size: int) -> np.ndarray:
   """Domain of each of the B rows of `step` (pure function of its arguments)."""
   rng = np.random.default_rng([seed, step, _MIX_TAG])
-  cum_D = np.cumsum(np.asarray(weights_D, np.float64))
-  total = cum_D[-1]
+  cum_C = np.cumsum(np.asarray(weights_C, np.float64))
+  total = cum_C[-1]
   x_B = (rng.random() + np.arange(batch_size)) / batch_size * total
   x_B = np.minimum(x_B, np.nextafter(total, 0.0))
-  dom_B = np.searchsorted(cum_D, x_B, side="right")
+  dom_B = np.searchsorted(cum_C, x_B, side="right")
   return dom_B[rng.permutation(batch_size)].astype(np.int64)
 
 
@@ -73,12 +73,12 @@ class Mixer:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     self.stores = list(stores)
     self.domains = list(domains)
-    self.role_ids_D = np.asarray(role_ids, np.int32)
+    self.role_ids_C = np.asarray(role_ids, np.int32)
     self.seed = int(seed)
     self.batch_size = global_batch_size
     per = global_batch_size // process_count
     self.local = slice(process_index * per, (process_index + 1) * per)
-    self.rows_D = np.array([s.num_rows if s is not None else 0 for s in self.stores], np.int64)
+    self.rows_C = np.array([s.num_rows if s is not None else 0 for s in self.stores], np.int64)
     self._name_seed = [zlib.crc32(d.encode("utf-8")) for d in self.domains]
     self._perms: collections.OrderedDict = collections.OrderedDict()
     self._perm_lock = threading.Lock()
@@ -97,26 +97,26 @@ class Mixer:
         self._perms.move_to_end(key)
         return p
     p = np.random.default_rng([self.seed, self._name_seed[d], epoch, _PERM_TAG]).permutation(
-        self.rows_D[d])
+        self.rows_C[d])
     with self._perm_lock:
       self._perms[key] = p
       while len(self._perms) > self._max_perms:
         self._perms.popitem(last=False)
     return p
 
-  def plan(self, state: MixerState, weights_D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def plan(self, state: MixerState, weights_C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(domain_B, row_B) of the global batch at state.step."""
-    dom_B = assign_slots(self.seed, state.step, weights_D, self.batch_size)
-    if (self.rows_D[dom_B] == 0).any():
-      bad = self.domains[int(dom_B[self.rows_D[dom_B] == 0][0])]
+    dom_B = assign_slots(self.seed, state.step, weights_C, self.batch_size)
+    if (self.rows_C[dom_B] == 0).any():
+      bad = self.domains[int(dom_B[self.rows_C[dom_B] == 0][0])]
       raise ValueError(f"domain {bad!r} was sampled but has no training rows")
     order = np.argsort(dom_B, kind="stable")
     sorted_dom = dom_B[order]
     first = np.searchsorted(sorted_dom, sorted_dom, side="left")
     rank_B = np.empty_like(dom_B)
     rank_B[order] = np.arange(dom_B.size) - first
-    c_B = state.consumed_D[dom_B] + rank_B
-    n_B = self.rows_D[dom_B]
+    c_B = state.consumed_C[dom_B] + rank_B
+    n_B = self.rows_C[dom_B]
     epoch_B, pos_B = c_B // n_B, c_B % n_B
     row_B = np.empty_like(dom_B)
     for d, e in set(zip(dom_B.tolist(), epoch_B.tolist())):
@@ -124,19 +124,19 @@ class Mixer:
       row_B[m] = self.perm(d, e)[pos_B[m]]
     return dom_B, row_B
 
-  def produce(self, state: MixerState, weights_D: np.ndarray) -> tuple[dict, MixerState]:
+  def produce(self, state: MixerState, weights_C: np.ndarray) -> tuple[dict, MixerState]:
     """This process's slice of the batch at state.step, and the next state."""
-    dom_B, row_B = self.plan(state, weights_D)
+    dom_B, row_B = self.plan(state, weights_C)
     new = state.copy()
     new.step += 1
-    np.add.at(new.consumed_D, dom_B, 1)
+    np.add.at(new.consumed_C, dom_B, 1)
     for d in np.unique(dom_B):
       m = dom_B == d
-      new.tokens_D[d] += int(self.stores[d].row_tokens_N[row_B[m]].sum())
-    ld_b, lr_b = dom_B[self.local], row_B[self.local]
-    L = self.stores[int(ld_b[0])].rows_3xNxL.shape[2]
-    planes = np.empty((3, ld_b.size, L), np.int32)
-    for d in np.unique(ld_b):
-      m = ld_b == d
-      planes[:, m] = self.stores[d].gather(lr_b[m])
-    return packing.rows_to_batch(planes, ld_b, self.role_ids_D[ld_b]), new
+      new.tokens_C[d] += int(self.stores[d].row_tokens_R[row_B[m]].sum())
+    local_dom_B, local_row_B = dom_B[self.local], row_B[self.local]
+    L = self.stores[int(local_dom_B[0])].rows_3xRxL.shape[2]
+    planes = np.empty((3, local_dom_B.size, L), np.int32)
+    for d in np.unique(local_dom_B):
+      m = local_dom_B == d
+      planes[:, m] = self.stores[d].gather(local_row_B[m])
+    return packing.rows_to_batch(planes, local_dom_B, self.role_ids_C[local_dom_B]), new

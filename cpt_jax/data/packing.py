@@ -15,32 +15,32 @@ from cpt_jax import batch as batch_lib
 TARGETS, SEGMENT_IDS, POSITIONS = 0, 1, 2
 
 
-def pack_flat(flat_T: np.ndarray, lengths_D: np.ndarray, seq_len: int) -> np.ndarray:
-  """Packs D documents (concatenated in flat_T) into rows.
+def pack_flat(flat_T: np.ndarray, lengths_O: np.ndarray, seq_len: int) -> np.ndarray:
+  """Packs O documents (concatenated in flat_T) into R rows.
 
   Documents longer than seq_len are split into seq_len pieces (never dropped);
   pieces fill rows greedily in order, a new row starting when the next piece
   does not fit.
 
   Returns:
-    planes_3xNxL int32: targets, segment_ids (1.. per piece, 0 = pad), positions.
+    planes_3xRxL int32: targets, segment_ids (1.. per piece, 0 = pad), positions.
   """
   L = int(seq_len)
-  lengths_D = np.asarray(lengths_D, np.int64)
+  lengths_O = np.asarray(lengths_O, np.int64)
   flat_T = np.asarray(flat_T, np.int32)
-  if lengths_D.sum() != flat_T.size:
-    raise ValueError(f"lengths sum to {lengths_D.sum()} but there are {flat_T.size} tokens")
+  if lengths_O.sum() != flat_T.size:
+    raise ValueError(f"lengths sum to {lengths_O.sum()} but there are {flat_T.size} tokens")
   # Pieces: ceil(n / L) per document.
-  npieces_D = -(-lengths_D // L)
-  P = int(npieces_D.sum())
+  npieces_O = -(-lengths_O // L)
+  P = int(npieces_O.sum())
   if P == 0:
     return np.zeros((3, 0, L), np.int32)
-  doc_P = np.repeat(np.arange(lengths_D.size), npieces_D)
-  first_P = np.repeat(np.cumsum(npieces_D) - npieces_D, npieces_D)
+  doc_P = np.repeat(np.arange(lengths_O.size), npieces_O)
+  first_P = np.repeat(np.cumsum(npieces_O) - npieces_O, npieces_O)
   k_P = np.arange(P) - first_P
-  doc_start_D = np.cumsum(lengths_D) - lengths_D
-  plen_P = np.minimum(L, lengths_D[doc_P] - k_P * L)
-  src_P = doc_start_D[doc_P] + k_P * L  # == exclusive cumsum of plen_P
+  doc_start_O = np.cumsum(lengths_O) - lengths_O
+  plen_P = np.minimum(L, lengths_O[doc_P] - k_P * L)
+  src_P = doc_start_O[doc_P] + k_P * L  # == exclusive cumsum of plen_P
   # Greedy row starts: the next row begins at the first piece past L tokens.
   cum = np.concatenate([[0], np.cumsum(plen_P)])
   starts = []
@@ -85,9 +85,9 @@ def rows_to_batch(planes_3xBxL: np.ndarray, domain_ids_B: np.ndarray,
 def pack_documents(docs: Sequence[np.ndarray], seq_len: int, domain_id: int = 0,
                    role: int = batch_lib.NEW) -> dict[str, np.ndarray]:
   """Drop-in vectorised twin of `cpt_jax.batch.pack_documents`."""
-  lengths_D = np.array([len(d) for d in docs], np.int64)
+  lengths_O = np.array([len(d) for d in docs], np.int64)
   flat_T = (np.concatenate([np.asarray(d, np.int32) for d in docs])
             if len(docs) else np.zeros((0,), np.int32))
-  planes = pack_flat(flat_T, lengths_D, seq_len)
+  planes = pack_flat(flat_T, lengths_O, seq_len)
   n = planes.shape[1]
   return rows_to_batch(planes, np.full((n,), domain_id), np.full((n,), role))

@@ -1,10 +1,17 @@
-"""The training input pipeline: stores + mixer + prefetch thread + eval batches."""
+"""The training input pipeline: the mixer over the run's stores, prefetch, eval batches.
+
+`Pipeline` builds on `domain_stores.DomainStores` (the run's domains, their
+packed stores, the rows each role trains and evaluates on) with the
+deterministic mixer (mixer.py), a producer thread that prefetches batches
+speculatively (discarded when the weights, the replay rows or the state
+change), the iterator state a checkpoint keeps, and eval batches.
+`default_cache_dir`, `training_split` and `IndexedStore` live in
+domain_stores.py and stay importable from here.
+"""
 
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
 import threading
 from typing import Iterator, Mapping
 
@@ -14,30 +21,19 @@ import numpy as np
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.schema import data as config_lib
+from cpt_jax.data import domain_stores as stores_lib
 from cpt_jax.data import mixer as mixer_lib
 from cpt_jax.data import packing
-from cpt_jax.data import selection as selection_lib
-from cpt_jax.data import sources as sources_lib
-from cpt_jax.data import store as store_lib
-from cpt_jax.data import vocab as vocab_lib
+
+# Re-exported: callers import these from here (stages.py: default_cache_dir).
+IndexedStore = stores_lib.IndexedStore
+default_cache_dir = stores_lib.default_cache_dir
+training_split = stores_lib.training_split
 
 STATE_VERSION = 1
 
 
-def default_cache_dir(cfg, workdir: str | None) -> str:
-  if cfg.cache_dir:
-    return cfg.cache_dir
-  if workdir:
-    return os.path.join(workdir, "data_cache")
-  return os.path.join(tempfile.gettempdir(), "cpt_jax_data_cache")
-
-
-def training_split(role: str) -> str | None:
-  """Split a role trains on: train for new/replay, validation for distill."""
-  return {"new": "train", "replay": "train", "distill": "validation"}.get(role)
-
-
-class Pipeline:
+class Pipeline(stores_lib.DomainStores):
   """Mixed, packed, prefetched batches for one process; see make_pipeline."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -46,31 +42,10 @@ class Pipeline:
     if global_batch_size < process_count or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
                        f"of process_count {process_count}")
-    self.cfg = cfg
+    super().__init__(cfg, workdir)
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = process_index, process_count
     self.batch_size = global_batch_size // process_count
-    self.seq_len = cfg.seq_len
-    self.corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
-    available = sources_lib.list_domains(self.corpus_dir, cfg.source)
-    role_of = config_lib.resolve_roles(cfg, available)
-    self.domains: list[str] = sorted(role_of)
-    self.roles: list[str] = [role_of[d] for d in self.domains]
-    self.role_ids = np.array([batch_lib.role_id(r) for r in self.roles], np.int32)
-    self.vocab = vocab_lib.make_vocab(cfg.vocab)
-    self.cache_dir = default_cache_dir(cfg, workdir)
-    # Check every needed split exists before building anything.
-    self._sources = {}
-    for d, r in zip(self.domains, self.roles):
-      need = training_split(r) or "validation"
-      self._sources[(d, need)] = sources_lib.make_source(cfg, self.corpus_dir, d, need)
-    self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
-    self._store_lock = threading.Lock()
-    # --- replay selection: replay domains restricted to selected rows (cpt_jax/replay) ---
-    self._row_select: dict[str, np.ndarray] = {}
-    if cfg.get("replay_selection", ""):
-      self._load_replay_selection(cfg.replay_selection)
-    # --- end replay selection ---
     train_stores = [self._training_store(d, r) for d, r in zip(self.domains, self.roles)]
     rows = [s.num_rows if s is not None else 0 for s in train_stores]
     self._weights = config_lib.weights_from_spec(cfg.weights, self.domains, self.roles, rows)
@@ -92,54 +67,7 @@ class Pipeline:
                  self.num_domains, ", ".join(f"{r}={self.roles.count(r)}" for r in batch_lib.ROLES),
                  sum(rows), self.batch_size, global_batch_size, self.seq_len)
 
-  # -- stores ---------------------------------------------------------------
-  def _validation_split_rows(self, domain: str) -> tuple[int, int]:
-    """(rows distill training may use, total rows) of a domain's validation store.
-
-    The tail fraction `data.eval_holdout` is kept for evaluation only, so a
-    distill domain is never evaluated on rows it was distilled on.
-    """
-    n = self._store(domain, "validation").num_rows
-    held = int(round(n * float(self.cfg.eval_holdout)))
-    if self.cfg.eval_holdout > 0:
-      held = min(max(held, 1), n - 1) if n > 1 else 0
-    return n - held, n
-
-  def _training_store(self, domain: str, role: str):
-    split = training_split(role)
-    if split is None:
-      return None
-    store = self._store(domain, split)
-    if split == "validation":
-      usable, _ = self._validation_split_rows(domain)
-      store = store.slice(0, usable)
-    if role == "replay" and domain in self._row_select:  # replay selection
-      store = IndexedStore(store, self._row_select[domain])
-    return store
-
   # --- replay selection (cpt_jax/replay) ------------------------------------
-  def full_training_store(self, domain: str):
-    """A replay domain's whole train store, ignoring any replay selection."""
-    return self._store(domain, "train")
-
-  def store_names(self) -> dict[str, str]:
-    """{replay domain: its packed train store's folder name (embeds the cache key)}."""
-    return {d: os.path.basename(self._store(d, "train").path)
-            for d, r in zip(self.domains, self.roles) if r == "replay"}
-
-  def _load_replay_selection(self, path: str) -> None:
-    rows, meta = selection_lib.read_selection(path)
-    selection_lib.check_stores(meta, self.store_names(), path)
-    for d, idx in rows.items():
-      if d not in self.domains or self.roles[self.domains.index(d)] != "replay":
-        logging.warning("replay selection %s: domain %s is not a replay domain of this run; "
-                        "ignored", path, d)
-        continue
-      n = self._store(d, "train").num_rows
-      if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"data.replay_selection={path!r}: row ids of {d!r} outside [0, {n})")
-      self._row_select[d] = np.asarray(idx, np.int64)
-
   def set_replay_rows(self, rows: Mapping[str, np.ndarray],
                       weights: Mapping[str, float] | None = None) -> None:
     """Restricts replay domains to `rows` (ids in their train stores) from the next batch.
@@ -171,27 +99,7 @@ class Pipeline:
       return {d: v.copy() for d, v in self._row_select.items()}
   # --- end replay selection -------------------------------------------------
 
-  def _eval_store(self, domain: str) -> store_lib.PackedStore:
-    start, n = self._validation_split_rows(domain)
-    store = self._store(domain, "validation")
-    return store.slice(start, n) if self.cfg.eval_holdout > 0 else store
-
-  def _store(self, domain: str, split: str) -> store_lib.PackedStore:
-    with self._store_lock:
-      key = (domain, split)
-      if key not in self._stores:
-        src = self._sources.get(key) or sources_lib.make_source(
-            self.cfg, self.corpus_dir, domain, split)
-        self._stores[key] = store_lib.build_or_load(
-            src, self.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
-            on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs)
-      return self._stores[key]
-
   # -- public API -----------------------------------------------------------
-  @property
-  def num_domains(self) -> int:
-    return len(self.domains)
-
   @property
   def step(self) -> int:
     """The step the next batch is for."""
@@ -250,7 +158,7 @@ class Pipeline:
     """JSON-serialisable iterator state (for the checkpoint)."""
     with self._cv:
       return {"version": STATE_VERSION, "seed": int(self.cfg.seed), "domains": list(self.domains),
-              "rows": [int(x) for x in self.mixer.rows_D],
+              "rows": [int(x) for x in self.mixer.rows_C],
               "weights": [float(x) for x in self._weights], **self._cstate.to_json()}
 
   def restore(self, state: Mapping) -> None:
@@ -269,11 +177,11 @@ class Pipeline:
     idx = {d: i for i, d in enumerate(state["domains"])}
     for i, d in enumerate(self.domains):
       if d in idx:
-        new.consumed_D[i] = int(state["consumed"][idx[d]])
-        new.tokens_D[i] = int(state["tokens"][idx[d]])
-        if int(state["rows"][idx[d]]) != int(self.mixer.rows_D[i]):
+        new.consumed_C[i] = int(state["consumed"][idx[d]])
+        new.tokens_C[i] = int(state["tokens"][idx[d]])
+        if int(state["rows"][idx[d]]) != int(self.mixer.rows_C[i]):
           logging.warning("domain %s had %s rows at save time, now %d: resume is not bit-exact",
-                          d, state["rows"][idx[d]], self.mixer.rows_D[i])
+                          d, state["rows"][idx[d]], self.mixer.rows_C[i])
     with self._cv:
       if same:
         self._weights = config_lib.check_weights(np.asarray(state["weights"], np.float64),
@@ -287,19 +195,19 @@ class Pipeline:
     """Tokens per domain and role, epochs per domain, skipped lines, weights."""
     with self._cv:
       st, w = self._cstate, self._weights.copy()
-    rows = self.mixer.rows_D
+    rows = self.mixer.rows_C
     tokens_per_role = {r: 0 for r in batch_lib.ROLES}
-    for r, t in zip(self.roles, st.tokens_D):
+    for r, t in zip(self.roles, st.tokens_C):
       tokens_per_role[r] += int(t)
     with self._store_lock:
       skipped = {f"{d}/{s}": int(v.meta["skipped_lines"]) for (d, s), v in self._stores.items()}
     return {
         "step": int(st.step),
-        "tokens_per_domain": {d: int(t) for d, t in zip(self.domains, st.tokens_D)},
+        "tokens_per_domain": {d: int(t) for d, t in zip(self.domains, st.tokens_C)},
         "tokens_per_role": tokens_per_role,
-        "rows_per_domain": {d: int(c) for d, c in zip(self.domains, st.consumed_D)},
+        "rows_per_domain": {d: int(c) for d, c in zip(self.domains, st.consumed_C)},
         "epochs_per_domain": {d: (float(c) / n if n else 0.0)
-                              for d, c, n in zip(self.domains, st.consumed_D, rows)},
+                              for d, c, n in zip(self.domains, st.consumed_C, rows)},
         "skipped_lines": skipped,
         "weights": {d: float(x) for d, x in zip(self.domains, w)},
     }
@@ -370,9 +278,9 @@ class Pipeline:
   # -- internals (call with self._cv held) -----------------------------------
   def _advance(self, new: mixer_lib.MixerState) -> None:
     old = self._cstate
-    rows = self.mixer.rows_D
-    for d in np.nonzero(new.consumed_D != old.consumed_D)[0]:
-      e_old, e_new = old.consumed_D[d] // rows[d], new.consumed_D[d] // rows[d]
+    rows = self.mixer.rows_C
+    for d in np.nonzero(new.consumed_C != old.consumed_C)[0]:
+      e_old, e_new = old.consumed_C[d] // rows[d], new.consumed_C[d] // rows[d]
       if e_new > e_old:
         logging.info("data: domain %s finished epoch %d at step %d", self.domains[d], e_new,
                      old.step)
@@ -406,24 +314,6 @@ class Pipeline:
           self._queue.append((gen, batch, new))
           self._pstate = new
           self._cv.notify_all()
-
-
-class IndexedStore:
-  """A PackedStore restricted to rows `idx_K` (no copy): row i is base row idx_K[i]."""
-
-  def __init__(self, base, idx_K: np.ndarray):
-    self.base, self.idx_K = base, np.asarray(idx_K, np.int64)
-    self.path = base.path
-    self.meta = dict(base.meta, selected_rows=int(self.idx_K.size))
-    self.rows_3xNxL = base.rows_3xNxL  # the mixer reads only its row length
-    self.row_tokens_N = np.asarray(base.row_tokens_N)[self.idx_K]
-
-  @property
-  def num_rows(self) -> int:
-    return int(self.idx_K.size)
-
-  def gather(self, idx_B: np.ndarray) -> np.ndarray:
-    return self.base.gather(self.idx_K[np.asarray(idx_B, np.int64)])
 
 
 def make_pipeline(data_config: ml_collections.ConfigDict, *, global_batch_size: int,

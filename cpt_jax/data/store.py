@@ -33,25 +33,25 @@ class PackedStore:
 
   def __init__(self, path: str):
     self.path = path
-    self.rows_3xNxL = np.load(os.path.join(path, "rows.npy"), mmap_mode="r")
-    self.row_tokens_N = np.load(os.path.join(path, "row_tokens.npy"))
+    self.rows_3xRxL = np.load(os.path.join(path, "rows.npy"), mmap_mode="r")
+    self.row_tokens_R = np.load(os.path.join(path, "row_tokens.npy"))
     with open(os.path.join(path, "meta.json")) as f:
       self.meta = json.load(f)
 
   @property
   def num_rows(self) -> int:
-    return int(self.rows_3xNxL.shape[1])
+    return int(self.rows_3xRxL.shape[1])
 
   def gather(self, idx_B: np.ndarray) -> np.ndarray:
     """Rows idx_B -> planes_3xBxL (int32, in memory)."""
-    return self.rows_3xNxL[:, np.asarray(idx_B, np.int64)]
+    return self.rows_3xRxL[:, np.asarray(idx_B, np.int64)]
 
   def slice(self, start: int, stop: int) -> "PackedStore":
     """A view of rows [start, stop) (no copy)."""
     view = object.__new__(PackedStore)
     view.path, view.meta = self.path, dict(self.meta, row_range=[start, stop])
-    view.rows_3xNxL = self.rows_3xNxL[:, start:stop]
-    view.row_tokens_N = self.row_tokens_N[start:stop]
+    view.rows_3xRxL = self.rows_3xRxL[:, start:stop]
+    view.row_tokens_R = self.row_tokens_R[start:stop]
     return view
 
 
@@ -78,12 +78,12 @@ def build_or_load(src: sources_lib.Source, vocab: vocab_lib.Vocab, seq_len: int,
   chunk = []
 
   def flush():
-    flat_T, lengths_D = vocab.encode_batch(chunk)
+    flat_T, lengths_O = vocab.encode_batch(chunk)
     if append_eos:
-      flat_T = np.insert(flat_T, np.cumsum(lengths_D), vocab.eos_id)
-      lengths_D = lengths_D + 1
+      flat_T = np.insert(flat_T, np.cumsum(lengths_O), vocab.eos_id)
+      lengths_O = lengths_O + 1
     flats.append(flat_T)
-    lens.append(lengths_D)
+    lens.append(lengths_O)
     chunk.clear()
 
   for text in sources_lib.read_texts(src, on_bad_line, max_docs, stats):
@@ -98,9 +98,9 @@ def build_or_load(src: sources_lib.Source, vocab: vocab_lib.Vocab, seq_len: int,
     raise sources_lib.DataError(
         f"domain {src.domain!r}: split {src.split!r} is empty: no documents in {where}{extra}")
   flat_T = np.concatenate(flats)
-  lengths_D = np.concatenate(lens)
-  planes = packing.pack_flat(flat_T, lengths_D, seq_len)
-  row_tokens_N = (planes[packing.SEGMENT_IDS] > 0).sum(axis=1).astype(np.int64)
+  lengths_O = np.concatenate(lens)
+  planes = packing.pack_flat(flat_T, lengths_O, seq_len)
+  row_tokens_R = (planes[packing.SEGMENT_IDS] > 0).sum(axis=1).astype(np.int64)
   meta = {
       "domain": src.domain, "split": src.split, "source": where, "seq_len": seq_len,
       "vocab": vocab.key, "docs": stats.docs, "skipped_lines": stats.skipped,
@@ -110,7 +110,7 @@ def build_or_load(src: sources_lib.Source, vocab: vocab_lib.Vocab, seq_len: int,
   tmp = tempfile.mkdtemp(prefix=f".tmp-{safe}.", dir=cache_dir)
   try:
     np.save(os.path.join(tmp, "rows.npy"), planes)
-    np.save(os.path.join(tmp, "row_tokens.npy"), row_tokens_N)
+    np.save(os.path.join(tmp, "row_tokens.npy"), row_tokens_R)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
       json.dump(meta, f)
     try:

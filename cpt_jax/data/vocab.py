@@ -40,16 +40,16 @@ class Vocab:
         self.key = "spm:" + hashlib.sha256(f.read()).hexdigest()[:16]
 
   def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes documents; returns (flat tokens_T int32, lengths_D int64)."""
+    """Encodes documents; returns (flat tokens_T int32, lengths_O int64)."""
     if self._sp is None:
       bs = [t.encode("utf-8") for t in texts]
-      lengths_D = np.fromiter((len(b) for b in bs), np.int64, len(bs))
+      lengths_O = np.fromiter((len(b) for b in bs), np.int64, len(bs))
       flat_T = np.frombuffer(b"".join(bs), np.uint8).astype(np.int32) + BYTE_OFFSET
-      return flat_T, lengths_D
+      return flat_T, lengths_O
     ids = self._sp.encode(list(texts))
-    lengths_D = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-    flat_T = np.fromiter((t for x in ids for t in x), np.int32, int(lengths_D.sum()))
-    return flat_T, lengths_D
+    lengths_O = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    flat_T = np.fromiter((t for x in ids for t in x), np.int32, int(lengths_O.sum()))
+    return flat_T, lengths_O
 
   def seqio_vocabulary(self):
     """The equivalent seqio vocabulary (imports seqio)."""

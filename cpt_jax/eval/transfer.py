@@ -29,16 +29,16 @@ from typing import Mapping, Sequence
 import numpy as np
 
 
-def transfer_metrics(loss_SxD: np.ndarray, domains: Sequence[str],
+def transfer_metrics(loss_SxC: np.ndarray, domains: Sequence[str],
                      learned: Sequence[Sequence[str]], *,
                      new: Sequence[Sequence[str]] | None = None,
                      baseline: Mapping[str, float] | None = None) -> dict:
   """BWT, FWT, per-domain forgetting and average loss of a stage sequence.
 
-  loss_SxD: [stages, domains]; baseline: {domain: loss of a random-init model}.
+  loss_SxC: [S, C], stages by domains; baseline: {domain: loss of a random-init model}.
   """
-  loss_SxD = np.asarray(loss_SxD, np.float64)
-  num_stages = loss_SxD.shape[0]
+  loss_SxC = np.asarray(loss_SxC, np.float64)
+  num_stages = loss_SxC.shape[0]
   new = learned if new is None else new
   if len(learned) != num_stages or len(new) != num_stages:
     raise ValueError(f"learned/new have {len(learned)}/{len(new)} entries for {num_stages} "
@@ -51,7 +51,7 @@ def transfer_metrics(loss_SxD: np.ndarray, domains: Sequence[str],
                        "loss matrix")
   last = num_stages - 1
 
-  bwt_terms = [loss_SxD[i, col[d]] - loss_SxD[last, col[d]]
+  bwt_terms = [loss_SxC[i, col[d]] - loss_SxC[last, col[d]]
                for i in range(last) for d in learned[i]]
   trained_by = [(i, d) for i in range(1, num_stages) for d in new[i]
                 if not any(d in learned[j] for j in range(i))]
@@ -60,14 +60,14 @@ def transfer_metrics(loss_SxD: np.ndarray, domains: Sequence[str],
     missing = sorted({d for _, d in trained_by if d not in baseline})
     if missing:
       raise ValueError(f"baseline has no loss for {missing}")
-    fwt_terms = [float(baseline[d]) - loss_SxD[i - 1, col[d]] for i, d in trained_by]
+    fwt_terms = [float(baseline[d]) - loss_SxC[i - 1, col[d]] for i, d in trained_by]
     fwt = float(np.mean(fwt_terms)) if fwt_terms else 0.0
   seen = sorted({d for i in range(last) for d in learned[i]}, key=col.get)
-  forgetting = {d: float(loss_SxD[last, col[d]] - loss_SxD[:last, col[d]].min()) for d in seen}
+  forgetting = {d: float(loss_SxC[last, col[d]] - loss_SxC[:last, col[d]].min()) for d in seen}
   return {
       "bwt": float(np.mean(bwt_terms)) if bwt_terms else 0.0,
       "fwt": fwt,
       "forgetting": forgetting,
       "mean_forgetting": float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
-      "average_loss": float(loss_SxD[last].mean()),
+      "average_loss": float(loss_SxC[last].mean()),
   }

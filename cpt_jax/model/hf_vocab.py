@@ -81,11 +81,11 @@ class TokenizerJsonVocab:
     return self._tok.decode(list(ids), skip_special_tokens=False)
 
   def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes documents; returns (flat tokens_T int32, lengths_D int64)."""
+    """Encodes documents; returns (flat tokens_T int32, lengths_O int64)."""
     ids = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-    lengths_D = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-    flat_T = np.fromiter((t for x in ids for t in x), np.int32, int(lengths_D.sum()))
-    return flat_T, lengths_D
+    lengths_O = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    flat_T = np.fromiter((t for x in ids for t in x), np.int32, int(lengths_O.sum()))
+    return flat_T, lengths_O
 
   def seqio_vocabulary(self):
     """A seqio vocabulary over this tokenizer (imports seqio/TensorFlow)."""

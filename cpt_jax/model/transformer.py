@@ -7,8 +7,9 @@ a token attends only to earlier tokens of its own segment, and rotary phases
 come from per-document `positions`.
 
 Every parameter carries logical axis names (see `cpt_jax/parallel/sharding.py`
-for the rules that map them onto the mesh). Shape suffixes: B batch, L length,
-D d_model, H query heads, K kv heads, G = H / K, E head dim, F mlp dim, V vocab.
+for the rules that map them onto the mesh). Shape suffixes: the table in
+`cpt_jax/batch.py` (B batch rows, L positions, D d_model, H query heads, K
+key/value heads, G = H / K, E head width, F MLP width, V vocabulary).
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ class Dense(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", _init(self.std, self.names),
                         self.in_shape + self.out_shape, jnp.float32)
-    # One 2-D matmul [M, K] @ [K, N]: on CPU a dot contracting over several
-    # batch-like dims runs at half speed in the backward pass.
+    # One 2-D matmul [rows, fan-in] @ [fan-in, fan-out]: on CPU a dot contracting
+    # over several batch-like dims runs at half speed in the backward pass.
     n_in = len(self.in_shape)
     lead = x.shape[:x.ndim - n_in]
     k = math.prod(self.in_shape)
-    x_MxK = x.astype(self.dtype).reshape(-1, k)
-    y = (x_MxK @ kernel.astype(self.dtype).reshape(k, -1)).reshape(*lead, *self.out_shape)
+    x_2d = x.astype(self.dtype).reshape(-1, k)
+    y = (x_2d @ kernel.astype(self.dtype).reshape(k, -1)).reshape(*lead, *self.out_shape)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[len(self.in_shape):]), self.out_shape, jnp.float32)

@@ -124,7 +124,7 @@ class Scorer:
 
   def stream(self, params: Any, store, rows: np.ndarray
              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (rows_b, loss_b, pooled_bxD) over `rows` of `store`, batch by batch."""
+    """Yields (rows_B, loss_B, pooled_BxD) over `rows` of `store`, batch by batch."""
     rows = np.asarray(rows, np.int64)
     for start in range(0, rows.size, self.batch_rows):
       t0 = time.perf_counter()

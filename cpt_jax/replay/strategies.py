@@ -178,8 +178,8 @@ class TeacherLoss(_Scored):
     return streaming.QuantileBand(k, c.band_low, c.band_high, c.sketch_rows, env.seed + tag)
 
   def feed(self, env, selector, dom, rows, store, extra):
-    for rows_b, loss_b, _ in env.scorer.stream(env.params, store, rows):
-      selector.add(streaming.pack_key(np.full(rows_b.size, dom), rows_b), loss_b)
+    for rows_B, loss_B, _ in env.scorer.stream(env.params, store, rows):
+      selector.add(streaming.pack_key(np.full(rows_B.size, dom), rows_B), loss_B)
 
   def min_candidates(self, k, cfg):
     return int(np.ceil(k / (cfg.band_high - cfg.band_low)))
@@ -207,8 +207,8 @@ class Forgetting(_Scored):
   def feed(self, env, selector, dom, rows, store, ahead_params):
     before = env.scorer.stream(env.params, store, rows)
     after = env.scorer.stream(ahead_params, store, rows)
-    for (rows_b, loss0_b, _), (_, loss1_b, _) in zip(before, after):
-      selector.add(streaming.pack_key(np.full(rows_b.size, dom), rows_b), loss1_b - loss0_b)
+    for (rows_B, loss0_B, _), (_, loss1_B, _) in zip(before, after):
+      selector.add(streaming.pack_key(np.full(rows_B.size, dom), rows_B), loss1_B - loss0_B)
 
 
 class Diversity(_Scored):
@@ -219,9 +219,9 @@ class Diversity(_Scored):
     return streaming.KCenterCoreset(k, env.cfg.coreset_factor)
 
   def feed(self, env, selector, dom, rows, store, extra):
-    for rows_b, _, pooled_b in env.scorer.stream(env.params, store, rows):
-      x = pooled_b / np.maximum(np.linalg.norm(pooled_b, axis=1, keepdims=True), 1e-9)
-      selector.add(streaming.pack_key(np.full(rows_b.size, dom), rows_b), x)
+    for rows_B, _, pooled_BxD in env.scorer.stream(env.params, store, rows):
+      x = pooled_BxD / np.maximum(np.linalg.norm(pooled_BxD, axis=1, keepdims=True), 1e-9)
+      selector.add(streaming.pack_key(np.full(rows_B.size, dom), rows_B), x)
 
 
 class Online(Strategy):

@@ -22,13 +22,13 @@ def row_sums(x_BxL: Array, weights_BxL: Array) -> Array:
 
 
 def group_sums(values_B: Array, group_ids_B: Array, num_groups: int) -> Array:
-  """Sums row values into groups (domains or roles): [num_groups].
+  """Sums row values into U groups (domains or roles): [U], U = num_groups.
 
   A one-hot matmul rather than a scatter: sharding-friendly and cheap for the
   few hundred groups a run has.
   """
-  onehot_BxN = jax.nn.one_hot(group_ids_B, num_groups, dtype=jnp.float32)
-  return values_B.astype(jnp.float32) @ onehot_BxN
+  onehot_BxU = jax.nn.one_hot(group_ids_B, num_groups, dtype=jnp.float32)
+  return values_B.astype(jnp.float32) @ onehot_BxU
 
 
 def safe_div(num, den):

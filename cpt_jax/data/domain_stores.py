@@ -1,0 +1,155 @@
+"""The run's per-domain packed stores, and which of their rows each role uses.
+
+`DomainStores` resolves the run's domains and roles from the data config,
+checks that every split they need exists, and builds (or loads from the cache)
+one packed store per (domain, split) on first use. A role trains on
+`training_split(role)`; a distill domain trains on the head of its validation
+store and is evaluated on the tail (`data.eval_holdout`); a replay domain can be
+restricted to selected rows (`data.replay_selection`, `IndexedStore`).
+`pipeline.Pipeline` adds the mixer and the prefetch thread on top.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from cpt_jax import batch as batch_lib
+from cpt_jax.schema import data as config_lib
+from cpt_jax.data import selection as selection_lib
+from cpt_jax.data import sources as sources_lib
+from cpt_jax.data import store as store_lib
+from cpt_jax.data import vocab as vocab_lib
+
+
+def default_cache_dir(cfg, workdir: str | None) -> str:
+  if cfg.cache_dir:
+    return cfg.cache_dir
+  if workdir:
+    return os.path.join(workdir, "data_cache")
+  return os.path.join(tempfile.gettempdir(), "cpt_jax_data_cache")
+
+
+def training_split(role: str) -> str | None:
+  """Split a role trains on: train for new/replay, validation for distill."""
+  return {"new": "train", "replay": "train", "distill": "validation"}.get(role)
+
+
+class DomainStores:
+  """The packed stores of a run's domains, built lazily; the base of `pipeline.Pipeline`."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None):
+    self.cfg = cfg
+    self.seq_len = cfg.seq_len
+    self.corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
+    available = sources_lib.list_domains(self.corpus_dir, cfg.source)
+    role_of = config_lib.resolve_roles(cfg, available)
+    self.domains: list[str] = sorted(role_of)
+    self.roles: list[str] = [role_of[d] for d in self.domains]
+    self.role_ids = np.array([batch_lib.role_id(r) for r in self.roles], np.int32)
+    self.vocab = vocab_lib.make_vocab(cfg.vocab)
+    self.cache_dir = default_cache_dir(cfg, workdir)
+    # Check every needed split exists before building anything.
+    self._sources = {}
+    for d, r in zip(self.domains, self.roles):
+      need = training_split(r) or "validation"
+      self._sources[(d, need)] = sources_lib.make_source(cfg, self.corpus_dir, d, need)
+    self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
+    self._store_lock = threading.Lock()
+    # --- replay selection: replay domains restricted to selected rows (cpt_jax/replay) ---
+    self._row_select: dict[str, np.ndarray] = {}
+    if cfg.get("replay_selection", ""):
+      self._load_replay_selection(cfg.replay_selection)
+    # --- end replay selection ---
+
+  @property
+  def num_domains(self) -> int:
+    return len(self.domains)
+
+  # -- stores ---------------------------------------------------------------
+  def _validation_split_rows(self, domain: str) -> tuple[int, int]:
+    """(rows distill training may use, total rows) of a domain's validation store.
+
+    The tail fraction `data.eval_holdout` is kept for evaluation only, so a
+    distill domain is never evaluated on rows it was distilled on.
+    """
+    n = self._store(domain, "validation").num_rows
+    held = int(round(n * float(self.cfg.eval_holdout)))
+    if self.cfg.eval_holdout > 0:
+      held = min(max(held, 1), n - 1) if n > 1 else 0
+    return n - held, n
+
+  def _training_store(self, domain: str, role: str):
+    split = training_split(role)
+    if split is None:
+      return None
+    store = self._store(domain, split)
+    if split == "validation":
+      usable, _ = self._validation_split_rows(domain)
+      store = store.slice(0, usable)
+    if role == "replay" and domain in self._row_select:  # replay selection
+      store = IndexedStore(store, self._row_select[domain])
+    return store
+
+  # --- replay selection (cpt_jax/replay) ------------------------------------
+  def full_training_store(self, domain: str):
+    """A replay domain's whole train store, ignoring any replay selection."""
+    return self._store(domain, "train")
+
+  def store_names(self) -> dict[str, str]:
+    """{replay domain: its packed train store's folder name (embeds the cache key)}."""
+    return {d: os.path.basename(self._store(d, "train").path)
+            for d, r in zip(self.domains, self.roles) if r == "replay"}
+
+  def _load_replay_selection(self, path: str) -> None:
+    rows, meta = selection_lib.read_selection(path)
+    selection_lib.check_stores(meta, self.store_names(), path)
+    for d, idx in rows.items():
+      if d not in self.domains or self.roles[self.domains.index(d)] != "replay":
+        logging.warning("replay selection %s: domain %s is not a replay domain of this run; "
+                        "ignored", path, d)
+        continue
+      n = self._store(d, "train").num_rows
+      if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"data.replay_selection={path!r}: row ids of {d!r} outside [0, {n})")
+      self._row_select[d] = np.asarray(idx, np.int64)
+  # --- end replay selection -------------------------------------------------
+
+  def _eval_store(self, domain: str) -> store_lib.PackedStore:
+    start, n = self._validation_split_rows(domain)
+    store = self._store(domain, "validation")
+    return store.slice(start, n) if self.cfg.eval_holdout > 0 else store
+
+  def _store(self, domain: str, split: str) -> store_lib.PackedStore:
+    with self._store_lock:
+      key = (domain, split)
+      if key not in self._stores:
+        src = self._sources.get(key) or sources_lib.make_source(
+            self.cfg, self.corpus_dir, domain, split)
+        self._stores[key] = store_lib.build_or_load(
+            src, self.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
+            on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs)
+      return self._stores[key]
+
+
+class IndexedStore:
+  """A PackedStore restricted to rows `idx_N` (no copy): row i is base row idx_N[i]."""
+
+  def __init__(self, base, idx_N: np.ndarray):
+    self.base, self.idx_N = base, np.asarray(idx_N, np.int64)
+    self.path = base.path
+    self.meta = dict(base.meta, selected_rows=int(self.idx_N.size))
+    self.rows_3xRxL = base.rows_3xRxL  # the mixer reads only its row length
+    self.row_tokens_R = np.asarray(base.row_tokens_R)[self.idx_N]
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.idx_N.size)
+
+  def gather(self, idx_B: np.ndarray) -> np.ndarray:
+    return self.base.gather(self.idx_N[np.asarray(idx_B, np.int64)])
