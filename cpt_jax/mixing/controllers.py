@@ -11,18 +11,18 @@ once at the stage start) into new mixture weights for the data pipeline:
                 e_i   = max(0, loss_i - ref_i)
                 alpha = softmax(log alpha + doremi_lr * e)
                 alpha = (1 - smoothing) * alpha + smoothing / K
-                w     = floor + (1 - K floor) * alpha, then the replay budget
+                w     = floor + (1 - K floor) * alpha, then the max old share
               DoReMi clips the per-token excess; only per-domain means exist
               here, so the mean excess is clipped. alpha starts at the
               configured weights (DoReMi starts uniform).
   exp3        Online Data Mixing (Albalak et al. 2023), loss as reward. As in
               ODM, round t is a training step (batch index s is round s + 1).
               The update at step s sees the window trained with the emitted
-              weights w (budgeted, below):
+              weights w (capped, below):
                 r_i   = loss_i                       (the window's mean loss)
                 R_i   = a R_i + (1 - a) r_i          (a = exp3_reward_decay)
                 pi    = (1 - K eps_s+1) softmax(eps_s R) + eps_s+1
-                w     = floor + (1 - K floor) pi, then the replay budget
+                w     = floor + (1 - K floor) pi, then the max old share
               with eps_t = min(1/K, sqrt(ln K / (K t))) ('odm', ODM's schedule)
               or min(1/K, exp3_eps) ('constant'); state['eps'] is the rate in
               force. The first window uses the configured weights (ODM starts
@@ -36,22 +36,22 @@ once at the stage start) into new mixture weights for the data pipeline:
               normalised over the controlled domains, f = floor,
               e_i = max(0, loss_i - ref_i):
                 d_i  = max(f, b_i + forgetting_gain * e_i)          i in R
-                d    = budgeted R weights (below)
+                d    = R weights within the max old share (below)
                 w_j  = f + (1 - sum(d) - |N| f) b_j / sum(b_N)      j in N
               (uniform over N if sum(b_N) = 0). The initial weights already
               follow this rule with e = 0.
 
-Replay budget (every adaptive controller: doremi, exp3, forgetting): the new
+Max old share (every adaptive controller: doremi, exp3, forgetting): the new
 domains (set N, data T) keep at least `new_min_share` of the mixture and the
-replay + distill domains (set R) at most `replay_budget`, a hard constraint on
-the emitted weights (initial ones included). With
-  cap = min(replay_budget, 1 - max(new_min_share, |N| f)),
+replay + distill domains (set R, the old ones) at most `max_old_share`, a hard
+constraint on the emitted weights (initial ones included). With
+  cap = min(max_old_share, 1 - max(new_min_share, |N| f)),
 if sum_R w > cap, R is scaled toward the floor,
   w_i = f + (w_i - f) (cap - |R| f) / (sum_R w - |R| f)        i in R,
 and the freed mass goes to N in proportion to w_j - f (uniform if all are at
 the floor); mass never moves from N to R. The algorithms' own state (doremi's
-alpha, exp3's rewards) is not budgeted, so a budgeted exp3 arm can sit below
-eps. Set new_min_share=0 and replay_budget=1 for the unconstrained algorithms.
+alpha, exp3's rewards) is not capped, so a capped exp3 arm can sit below
+eps. Set new_min_share=0 and max_old_share=1 for the unconstrained algorithms.
 
 Controlled domains are those with role new/replay/distill and a configured
 weight > 0; the others (eval domains always) keep weight 0. Losses that are
@@ -131,17 +131,17 @@ def _update_excess(state: dict, loss_D: np.ndarray, ref_D: np.ndarray) -> np.nda
   return new
 
 
-def _budget(cfg, state: Mapping) -> tuple[np.ndarray, np.ndarray, float]:
-  """(R mask, N mask, cap) of the replay budget over the controlled domains."""
+def _old_share_cap(cfg, state: Mapping) -> tuple[np.ndarray, np.ndarray, float]:
+  """(R mask, N mask, cap) of the max old share over the controlled domains."""
   mask = np.asarray(state["controlled"])
   roles = np.asarray(state["roles"])
   rep = mask & np.isin(roles, config_lib.REPLAY_ROLES)
   new = mask & (roles == "new")
-  cap = min(float(cfg.replay_budget),
+  cap = min(float(cfg.max_old_share),
             1.0 - max(float(cfg.new_min_share), int(new.sum()) * float(cfg.floor)))
   if cap < 1.0 and rep.any() and not new.any():
-    raise ValueError(f"mixing.replay_budget: {cfg.controller!r} has no role-new domain with a "
-                     f"weight > 0 to take the mass over replay_budget={cfg.replay_budget}, "
+    raise ValueError(f"mixing.max_old_share: {cfg.controller!r} has no role-new domain with a "
+                     f"weight > 0 to take the mass over max_old_share={cfg.max_old_share}, "
                      f"new_min_share={cfg.new_min_share}")
   return rep, new, cap
 
@@ -155,9 +155,9 @@ def _scale_replay(d: np.ndarray, rep: np.ndarray, f: float, cap: float) -> np.nd
   return np.where(rep, f + (d - f) * ((cap - n_rep * f) / (total - n_rep * f)), d)
 
 
-def _within_budget(w: np.ndarray, state: Mapping, cfg) -> np.ndarray:
-  """w with replay + distill within the budget; the freed mass goes to N (module doc)."""
-  rep, new, cap = _budget(cfg, state)
+def _within_old_share(w: np.ndarray, state: Mapping, cfg) -> np.ndarray:
+  """w with replay + distill within the max old share; the freed mass goes to N (module doc)."""
+  rep, new, cap = _old_share_cap(cfg, state)
   f = float(cfg.floor)
   d = _scale_replay(w, rep, f, cap)
   if d is w:
@@ -169,7 +169,7 @@ def _within_budget(w: np.ndarray, state: Mapping, cfg) -> np.ndarray:
 
 
 def _forgetting_weights(cfg, state: dict, excess_D: np.ndarray) -> np.ndarray:
-  rep, new, cap = _budget(cfg, state)
+  rep, new, cap = _old_share_cap(cfg, state)
   base = np.asarray(state["base"], np.float64)
   f = float(cfg.floor)
   n_new = int(new.sum())
@@ -216,11 +216,11 @@ def init_state(cfg: ml_collections.ConfigDict, domains: Sequence[str], roles: Se
     state["excess"] = [0.0] * len(domains)
     state["alpha"] = _floats(base)
     state["alpha_sum"] = [0.0] * len(domains)  # running sum of alpha (DoReMi's output average)
-    w = _within_budget(_apply_floor(base, mask, float(cfg.floor)), state, cfg)
+    w = _within_old_share(_apply_floor(base, mask, float(cfg.floor)), state, cfg)
   elif name == "exp3":
     state["reward"] = [0.0] * len(domains)
     state["eps"] = exp3_exploration(cfg, 1, int(mask.sum()))
-    w = _within_budget(_apply_floor(base, mask, float(cfg.floor)), state, cfg)
+    w = _within_old_share(_apply_floor(base, mask, float(cfg.floor)), state, cfg)
   elif name == "forgetting":
     state["excess"] = [0.0] * len(domains)
     w = _forgetting_weights(cfg, state, np.zeros(len(domains)))
@@ -281,7 +281,7 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     alpha = np.where(mask, (1.0 - c) * alpha + c / mask.sum(), 0.0)
     state["alpha"] = _floats(alpha)
     state["alpha_sum"] = _floats(np.asarray(state["alpha_sum"], np.float64) + alpha)
-    w = _within_budget(_apply_floor(alpha, mask, f), state, cfg)  # alpha stays unbudgeted
+    w = _within_old_share(_apply_floor(alpha, mask, f), state, cfg)  # alpha stays uncapped
   elif name == "exp3":
     k = int(mask.sum())
     seen = mask & ~np.isnan(loss_D)
@@ -294,7 +294,7 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     p = np.where(mask, (1.0 - k * eps) * _softmax(eps_prev * reward, mask) + eps, 0.0)
     state["reward"] = _floats(reward)
     state["eps"] = eps
-    w = _within_budget(_apply_floor(p, mask, f), state, cfg)  # the reward stays unbudgeted
+    w = _within_old_share(_apply_floor(p, mask, f), state, cfg)  # the reward stays uncapped
   elif name == "forgetting":
     exc = _update_excess(state, loss_D, ref_D)
     w = _forgetting_weights(cfg, state, exc)
