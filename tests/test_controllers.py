@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import mixing
-from cpt_jax.mixing import controllers
+from cpt_jax.mixing import constraints
 
 DOMAINS = ["ev", "new_a", "new_b", "old_a", "old_b", "old_c"]
 ROLES = ["eval", "new", "new", "replay", "replay", "distill"]
@@ -300,17 +300,17 @@ def test_within_old_share_matches_a_hand_computation():
   cfg = make_cfg("doremi", max_old_share=0.4, new_min_share=0.5)
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
   w = np.array([0.0, 0.3, 0.1, 0.3, 0.2, 0.1])
-  got = controllers._within_old_share(w, state, cfg)
+  got = constraints.within_max_old_share(w, state, cfg)
   r = (0.4 - 0.03) / (0.6 - 0.03)  # cap 0.4, R sums to 0.6, 3 floors of 0.01
   want = [0.0, 0.3 + 0.2 * 0.29 / 0.38, 0.1 + 0.2 * 0.09 / 0.38,
           0.01 + 0.29 * r, 0.01 + 0.19 * r, 0.01 + 0.09 * r]
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
   # Within the cap nothing moves; mass never goes from N to R.
   for inside in ([0.0, 0.45, 0.2, 0.15, 0.1, 0.1], [0.0, 0.3, 0.3, 0.2, 0.1, 0.1]):
-    np.testing.assert_array_equal(controllers._within_old_share(np.array(inside), state, cfg),
+    np.testing.assert_array_equal(constraints.within_max_old_share(np.array(inside), state, cfg),
                                   inside)
   # N all at the floor: the freed mass is split uniformly.
-  got = controllers._within_old_share(np.array([0.0, 0.01, 0.01, 0.5, 0.3, 0.18]), state, cfg)
+  got = constraints.within_max_old_share(np.array([0.0, 0.01, 0.01, 0.5, 0.3, 0.18]), state, cfg)
   assert got[1] == got[2] == pytest.approx(0.01 + (0.98 - 0.4) / 2)
 
 
