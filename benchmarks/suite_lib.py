@@ -61,9 +61,9 @@ class Settings:
   strategies: tuple[str, ...] = ("proportional", "teacher_loss", "forgetting", "diversity",
                                  "online")
   eval_batches: int = 8
-  # Extra row groups: 'kd' (see kd_strategies), 'controllers' (rate controllers at the 5%
-  # random-replay budget) and 'decomposition' (full / LoRA tau / sigma-tau routing
-  # at that budget).
+  # Extra row groups: 'kd' (see kd_strategies), 'controllers' (rate controllers at a 5%
+  # random replay fraction) and 'decomposition' (full / LoRA tau / sigma-tau routing
+  # at that fraction).
   extras: tuple[str, ...] = ("kd",)
   controllers: tuple[str, ...] = ("doremi", "exp3", "forgetting")
   cache: str = ""
@@ -231,7 +231,7 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
     frac = d_rows / t_rows
   elif spec["strategy"]:
     c.data.replay = ",".join(replay)
-    c.replay.update(strategy=spec["strategy"], budget=frac)
+    c.replay.update(strategy=spec["strategy"], fraction=frac)
     c.replay.online_every = max(s.cpt_steps // 6, 1)
   if distill:
     c.data.distill = s.unavailable
@@ -239,11 +239,11 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
     t_share = 0.9  # T : distill = 0.9 : 0.1 among the non-replay domains
     c.data.weights = f"{s.new}=0.9,{s.unavailable}=0.1," + ",".join(f"{d}=1" for d in replay)
   if spec.get("controller"):
-    # The controller moves weights inside the same replay budget: replay + distill
-    # at most r / (1 + r) of the rows, T at least the rest.
+    # The controller moves weights inside the same replay share: replay + distill
+    # at most r / (1 + r) of the rows (max_old_share), T at least the rest.
     share = frac / (1.0 + frac)
     c.mixing.update(controller=spec["controller"], update_every=c.train.log_every,
-                    replay_budget=share, new_min_share=1.0 - share)
+                    max_old_share=share, new_min_share=1.0 - share)
   if spec.get("replay_kd"):
     c.objective.replay_kd = spec["replay_kd"]
   for key, value in spec.get("overrides", {}).items():

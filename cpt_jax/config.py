@@ -8,7 +8,13 @@ them. It is the bottom of the package's layers: it imports only the schema
 groups, `batch` and `parallel/sharding` (see ARCHITECTURE.md).
 
 Stages (`stage_order`, `stages.<name>`): each stage is the base config with the
-stage's groups laid over it (`stage_config`); `stages.py` runs them.
+stage's groups laid over it (`stage_config`); `stages.py` runs them. A stage
+that sets one key of a family (`REPLACED_TOGETHER`: the replay amount
+`replay.fraction` / `replay.tokens`) replaces the base's whole family.
+
+Deprecated keys (`replay.budget`, `mixing.replay_budget`; see
+`cpt_jax/schema/deprecated.py`) are moved to their new keys in place by
+`upgrade_deprecated`, which `validate_config` and `stage_config` call.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.sched
 STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
                 "decomposition")  # decomposition: each stage may add its own tau
 STAGE_FIELDS = ("init_from", "description")
+# Keys a stage replaces as one: setting any of them resets the others to their defaults
+# (deprecated keys included), so the stage's value is the only one in force.
+REPLACED_TOGETHER = {"replay": ("fraction", "tokens", "budget"),
+                     "mixing": ("max_old_share", "replay_budget")}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -150,9 +160,23 @@ def _unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> list[tuple[str, li
   return out
 
 
+def upgrade_deprecated(cfg: ml_collections.ConfigDict, where: str = "") -> None:
+  """Moves set deprecated keys to their new ones in place, with a DeprecationWarning.
+
+  `replay.budget` -> `replay.fraction` (<= 1) or `replay.tokens` (> 1);
+  `mixing.replay_budget` -> `mixing.max_old_share`. A deprecated key set with
+  its new key is a ValueError naming both. `where` prefixes the key names.
+  """
+  replay_schema.upgrade_replay_config(cfg.replay, f"{where}replay")
+  mixing_schema.upgrade_mixing_config(cfg.mixing, f"{where}mixing")
+
+
 def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = None,
                     process_count: int = 1) -> None:
-  """Raises ValueError naming the offending key; call before compiling."""
+  """Raises ValueError naming the offending key; call before compiling.
+
+  Moves deprecated keys to their new ones in `cfg` first (`upgrade_deprecated`).
+  """
   unknown = _unknown_keys(cfg, default_config())
   if unknown:
     msgs = []
@@ -162,6 +186,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
       hint = f" (did you mean '{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}'?)" if close else ""
       msgs.append(f"unknown config key '{path}'{hint}")
     raise ValueError("; ".join(msgs))
+  upgrade_deprecated(cfg)
 
   m, t = cfg.model, cfg.train
   if m.num_heads % m.num_kv_heads:
@@ -289,14 +314,24 @@ def init_stage_of(config: ml_collections.ConfigDict, name: str) -> str | None:
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The base config with stage `name`'s groups laid over it (and no stages)."""
+  """The base config with stage `name`'s groups laid over it (and no stages).
+
+  Deprecated keys, the base's and then the stage's, are moved to their new keys.
+  """
   out = copy.deepcopy(config)
+  defaults = default_config()
   with out.unlocked():
+    upgrade_deprecated(out)
     stage = config.stages[name]
     for group in STAGE_GROUPS:
       if group in stage:
+        family = REPLACED_TOGETHER.get(group, ())
+        if any(k in stage[group] for k in family):
+          for key in family:
+            out[group][key] = defaults[group][key]
         for key, value in stage[group].items():
           out[group][key] = value
+    upgrade_deprecated(out, f"stages.{name}.")
     out.stages = ml_collections.ConfigDict()
     out.stage_order = ""
     out.run_name = name

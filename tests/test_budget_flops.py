@@ -96,7 +96,7 @@ def test_online_refresh_past_the_cap_stops_the_stage_before_it(tmp_path):
   c.data.replay = "beta"  # one replay domain: its candidates fill whole scoring batches
   c.train.update(steps=10, global_batch_size=2, log_every=2, checkpoint_every=4,
                  eval_batches=1)
-  c.replay.update(strategy="online", budget=0.5, selection_fraction=0.9, online_every=4,
+  c.replay.update(strategy="online", fraction=0.5, selection_fraction=0.9, online_every=4,
                   online_pool=16, online_swap=0.5, score_batch=8)
   L, gbs, B, P = c.data.seq_len, 2, 8, 16
   row = _fwd_row(c)

@@ -1,4 +1,4 @@
-"""Mixing controllers on synthetic loss sequences: distributions, floors, budgets, resume."""
+"""Mixing controllers on synthetic loss sequences: distributions, floors, shares, resume."""
 
 import json
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import mixing
-from cpt_jax.mixing import controllers
+from cpt_jax.mixing import constraints
 
 DOMAINS = ["ev", "new_a", "new_b", "old_a", "old_b", "old_c"]
 ROLES = ["eval", "new", "new", "replay", "replay", "distill"]
@@ -83,7 +83,8 @@ def test_defaults_validate(controller):
     ("exp3_eps", 2.0, "mixing.exp3_eps"),
     ("exp3_reward_decay", 1.0, "mixing.exp3_reward_decay"),
     ("new_min_share", 1.2, "mixing.new_min_share"),
-    ("replay_budget", -1.0, "mixing.replay_budget"),
+    ("max_old_share", -1.0, "mixing.max_old_share"),
+    ("replay_budget", 1.5, "mixing.replay_budget"),  # deprecated, still checked
     ("forgetting_gain", -1.0, "mixing.forgetting_gain"),
 ])
 def test_validation_names_key(key, value, match):
@@ -93,9 +94,9 @@ def test_validation_names_key(key, value, match):
     mixing.validate_mixing_config(cfg, DOMAINS, ROLES)
 
 
-def test_validation_of_budgets_and_log_every():
-  cfg = make_cfg("forgetting", floor=0.1, replay_budget=0.2)
-  with pytest.raises(ValueError, match="mixing.replay_budget"):
+def test_validation_of_shares_and_log_every():
+  cfg = make_cfg("forgetting", floor=0.1, max_old_share=0.2)
+  with pytest.raises(ValueError, match="mixing.max_old_share"):
     mixing.validate_mixing_config(cfg, DOMAINS, ROLES)
   cfg = make_cfg("forgetting", floor=0.15, new_min_share=0.6)
   with pytest.raises(ValueError, match="mixing.new_min_share"):
@@ -205,7 +206,7 @@ def test_doremi_ignores_domains_at_or_below_the_reference():
 
 # -- exp3 ---------------------------------------------------------------------
 def test_exp3_exploration_follows_the_odm_schedule():
-  cfg = make_cfg("exp3", floor=0.0, new_min_share=0.0, replay_budget=1.0)  # ODM, unbudgeted
+  cfg = make_cfg("exp3", floor=0.0, new_min_share=0.0, max_old_share=1.0)  # ODM, unconstrained
   k = 5
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
   assert state["eps"] == min(1 / k, math.sqrt(math.log(k) / k))
@@ -237,13 +238,13 @@ def test_exp3_reward_does_not_depend_on_the_sampling_share():
   """Every domain's window loss is observed, so equal losses give equal rewards."""
   domains, roles = ["t", "u", "old"], ["new", "new", "replay"]
   cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, new_min_share=0.0,
-                 replay_budget=1.0)
+                 max_old_share=1.0)
   state = mixing.init_state(cfg, domains, roles, [0.5, 0.49, 0.01])
   assert state["weights"] == pytest.approx([0.5, 0.49, 0.01])  # the shares sampled from
   new, _ = mixing.update(cfg, state, 10, {"t": 2.0, "u": 3.0, "old": 2.0})
   assert new["reward"] == [1.0, 1.5, 1.0]  # 0.5 * loss each, whatever the share
-  # Budgeted to a 1% replay share, the replay domain's reward is still its loss.
-  cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, replay_budget=0.01,
+  # Capped to a 1% replay share, the replay domain's reward is still its loss.
+  cfg = make_cfg("exp3", floor=0.0, exp3_reward_decay=0.5, max_old_share=0.01,
                  new_min_share=0.99)
   state = mixing.init_state(cfg, domains, roles, [1.0, 1.0, 1.0])
   assert state["weights"][2] == pytest.approx(0.01)
@@ -251,9 +252,9 @@ def test_exp3_reward_does_not_depend_on_the_sampling_share():
   assert new["reward"] == [1.0, 1.0, 1.0]
 
 
-# -- the replay budget (every adaptive controller) ----------------------------
-def budget_cap(cfg):
-  return min(cfg.replay_budget, 1 - max(cfg.new_min_share, NEW.sum() * cfg.floor))
+# -- the max old share (every adaptive controller) ----------------------------
+def old_share_cap(cfg):
+  return min(cfg.max_old_share, 1 - max(cfg.new_min_share, NEW.sum() * cfg.floor))
 
 
 def random_losses(rng):
@@ -271,9 +272,9 @@ def random_losses(rng):
 
 
 @pytest.mark.parametrize("controller", ADAPTIVE)
-@pytest.mark.parametrize("budget,new_min", [(0.5, 0.5), (0.05, 0.95), (0.3, 0.5), (0.8, 0.1),
-                                            (1.0, 0.0)])
-def test_adaptive_weights_stay_within_the_replay_budget(controller, budget, new_min):
+@pytest.mark.parametrize("max_old,new_min", [(0.5, 0.5), (0.05, 0.95), (0.3, 0.5), (0.8, 0.1),
+                                             (1.0, 0.0)])
+def test_adaptive_weights_stay_within_the_max_old_share(controller, max_old, new_min):
   def trajectory(cfg):
     rng = np.random.default_rng(1234)
     state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
@@ -283,33 +284,33 @@ def test_adaptive_weights_stay_within_the_replay_budget(controller, budget, new_
       ws.append(w)
     return ws
 
-  cfg = make_cfg(controller, replay_budget=budget, new_min_share=new_min, doremi_lr=2.0)
-  cap = budget_cap(cfg)
+  cfg = make_cfg(controller, max_old_share=max_old, new_min_share=new_min, doremi_lr=2.0)
+  cap = old_share_cap(cfg)
   ws = trajectory(cfg)
   for w in ws:
     check_distribution(w, cfg.floor)
     assert w[REP].sum() <= cap + 1e-12
     assert w[NEW].sum() >= new_min - 1e-12
-  free = trajectory(make_cfg(controller, replay_budget=1.0, new_min_share=0.0, doremi_lr=2.0))
-  if max(w[REP].sum() for w in free) > cap:  # the budget binds where it would be passed
+  free = trajectory(make_cfg(controller, max_old_share=1.0, new_min_share=0.0, doremi_lr=2.0))
+  if max(w[REP].sum() for w in free) > cap:  # the cap binds where it would be passed
     assert max(w[REP].sum() for w in ws) == pytest.approx(cap)
 
 
-def test_within_budget_matches_a_hand_computation():
-  cfg = make_cfg("doremi", replay_budget=0.4, new_min_share=0.5)
+def test_within_old_share_matches_a_hand_computation():
+  cfg = make_cfg("doremi", max_old_share=0.4, new_min_share=0.5)
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
   w = np.array([0.0, 0.3, 0.1, 0.3, 0.2, 0.1])
-  got = controllers._within_budget(w, state, cfg)
+  got = constraints.within_max_old_share(w, state, cfg)
   r = (0.4 - 0.03) / (0.6 - 0.03)  # cap 0.4, R sums to 0.6, 3 floors of 0.01
   want = [0.0, 0.3 + 0.2 * 0.29 / 0.38, 0.1 + 0.2 * 0.09 / 0.38,
           0.01 + 0.29 * r, 0.01 + 0.19 * r, 0.01 + 0.09 * r]
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
-  # Within the budget nothing moves; mass never goes from N to R.
+  # Within the cap nothing moves; mass never goes from N to R.
   for inside in ([0.0, 0.45, 0.2, 0.15, 0.1, 0.1], [0.0, 0.3, 0.3, 0.2, 0.1, 0.1]):
-    np.testing.assert_array_equal(controllers._within_budget(np.array(inside), state, cfg),
+    np.testing.assert_array_equal(constraints.within_max_old_share(np.array(inside), state, cfg),
                                   inside)
   # N all at the floor: the freed mass is split uniformly.
-  got = controllers._within_budget(np.array([0.0, 0.01, 0.01, 0.5, 0.3, 0.18]), state, cfg)
+  got = constraints.within_max_old_share(np.array([0.0, 0.01, 0.01, 0.5, 0.3, 0.18]), state, cfg)
   assert got[1] == got[2] == pytest.approx(0.01 + (0.98 - 0.4) / 2)
 
 
@@ -323,8 +324,8 @@ W0_5 = np.array([0.0, 0.6, 0.35, 0.02, 0.02, 0.01])
 
 
 @pytest.mark.parametrize("controller", ["doremi", "exp3"])
-def test_replay_budget_binds_doremi_and_exp3(controller):
-  """Old domains far above the teacher pull DoReMi/exp3 to replay, the budget holds them."""
+def test_max_old_share_binds_doremi_and_exp3(controller):
+  """Old domains far above the teacher pull DoReMi/exp3 to replay, the cap holds them."""
   def replay_shares(**kw):
     cfg = make_cfg(controller, floor=1e-3, **kw)
     state = mixing.init_state(cfg, DOMAINS, ROLES, W0_5)
@@ -335,36 +336,36 @@ def test_replay_budget_binds_doremi_and_exp3(controller):
       assert w[NEW].sum() >= kw["new_min_share"] - 1e-12
     return np.array(shares)
 
-  free = replay_shares(replay_budget=1.0, new_min_share=0.0)
+  free = replay_shares(max_old_share=1.0, new_min_share=0.0)
   assert free.max() > 0.5  # unconstrained, replay takes most of the mixture
-  held = replay_shares(replay_budget=0.05, new_min_share=0.95)
+  held = replay_shares(max_old_share=0.05, new_min_share=0.95)
   assert np.all(held <= 0.05 + 1e-12)
   assert held[-1] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("controller", ADAPTIVE)
-def test_budget_feasibility_is_validated_for_every_adaptive_controller(controller):
-  with pytest.raises(ValueError, match="mixing.replay_budget"):
-    mixing.init_state(make_cfg(controller, floor=0.1, replay_budget=0.2), DOMAINS, ROLES, W0)
+def test_share_feasibility_is_validated_for_every_adaptive_controller(controller):
+  with pytest.raises(ValueError, match="mixing.max_old_share"):
+    mixing.init_state(make_cfg(controller, floor=0.1, max_old_share=0.2), DOMAINS, ROLES, W0)
   with pytest.raises(ValueError, match="mixing.new_min_share"):
     mixing.init_state(make_cfg(controller, floor=0.15, new_min_share=0.6), DOMAINS, ROLES, W0)
   if controller == "forgetting":
     return
   only_old = (["a", "b"], ["replay", "distill"])
-  with pytest.raises(ValueError, match="mixing.replay_budget: .* needs a domain with role new"):
+  with pytest.raises(ValueError, match="mixing.max_old_share: .* needs a domain with role new"):
     mixing.init_state(make_cfg(controller), *only_old, [1.0, 1.0])
-  cfg = make_cfg(controller, replay_budget=1.0, new_min_share=0.0)
+  cfg = make_cfg(controller, max_old_share=1.0, new_min_share=0.0)
   np.testing.assert_allclose(mixing.init_state(cfg, *only_old, [1.0, 3.0])["weights"],
                              [0.01 + 0.98 * 0.25, 0.01 + 0.98 * 0.75])
   # A role-new domain with weight 0 is not controlled: nothing can take the freed mass.
-  with pytest.raises(ValueError, match="mixing.replay_budget: .* no role-new domain"):
+  with pytest.raises(ValueError, match="mixing.max_old_share: .* no role-new domain"):
     mixing.init_state(make_cfg(controller), DOMAINS, ROLES, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
 
 
 # -- forgetting ---------------------------------------------------------------
-@pytest.mark.parametrize("budget,new_min", [(0.3, 0.5), (0.5, 0.7), (0.8, 0.1)])
-def test_forgetting_respects_new_min_share_and_replay_budget(budget, new_min):
-  cfg = make_cfg("forgetting", replay_budget=budget, new_min_share=new_min, forgetting_gain=5.0)
+@pytest.mark.parametrize("max_old,new_min", [(0.3, 0.5), (0.5, 0.7), (0.8, 0.1)])
+def test_forgetting_respects_new_min_share_and_max_old_share(max_old, new_min):
+  cfg = make_cfg("forgetting", max_old_share=max_old, new_min_share=new_min, forgetting_gain=5.0)
   new = np.array([r == "new" for r in ROLES])
   rep = np.array([r in ("replay", "distill") for r in ROLES])
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
@@ -372,15 +373,15 @@ def test_forgetting_respects_new_min_share_and_replay_budget(budget, new_min):
     big = {d: REF[d] + (t if d.startswith("old") else -1.0) for d in REF}
     state, w = mixing.update(cfg, state, 10 * t, big, REF)
     check_distribution(w, cfg.floor)
-    assert w[rep].sum() <= min(budget, 1 - new_min) + 1e-12
+    assert w[rep].sum() <= min(max_old, 1 - new_min) + 1e-12
     assert w[new].sum() >= new_min - 1e-12
-  assert w[rep].sum() == pytest.approx(min(budget, 1 - new_min))  # large excess: at the cap
+  assert w[rep].sum() == pytest.approx(min(max_old, 1 - new_min))  # large excess: at the cap
   # The new domains split their share by configured weight (2:1), above the floor.
   assert (w[1] - cfg.floor) == pytest.approx(2 * (w[2] - cfg.floor))
 
 
 def test_forgetting_without_excess_keeps_the_configured_mix():
-  cfg = make_cfg("forgetting", floor=0.0, replay_budget=1.0, new_min_share=0.0)
+  cfg = make_cfg("forgetting", floor=0.0, max_old_share=1.0, new_min_share=0.0)
   state = mixing.init_state(cfg, DOMAINS, ROLES, W0)
   np.testing.assert_allclose(state["weights"], W0 / W0.sum())
   state, w = mixing.update(cfg, state, 10, {d: v - 0.2 for d, v in REF.items()}, REF)

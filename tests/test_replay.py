@@ -102,8 +102,8 @@ def _plan(**kw):
   return planner.plan(**args)
 
 
-def test_planner_budget_to_mixture_and_candidates():
-  p = _plan(rcfg={"budget": 0.05})
+def test_planner_replay_amount_to_mixture_and_candidates():
+  p = _plan(rcfg={"fraction": 0.05})
   s = 100 * 8 * 32
   assert p["replay_share"] == pytest.approx(0.05 / 1.05)
   assert p["replay_tokens"] == pytest.approx(0.05 * p["t_tokens"])
@@ -118,22 +118,22 @@ def test_planner_budget_to_mixture_and_candidates():
                                                                  "b": "replay"},
                              {"a": 30, "b": 10})
   assert w["a"] + w["b"] == pytest.approx(p["replay_share"]) and w["a"] == pytest.approx(3 * w["b"])
-  absolute = _plan(rcfg={"budget": 2560.0})
+  absolute = _plan(rcfg={"tokens": 2560.0})
   assert absolute["replay_tokens"] == pytest.approx(2560.0)
   # replay_kd: the teacher runs on every replay token (forward FLOPs).
   assert p["tflops"]["teacher"] == 0.0
-  kd = _plan(rcfg={"budget": 0.05}, replay_kd=1.0)
+  kd = _plan(rcfg={"fraction": 0.05}, replay_kd=1.0)
   assert kd["tflops"]["teacher"] == pytest.approx(kd["replay_tokens"] * 1e6 / 1e12)
 
 
 def test_planner_fits_online_refreshes_into_the_selection_cap():
   """Fewer, fully useful refreshes rather than refreshes that score no candidate."""
-  roomy = _plan(strategy="online", rcfg={"budget": 0.01, "online_every": 10, "online_pool": 8,
+  roomy = _plan(strategy="online", rcfg={"fraction": 0.01, "online_every": 10, "online_pool": 8,
                                          "selection_fraction": 0.5})
   assert roomy["online_refreshes"] == 9 and roomy["online_pool"] == 8
   assert roomy["online_every"] == 10 and not roomy["warnings"]
   # A 20% buffer: re-scoring it at every refresh does not fit 5% of the stage.
-  tight = _plan(strategy="online", rcfg={"budget": 0.2, "online_every": 10, "online_pool": 64,
+  tight = _plan(strategy="online", rcfg={"fraction": 0.2, "online_every": 10, "online_pool": 64,
                                          "online_swap": 0.25, "selection_fraction": 0.3})
   k, pool, every = tight["online_refreshes"], tight["online_pool"], tight["online_every"]
   # By hand: p = 0.2 / 1.2, buffer ceil(25600 p / 32) = 134 rows; T + replay cost 0.0768 TF, the
@@ -146,7 +146,7 @@ def test_planner_fits_online_refreshes_into_the_selection_cap():
   assert tight["tflops"]["selection"] <= 0.3 / 0.7 * (tight["total_tflops"] - tight[
       "tflops"]["selection"]) * (1 + 1e-9)
   assert "online refreshes" in tight["warnings"][0]
-  none = _plan(strategy="online", rcfg={"budget": 0.2, "online_every": 10,
+  none = _plan(strategy="online", rcfg={"fraction": 0.2, "online_every": 10,
                                         "selection_fraction": 0.02})
   assert none["online_refreshes"] == 0 and none["online_every"] == 0
   assert none["tflops"]["selection"] == 0  # no refresh: the buffer's M losses are not scored
@@ -199,7 +199,7 @@ def _config(corpus, tmp_path, strategy, **replay):
   c.data.update(corpus_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
   c.sharding.mesh_shape = (1, 1, 1)
   c.train.update(steps=4, log_every=2, checkpoint_every=4, eval_batches=1)
-  c.replay.update(strategy=strategy, budget=0.5, selection_fraction=0.5, **replay)
+  c.replay.update(strategy=strategy, fraction=0.5, selection_fraction=0.5, **replay)
   return c
 
 

@@ -16,7 +16,7 @@ def _config(corpus, tmp_path, **replay):
   c.data.update(corpus_dir=str(corpus), cache_dir=str(tmp_path / "cache"))
   c.sharding.mesh_shape = (1, 1, 1)
   c.train.update(steps=8, log_every=2, checkpoint_every=4, eval_batches=1)
-  c.replay.update(strategy="online", budget=0.5, selection_fraction=0.5, online_every=2,
+  c.replay.update(strategy="online", fraction=0.5, selection_fraction=0.5, online_every=2,
                   online_pool=40, online_swap=0.5, **replay)
   return c
 

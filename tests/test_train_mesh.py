@@ -46,7 +46,7 @@ def _config(corpus, root, mesh):
   c.train.update(steps=8, log_every=2, checkpoint_every=4, eval_batches=1, grad_accum_steps=2,
                  init_checkpoint=str(root / "m"))
   c.objective.update(lambda_kd=1.0, replay_kd=0.5, kd_temperature=2.0)
-  c.replay.update(strategy="online", budget=0.5, selection_fraction=0.5, online_every=2,
+  c.replay.update(strategy="online", fraction=0.5, selection_fraction=0.5, online_every=2,
                   online_pool=40, online_swap=0.5)
   return c
 

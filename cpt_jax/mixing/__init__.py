@@ -1,8 +1,10 @@
 """Online data mixing: controllers that move the mixture weights during a stage.
 
 `config.mixing` (default_mixing_config) picks the controller; `Controller`
-wraps the pure `init_state` / `update` functions for the trainer's on_metrics
-hook and the checkpoint. Importing this package needs only numpy.
+(wrapper.py) wraps the pure `init_state` / `update` functions (controllers.py)
+for the trainer's on_metrics hook and the checkpoint; constraints.py holds the
+floor and the max old share every adaptive controller's weights obey.
+Importing this package needs only numpy.
 """
 
 from cpt_jax.schema.mixing import CONTROLLERS
@@ -10,10 +12,10 @@ from cpt_jax.schema.mixing import default_mixing_config
 from cpt_jax.schema.mixing import parse_schedule
 from cpt_jax.schema.mixing import validate_mixing_config
 from cpt_jax.mixing.controllers import accumulate
-from cpt_jax.mixing.controllers import Controller
-from cpt_jax.mixing.controllers import controller_overhead_seconds
 from cpt_jax.mixing.controllers import exp3_exploration
 from cpt_jax.mixing.controllers import init_state
 from cpt_jax.mixing.controllers import schedule_weights
 from cpt_jax.mixing.controllers import update
 from cpt_jax.mixing.controllers import window_loss
+from cpt_jax.mixing.wrapper import Controller
+from cpt_jax.mixing.wrapper import controller_overhead_seconds

@@ -11,18 +11,18 @@ once at the stage start) into new mixture weights for the data pipeline:
                 e_i   = max(0, loss_i - ref_i)
                 alpha = softmax(log alpha + doremi_lr * e)
                 alpha = (1 - smoothing) * alpha + smoothing / K
-                w     = floor + (1 - K floor) * alpha, then the replay budget
+                w     = floor + (1 - K floor) * alpha, then the max old share
               DoReMi clips the per-token excess; only per-domain means exist
               here, so the mean excess is clipped. alpha starts at the
               configured weights (DoReMi starts uniform).
   exp3        Online Data Mixing (Albalak et al. 2023), loss as reward. As in
               ODM, round t is a training step (batch index s is round s + 1).
               The update at step s sees the window trained with the emitted
-              weights w (budgeted, below):
+              weights w (capped, constraints.py):
                 r_i   = loss_i                       (the window's mean loss)
                 R_i   = a R_i + (1 - a) r_i          (a = exp3_reward_decay)
                 pi    = (1 - K eps_s+1) softmax(eps_s R) + eps_s+1
-                w     = floor + (1 - K floor) pi, then the replay budget
+                w     = floor + (1 - K floor) pi, then the max old share
               with eps_t = min(1/K, sqrt(ln K / (K t))) ('odm', ODM's schedule)
               or min(1/K, exp3_eps) ('constant'); state['eps'] is the rate in
               force. The first window uses the configured weights (ODM starts
@@ -36,22 +36,15 @@ once at the stage start) into new mixture weights for the data pipeline:
               normalised over the controlled domains, f = floor,
               e_i = max(0, loss_i - ref_i):
                 d_i  = max(f, b_i + forgetting_gain * e_i)          i in R
-                d    = budgeted R weights (below)
+                d    = R weights within the max old share (constraints.py)
                 w_j  = f + (1 - sum(d) - |N| f) b_j / sum(b_N)      j in N
               (uniform over N if sum(b_N) = 0). The initial weights already
               follow this rule with e = 0.
 
-Replay budget (every adaptive controller: doremi, exp3, forgetting): the new
-domains (set N, data T) keep at least `new_min_share` of the mixture and the
-replay + distill domains (set R) at most `replay_budget`, a hard constraint on
-the emitted weights (initial ones included). With
-  cap = min(replay_budget, 1 - max(new_min_share, |N| f)),
-if sum_R w > cap, R is scaled toward the floor,
-  w_i = f + (w_i - f) (cap - |R| f) / (sum_R w - |R| f)        i in R,
-and the freed mass goes to N in proportion to w_j - f (uniform if all are at
-the floor); mass never moves from N to R. The algorithms' own state (doremi's
-alpha, exp3's rewards) is not budgeted, so a budgeted exp3 arm can sit below
-eps. Set new_min_share=0 and replay_budget=1 for the unconstrained algorithms.
+Every adaptive controller keeps the new domains (set N, data T) at
+`new_min_share` or more and the replay + distill domains (set R, the old ones)
+at `max_old_share` or less: the floor and that projection are
+cpt_jax/mixing/constraints.py.
 
 Controlled domains are those with role new/replay/distill and a configured
 weight > 0; the others (eval domains always) keep weight 0. Losses that are
@@ -61,22 +54,24 @@ reward) as it was; domains missing from the reference get excess 0.
 The state is a JSON-serialisable dict; all math is numpy float64 in a fixed
 order, and Python floats survive `json.dumps`/`json.loads` exactly, so a run
 resumed from a checkpointed state continues the same weight trajectory bit for
-bit. `Controller` wraps the functions for the trainer's `on_metrics` hook.
+bit. `Controller` (wrapper.py) wraps the functions for the trainer's
+`on_metrics` hook.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
-import time
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 import ml_collections
 import numpy as np
 
+from cpt_jax.mixing.constraints import apply_floor
+from cpt_jax.mixing.constraints import old_share_cap
+from cpt_jax.mixing.constraints import scale_old
+from cpt_jax.mixing.constraints import within_max_old_share
 from cpt_jax.schema import mixing as config_lib
 
 STATE_VERSION = 1
@@ -96,12 +91,6 @@ def _vector(domains: Sequence[str], values: Mapping[str, float] | None) -> np.nd
 
 def _floats(x) -> list[float]:
   return [float(v) for v in np.asarray(x, np.float64)]
-
-
-def _apply_floor(p_D: np.ndarray, mask_D: np.ndarray, floor: float) -> np.ndarray:
-  """floor + (1 - K floor) p over the controlled domains; 0 elsewhere."""
-  k = int(mask_D.sum())
-  return np.where(mask_D, floor + (1.0 - k * floor) * p_D, 0.0)
 
 
 def _softmax(x_D: np.ndarray, mask_D: np.ndarray) -> np.ndarray:
@@ -131,51 +120,14 @@ def _update_excess(state: dict, loss_D: np.ndarray, ref_D: np.ndarray) -> np.nda
   return new
 
 
-def _budget(cfg, state: Mapping) -> tuple[np.ndarray, np.ndarray, float]:
-  """(R mask, N mask, cap) of the replay budget over the controlled domains."""
-  mask = np.asarray(state["controlled"])
-  roles = np.asarray(state["roles"])
-  rep = mask & np.isin(roles, config_lib.REPLAY_ROLES)
-  new = mask & (roles == "new")
-  cap = min(float(cfg.replay_budget),
-            1.0 - max(float(cfg.new_min_share), int(new.sum()) * float(cfg.floor)))
-  if cap < 1.0 and rep.any() and not new.any():
-    raise ValueError(f"mixing.replay_budget: {cfg.controller!r} has no role-new domain with a "
-                     f"weight > 0 to take the mass over replay_budget={cfg.replay_budget}, "
-                     f"new_min_share={cfg.new_min_share}")
-  return rep, new, cap
-
-
-def _scale_replay(d: np.ndarray, rep: np.ndarray, f: float, cap: float) -> np.ndarray:
-  """d with R scaled toward the floor f to sum to cap if it sums to more; others unchanged."""
-  total = np.where(rep, d, 0.0).sum()
-  if not total > cap:
-    return d
-  n_rep = int(rep.sum())
-  return np.where(rep, f + (d - f) * ((cap - n_rep * f) / (total - n_rep * f)), d)
-
-
-def _within_budget(w: np.ndarray, state: Mapping, cfg) -> np.ndarray:
-  """w with replay + distill within the budget; the freed mass goes to N (module doc)."""
-  rep, new, cap = _budget(cfg, state)
-  f = float(cfg.floor)
-  d = _scale_replay(w, rep, f, cap)
-  if d is w:
-    return w
-  freed = np.where(rep, w, 0.0).sum() - np.where(rep, d, 0.0).sum()
-  above = np.where(new, np.maximum(w - f, 0.0), 0.0)
-  share = above / above.sum() if above.sum() > 0 else new / int(new.sum())
-  return np.where(new, w + freed * share, d)
-
-
 def _forgetting_weights(cfg, state: dict, excess_D: np.ndarray) -> np.ndarray:
-  rep, new, cap = _budget(cfg, state)
+  rep, new, cap = old_share_cap(cfg, state)
   base = np.asarray(state["base"], np.float64)
   f = float(cfg.floor)
   n_new = int(new.sum())
   w = np.zeros(len(base), np.float64)
   d = np.where(rep, np.maximum(f, base + float(cfg.forgetting_gain) * excess_D), 0.0)
-  d = _scale_replay(d, rep, f, cap)
+  d = scale_old(d, rep, f, cap)
   w[rep] = d[rep]
   rest = 1.0 - d.sum() - n_new * f
   bn = np.where(new, base, 0.0)
@@ -216,11 +168,11 @@ def init_state(cfg: ml_collections.ConfigDict, domains: Sequence[str], roles: Se
     state["excess"] = [0.0] * len(domains)
     state["alpha"] = _floats(base)
     state["alpha_sum"] = [0.0] * len(domains)  # running sum of alpha (DoReMi's output average)
-    w = _within_budget(_apply_floor(base, mask, float(cfg.floor)), state, cfg)
+    w = within_max_old_share(apply_floor(base, mask, float(cfg.floor)), state, cfg)
   elif name == "exp3":
     state["reward"] = [0.0] * len(domains)
     state["eps"] = exp3_exploration(cfg, 1, int(mask.sum()))
-    w = _within_budget(_apply_floor(base, mask, float(cfg.floor)), state, cfg)
+    w = within_max_old_share(apply_floor(base, mask, float(cfg.floor)), state, cfg)
   elif name == "forgetting":
     state["excess"] = [0.0] * len(domains)
     w = _forgetting_weights(cfg, state, np.zeros(len(domains)))
@@ -281,7 +233,7 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     alpha = np.where(mask, (1.0 - c) * alpha + c / mask.sum(), 0.0)
     state["alpha"] = _floats(alpha)
     state["alpha_sum"] = _floats(np.asarray(state["alpha_sum"], np.float64) + alpha)
-    w = _within_budget(_apply_floor(alpha, mask, f), state, cfg)  # alpha stays unbudgeted
+    w = within_max_old_share(apply_floor(alpha, mask, f), state, cfg)  # alpha stays uncapped
   elif name == "exp3":
     k = int(mask.sum())
     seen = mask & ~np.isnan(loss_D)
@@ -294,7 +246,7 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     p = np.where(mask, (1.0 - k * eps) * _softmax(eps_prev * reward, mask) + eps, 0.0)
     state["reward"] = _floats(reward)
     state["eps"] = eps
-    w = _within_budget(_apply_floor(p, mask, f), state, cfg)  # the reward stays unbudgeted
+    w = within_max_old_share(apply_floor(p, mask, f), state, cfg)  # the reward stays uncapped
   elif name == "forgetting":
     exc = _update_excess(state, loss_D, ref_D)
     w = _forgetting_weights(cfg, state, exc)
@@ -326,125 +278,3 @@ def accumulate(state: Mapping, domain_loss: Mapping[str, float],
 def window_loss(state: Mapping) -> dict[str, float]:
   """Mean loss per domain over the accumulated window."""
   return {d: ce / tok for d, (ce, tok) in state["window"].items() if tok > 0}
-
-
-# -- the trainer's wrapper ----------------------------------------------------
-class Controller:
-  """Holds config and state; call `maybe_update` from the trainer's on_metrics.
-
-      ctl = Controller(config.mixing, pipeline.domains, pipeline.roles, pipeline.weights)
-      if resuming: ctl.load_state_dict(host["mixing"])
-      ctl.set_reference(teacher_loss)        # kept once set (checkpointed)
-      ctl.start(pipeline)                    # weights for the first batch
-      on_metrics = lambda step, record, p: ctl.maybe_update(step, record, p)
-      host["mixing"] = ctl.state_dict()      # in the checkpoint
-  """
-
-  def __init__(self, cfg: ml_collections.ConfigDict, domains: Sequence[str],
-               roles: Sequence[str], initial_weights: Sequence[float] | np.ndarray):
-    self.cfg = cfg
-    self.state = init_state(cfg, domains, roles, initial_weights)
-    self.seconds = 0.0  # wall time spent in maybe_update (controller overhead)
-
-  @classmethod
-  def for_pipeline(cls, cfg: ml_collections.ConfigDict, pipeline) -> "Controller":
-    return cls(cfg, pipeline.domains, pipeline.roles, pipeline.weights)
-
-  @property
-  def weights(self) -> np.ndarray:
-    return np.asarray(self.state["weights"], np.float64)
-
-  def weights_dict(self) -> dict[str, float]:
-    return dict(zip(self.state["domains"], self.state["weights"]))
-
-  def set_reference(self, reference_loss: Mapping[str, float] | None) -> None:
-    """Stores the teacher's per-domain loss, unless the (restored) state has one."""
-    if reference_loss is not None and self.state["reference"] is None:
-      self.state["reference"] = {d: float(v) for d, v in reference_loss.items()
-                                 if math.isfinite(float(v))}
-
-  def start(self, pipeline) -> None:
-    """Sets the controller's current weights on the pipeline (not for 'static')."""
-    if self.cfg.controller != "static":
-      pipeline.set_weights(self.weights)
-
-  def maybe_update(self, step: int, record: Mapping[str, Any], pipeline=None,
-                   reference_loss: Mapping[str, float] | None = None) -> dict[str, float] | None:
-    """Accumulates the record's losses; at multiples of update_every updates the weights.
-
-    Returns the new weights by domain (also set on `pipeline`), or None.
-    """
-    t0 = time.perf_counter()
-    name = self.cfg.controller
-    if name == "static":
-      return None
-    self.set_reference(reference_loss)
-    if name != "schedule":
-      self.state = accumulate(self.state, record.get("domain_loss") or {},
-                              record.get("domain_tokens"))
-    if step <= 0 or step % self.cfg.update_every:
-      self.seconds += time.perf_counter() - t0
-      return None
-    losses = window_loss(self.state)
-    self.state["window"] = {}
-    self.state, w = update(self.cfg, self.state, step, losses, self.state["reference"])
-    if pipeline is not None:
-      pipeline.set_weights(w)
-    self.seconds += time.perf_counter() - t0
-    return self.weights_dict()
-
-  def metrics(self) -> dict[str, float]:
-    """Scalars worth logging beside the weights."""
-    out = {"mixing/updates": float(self.state["updates"])}
-    if "eps" in self.state:
-      out["mixing/exp3_eps"] = float(self.state["eps"])
-    if "excess" in self.state:
-      out["mixing/excess_sum"] = float(sum(self.state["excess"]))
-    return out
-
-  def state_dict(self) -> dict:
-    return copy.deepcopy(self.state)
-
-  def load_state_dict(self, state: Mapping) -> None:
-    """Restores a checkpointed state of the same controller and domains."""
-    if state.get("version") != STATE_VERSION:
-      raise ValueError(f"mixing state version {state.get('version')} != {STATE_VERSION}")
-    for key, mine in (("controller", self.cfg.controller), ("domains", self.state["domains"]),
-                      ("roles", self.state["roles"])):
-      if state[key] != mine:
-        raise ValueError(f"mixing state {key} {state[key]!r} differs from the run's {mine!r}")
-    if state.get("config") != self.state["config"]:
-      logging.warning("mixing config differs from the checkpoint's; the weight trajectory "
-                      "will not match the original run")
-    self.state = copy.deepcopy(dict(state))
-
-
-def controller_overhead_seconds(cfg: ml_collections.ConfigDict, num_domains: int = 200,
-                                iters: int = 50, seed: int = 0) -> float:
-  """Mean wall seconds of one controller update (maybe_update) over `num_domains` domains.
-
-  Domains: a quarter new, the rest alternating replay/distill, with synthetic
-  losses drifting above a reference; the schedule controller gets a two-stage
-  schedule over all domains. Excludes pipeline.set_weights.
-  """
-  cfg = copy.deepcopy(cfg)
-  domains = [f"d{i:04d}" for i in range(num_domains)]
-  n_new = max(1, num_domains // 4)
-  roles = ["new"] * n_new + [("replay", "distill")[i % 2] for i in range(num_domains - n_new)]
-  cfg.floor = min(float(cfg.floor), 0.1 / num_domains)
-  cfg.update_every = 1
-  if cfg.controller == "schedule":
-    cfg.schedule = f"0:*=1;{max(1, iters // 2)}:{domains[0]}=1,*=0.5"
-  rng = np.random.default_rng(seed)
-  ref = {d: 2.0 + rng.random() for d in domains}
-  ctl = Controller(cfg, domains, roles, np.ones(num_domains))
-  ctl.set_reference(ref)
-  records = []
-  for i in range(iters):
-    loss = {d: ref[d] + 0.01 * i * rng.random() for d in domains}
-    records.append({"domain_loss": loss, "domain_tokens": {d: 1000 for d in domains}})
-  t0 = time.perf_counter()
-  for i, rec in enumerate(records):
-    ctl.maybe_update(i + 1, rec)
-  return (time.perf_counter() - t0) / iters
-

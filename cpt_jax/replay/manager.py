@@ -167,7 +167,8 @@ class ReplayManager:
       return
     s = self.selection
     selection_lib.write_selection(self.dir, s.rows, s.scores, {
-        "strategy": self.strategy.name, "budget": self.rcfg.budget,
+        "strategy": self.strategy.name, "fraction": self.rcfg.fraction,
+        "tokens": self.rcfg.tokens,
         "seq_len": self.config.data.seq_len, "unit": "packed row",
         "stores": self.pipeline.store_names(), "plan": self.plan,
         "candidates": s.candidates, "peak_held": s.peak_held, "info": _jsonable(s.info),

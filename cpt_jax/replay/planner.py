@@ -1,10 +1,10 @@
-"""The replay planner: replay tokens, buffer rows, candidates to score, and the budget.
+"""The replay planner: replay tokens, buffer rows, candidates to score, compute budget.
 
 The stage trains S = train.steps x global_batch_size x seq_len tokens. With the
 configured weights w of the non-replay domains, T's share among them is q_T.
-Replay fraction r (replay tokens / T tokens; `replay.budget` <= 1) gives the
-replay share p = r q_T / (1 + r q_T); an absolute `replay.budget` R tokens gives
-p = R / S. Costs (FLOPs): T = S (1-p) q_T f_train, replay = S p f_train,
+Replay fraction r (replay tokens / T tokens; `replay.fraction`) gives the
+replay share p = r q_T / (1 + r q_T); a token count `replay.tokens` R > 0 gives
+p = R / S instead. Costs (FLOPs): T = S (1-p) q_T f_train, replay = S p f_train,
 teacher = (S (1-p)(1-q_T) when distilling + S p with replay_kd) f_fwd, selection = candidates x L x
 f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes].
 Seconds use a measured forward FLOP/s (training assumed to run at the same rate).
@@ -22,20 +22,20 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
          roles: Mapping[str, str], pool_sizes: Mapping[str, int], f_train: float,
          f_fwd: float, strategy, lambda_kd: float, flops_per_second: float,
          replay_kd: float = 0.0) -> dict:
-  """The plan dict (see module docstring); raises ValueError when the budget cannot hold T."""
+  """The plan dict (see module docstring); ValueError when the replay or the caps leave no T."""
   S = float(steps) * batch * seq_len
   nonrep = {d: float(w) for d, w in weights.items() if roles[d] in ("new", "distill")}
   tot = sum(nonrep.values())
   q_t = sum(w for d, w in nonrep.items() if roles[d] == "new") / tot if tot > 0 else 1.0
-  if rcfg.budget <= 1:
-    r = float(rcfg.budget)
-    p = r * q_t / (1 + r * q_t)
-  else:
-    p = float(rcfg.budget) / S
+  if rcfg.tokens > 0:
+    p = float(rcfg.tokens) / S
     if p >= 1:
-      raise ValueError(f"replay.budget={rcfg.budget:.0f} tokens is not below the stage's "
+      raise ValueError(f"replay.tokens={rcfg.tokens:.0f} is not below the stage's "
                        f"{S:.0f} tokens (train.steps={steps} x global_batch_size={batch} x "
                        f"seq_len={seq_len})")
+  else:
+    r = float(rcfg.fraction)
+    p = r * q_t / (1 + r * q_t)
   t_tokens = S * (1 - p) * q_t
   replay_tokens = S * p
   r = replay_tokens / max(t_tokens, 1.0)
@@ -59,8 +59,8 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
   if rcfg.max_tflops and base > rcfg.max_tflops:
     raise ValueError(
         f"replay.max_tflops={rcfg.max_tflops:g}: T ({cost['new']:.4g}) + replay "
-        f"({cost['replay']:.4g}, replay.budget={rcfg.budget:g}) + teacher "
-        f"({cost['teacher']:.4g}) = {base:.4g} TFLOPs exceed it; lower replay.budget")
+        f"({cost['replay']:.4g}, {_amount(rcfg)}) + teacher "
+        f"({cost['teacher']:.4g}) = {base:.4g} TFLOPs exceed it; lower {_amount(rcfg, False)}")
   if rcfg.max_seconds and secs(cost["new"]) > rcfg.max_seconds:
     raise ValueError(
         f"replay.max_seconds={rcfg.max_seconds:g} is below what T alone takes: "
@@ -69,7 +69,7 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
   if rcfg.max_seconds and secs(base) > rcfg.max_seconds:
     raise ValueError(
         f"replay.max_seconds={rcfg.max_seconds:g}: T + replay + teacher take ~{secs(base):.4g} s "
-        f"({base:.4g} TFLOPs at {rate / tf:.4g} TFLOP/s); lower replay.budget")
+        f"({base:.4g} TFLOPs at {rate / tf:.4g} TFLOP/s); lower {_amount(rcfg, False)}")
   # Selection budget: the smaller of the fraction cap and what the hard caps leave.
   frac = float(rcfg.selection_fraction)
   sel_cap = frac / (1 - frac) * base if frac < 1 else float("inf")
@@ -119,6 +119,12 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
                             if rcfg.max_tflops else None),
       "warnings": warnings,
   }
+
+
+def _amount(rcfg, value: bool = True) -> str:
+  """The key that sets the replay amount ('replay.tokens' or 'replay.fraction'), =value."""
+  key = "tokens" if rcfg.tokens > 0 else "fraction"
+  return f"replay.{key}" + (f"={rcfg[key]:g}" if value else "")
 
 
 def replay_weights(plan_: dict, weights: Mapping[str, float], roles: Mapping[str, str],

@@ -26,6 +26,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from cpt_jax.schema import data as data_config
+from cpt_jax.schema import deprecated
 
 CONTROLLERS = ("static", "schedule", "doremi", "exp3", "forgetting")
 ADAPTIVE = ("doremi", "exp3", "forgetting")
@@ -46,24 +47,27 @@ def default_mixing_config() -> ml_collections.ConfigDict:
       exp3_schedule="odm",  # exp3: 'odm' eps_t = min(1/K, sqrt(ln K/(K t))) at step t; 'constant'.
       exp3_eps=0.05,  # exp3: exploration rate for exp3_schedule='constant' (capped at 1/K).
       exp3_reward_decay=0.9,  # exp3: R <- a R + (1 - a) r, ODM's moving average (0: last only).
-      # Replay budget, a hard constraint on every adaptive controller's weights (doremi, exp3,
-      # forgetting; see cpt_jax/mixing/controllers.py). 0.0 and 1.0: unconstrained.
+      # Hard constraints on every adaptive controller's weights (doremi, exp3, forgetting;
+      # see cpt_jax/mixing/controllers.py). new_min_share 0 and max_old_share 1: unconstrained.
       new_min_share=0.5,  # Min total share of the role-new domains (T).
-      replay_budget=0.5,  # Max total share of the replay + distill domains.
+      max_old_share=0.5,  # Max total share of the replay + distill domains (the old ones).
+      replay_budget=deprecated.UNSET,  # Deprecated (removed in the next release): use
+      # max_old_share; validation moves it there. -1: not set.
       forgetting_gain=1.0,  # forgetting: share added per nat of a domain's loss over the teacher.
   )
 
 
-def _err(key: str, msg: str) -> ValueError:
-  return ValueError(f"mixing.{key}: {msg}")
+def _err(key: str, msg: str, where: str = "mixing") -> ValueError:
+  return ValueError(f"{where}.{key}: {msg}")
 
 
-def _number(cfg, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+def _number(cfg, key: str, lo: float, hi: float, *, lo_open: bool = False,
+            where: str = "mixing") -> float:
   v = cfg[key]
   if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-    raise _err(key, f"must be a finite number, got {v!r}")
+    raise _err(key, f"must be a finite number, got {v!r}", where)
   if v < lo or v > hi or (lo_open and v == lo):
-    raise _err(key, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+    raise _err(key, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", where)
   return float(v)
 
 
@@ -124,15 +128,27 @@ def resolve_schedule(spec: str, domains: Sequence[str],
   return out
 
 
+def upgrade_mixing_config(cfg: ml_collections.ConfigDict, where: str = "mixing") -> None:
+  """Moves a set deprecated `replay_budget` into `max_old_share`, in place."""
+  if cfg.get("replay_budget", deprecated.UNSET) == deprecated.UNSET:
+    return
+  value = _number(cfg, "replay_budget", 0.0, 1.0, where=where)
+  deprecated.move(cfg, where, "replay_budget", "max_old_share",
+                  {"max_old_share": default_mixing_config().max_old_share},
+                  f"{where}.replay_budget is deprecated (removed in the next release): use "
+                  f"{where}.max_old_share; read as {where}.max_old_share={value:g}")
+
+
 def validate_mixing_config(cfg: ml_collections.ConfigDict, domains: Sequence[str] | None = None,
                            roles: Sequence[str] | None = None,
                            log_every: int | None = None) -> None:
-  """Raises ValueError naming the key (`mixing.floor`, ...).
+  """Raises ValueError naming the key (`mixing.floor`, ...); after `upgrade_mixing_config`.
 
   Without domains/roles only field values are checked; with them, also what
-  depends on the run's domains (schedule names, floor * #domains, budgets).
+  depends on the run's domains (schedule names, floor * #domains, the shares).
   With `log_every` (train.log_every), update_every must be a multiple of it.
   """
+  upgrade_mixing_config(cfg)
   if cfg.controller not in CONTROLLERS:
     raise _err("controller", f"{cfg.controller!r} is not one of {CONTROLLERS}")
   ue = cfg.update_every
@@ -151,7 +167,7 @@ def validate_mixing_config(cfg: ml_collections.ConfigDict, domains: Sequence[str
   if decay == 1.0:
     raise _err("exp3_reward_decay", "must be < 1 (1 would never update the rewards)")
   new_min = _number(cfg, "new_min_share", 0.0, 1.0)
-  budget = _number(cfg, "replay_budget", 0.0, 1.0)
+  max_old = _number(cfg, "max_old_share", 0.0, 1.0)
   _number(cfg, "forgetting_gain", 0.0, math.inf)
   if cfg.controller == "schedule":
     for start, _ in parse_schedule(cfg.schedule):
@@ -169,15 +185,15 @@ def validate_mixing_config(cfg: ml_collections.ConfigDict, domains: Sequence[str
   k = n_new + n_rep
   if cfg.controller in ADAPTIVE and floor * k > 1.0:
     raise _err("floor", f"{floor} x {k} trainable domains > 1; the weights could not sum to 1")
-  if cfg.controller in ADAPTIVE:  # the replay budget binds every adaptive controller
+  if cfg.controller in ADAPTIVE:  # the max old share binds every adaptive controller
     if cfg.controller == "forgetting" and n_new == 0:
       raise _err("controller", "'forgetting' needs at least one domain with role new")
-    if n_new == 0 and n_rep and min(budget, 1.0 - new_min) < 1.0:
-      raise _err("replay_budget", f"{budget} (new_min_share={new_min}) needs a domain with role "
-                 "new to take the rest; with only replay/distill domains set replay_budget=1 "
-                 "and new_min_share=0")
-    if n_rep and floor * n_rep > budget:
-      raise _err("replay_budget", f"{budget} is below floor x {n_rep} replay/distill domains "
+    if n_new == 0 and n_rep and min(max_old, 1.0 - new_min) < 1.0:
+      raise _err("max_old_share", f"{max_old} (new_min_share={new_min}) needs a domain with "
+                 "role new to take the rest; with only replay/distill domains set "
+                 "max_old_share=1 and new_min_share=0")
+    if n_rep and floor * n_rep > max_old:
+      raise _err("max_old_share", f"{max_old} is below floor x {n_rep} replay/distill domains "
                  f"= {floor * n_rep}")
     if floor * n_rep + max(new_min, floor * n_new) > 1.0 + 1e-12:
       raise _err("new_min_share", f"{new_min} plus the replay floors ({floor} x {n_rep}) "

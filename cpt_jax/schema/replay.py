@@ -1,22 +1,28 @@
-"""The `config.replay` group: which replay rows to keep, under what budget.
+"""The `config.replay` group: which replay rows to keep, how many, under what compute caps.
 
 Unit of selection: one packed row (data.seq_len tokens) of a replay domain's
 training store; its id is the row index inside that store, stable for a given
 store cache key (recorded in the selection's meta.json).
 
-Budget -> mixture: with replay fraction r (replay tokens / T tokens) and q_T
-the share of T among the stage's non-replay domains (1.0 without distill
-domains), the replay domains get total weight p = r*q_T / (1 + r*q_T), split
-over them in proportion to their selected rows (each buffer row equally often);
-the other domains keep their configured relative weights and share 1 - p. The
+Replay amount -> mixture: with replay fraction r (`replay.fraction`: replay
+tokens / T tokens) and q_T the share of T among the stage's non-replay domains
+(1.0 without distill domains), the replay domains get total weight
+p = r*q_T / (1 + r*q_T); with `replay.tokens` R > 0 instead, p = R / (the
+stage's tokens). p is split over the replay domains in proportion to their
+selected rows (each buffer row equally often); the other domains keep their
+configured relative weights and share 1 - p. The
 buffer holds replay_tokens / (seq_len * epochs) rows and is cycled epoch
 after epoch by the mixer.
 """
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
+
+from cpt_jax.schema import deprecated
 
 STRATEGIES = ("random", "proportional", "teacher_loss", "forgetting", "diversity", "online")
 SCORED = ("teacher_loss", "forgetting", "diversity")
@@ -27,7 +33,10 @@ def default_replay_config() -> ml_collections.ConfigDict:
   return config_dict.create(
       strategy="",  # '' (off), 'random', 'proportional', 'teacher_loss', 'forgetting',
       # 'diversity' or 'online' (see cpt_jax/replay/strategies.py).
-      budget=0.05,  # Replay tokens: <= 1 a fraction of T's tokens in the stage, > 1 a count.
+      fraction=0.05,  # Replay tokens / T's tokens in the stage, in (0, 1] (unless tokens > 0).
+      tokens=0.0,  # Replay tokens as a count (0: use fraction). A float, so 2e9 parses.
+      budget=deprecated.UNSET,  # Deprecated (removed in the next release): fraction (<= 1)
+      # or tokens (> 1); validation moves it there. -1: not set.
       epochs=1.0,  # Mean passes over the buffer: buffer rows = replay tokens / (L * epochs).
       # Hard caps on the whole stage (selection + replay + teacher + T); 0 = none. The
       # planner sizes the stage to fit; training stops at the log boundary before a cap
@@ -51,12 +60,36 @@ def default_replay_config() -> ml_collections.ConfigDict:
   )
 
 
+def upgrade_replay_config(c: ml_collections.ConfigDict, where: str = "replay") -> None:
+  """Moves a set deprecated `budget` into `fraction` (<= 1) or `tokens` (> 1), in place."""
+  budget = c.get("budget", deprecated.UNSET)
+  if budget == deprecated.UNSET:
+    return
+  if not (math.isfinite(budget) and budget > 0):
+    raise ValueError(f"{where}.budget={budget} (deprecated) must be > 0; set "
+                     f"{where}.fraction or {where}.tokens instead")
+  defaults = default_replay_config()
+  new = "fraction" if budget <= 1 else "tokens"
+  deprecated.move(c, where, "budget", new, {k: defaults[k] for k in ("fraction", "tokens")},
+                  f"{where}.budget is deprecated (removed in the next release): use "
+                  f"{where}.fraction (<= 1) or {where}.tokens (> 1); read as "
+                  f"{where}.{new}={budget:g}")
+
+
 def validate_replay_config(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the offending `replay.*` key."""
+  """Raises ValueError naming the offending `replay.*` key (after `upgrade_replay_config`)."""
+  upgrade_replay_config(c)
   if c.strategy and c.strategy not in STRATEGIES:
     raise ValueError(f"replay.strategy={c.strategy!r}; expected '' or one of {STRATEGIES}")
-  if not c.budget > 0:
-    raise ValueError(f"replay.budget={c.budget} must be > 0 (fraction <= 1 or tokens)")
+  if not (math.isfinite(c.fraction) and 0 < c.fraction <= 1):
+    raise ValueError(f"replay.fraction={c.fraction} must be in (0, 1] (replay tokens / T's "
+                     "tokens); set replay.tokens for a token count")
+  if not (math.isfinite(c.tokens) and (c.tokens == 0 or c.tokens >= 1)):
+    raise ValueError(f"replay.tokens={c.tokens} must be 0 (use replay.fraction) or a token "
+                     "count >= 1; set replay.fraction for a fraction of T's tokens")
+  if c.tokens > 0 and c.fraction != default_replay_config().fraction:
+    raise ValueError(f"replay.fraction={c.fraction} and replay.tokens={c.tokens} are both "
+                     "set; set one (fraction: of T's tokens; tokens: a count)")
   if not c.epochs > 0:
     raise ValueError(f"replay.epochs={c.epochs} must be > 0")
   if c.max_tflops < 0 or c.max_seconds < 0:
