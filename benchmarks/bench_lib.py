@@ -12,6 +12,7 @@ from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
 from cpt_jax.model.transformer import flops_per_token
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
 
 
@@ -30,7 +31,7 @@ def time_train_step(config: ml_collections.ConfigDict, steps: int = 10, repeats:
                     devices=None) -> dict:
   """Median seconds per step of the real jitted step on random packed batches."""
   devices = jax.devices()[:1] if devices is None else devices
-  ctx = trainer.build_context(config, devices)
+  ctx = context_lib.build_context(config, devices)
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=1)
   step = step_lib.jit_train_step(
       step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps),

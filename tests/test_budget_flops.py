@@ -10,6 +10,7 @@ from cpt_jax import data as data_lib
 from cpt_jax.model.transformer import ModelConfig, flops_per_token
 from cpt_jax.replay import scoring
 from cpt_jax.data import selection as selection_lib
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import trainer as trainer_lib
@@ -32,7 +33,7 @@ def _base_config(tmp_path):
 
 def test_scorer_counts_padding_and_the_rate_measurement(tmp_path):
   c = _base_config(tmp_path)
-  ctx = trainer_lib.build_context(c, jax.devices()[:1])
+  ctx = context_lib.build_context(c, jax.devices()[:1])
   params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, c.data.seq_len).params
   row = _fwd_row(c)
   with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:

@@ -14,9 +14,10 @@ from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
 from cpt_jax import export as export_lib
 from cpt_jax.parallel import sharding as shd
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import tau as tau_lib
 from cpt_jax.train import metrics as metrics_lib
-from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
+from cpt_jax.train import objective, state as state_lib, step as step_lib
 from tests.helpers import tiny_config, write_corpus
 import suite_lib  # benchmarks/ (conftest)
 
@@ -44,7 +45,7 @@ def _setup(config, devices=None):
   """(ctx, step, fresh state); ctx and the step are cached per config (compiles are slow)."""
   key = (config.to_json_best_effort(), len(devices or ()))
   if key not in _SETUPS:
-    ctx = trainer.build_context(config, devices or jax.devices()[:1])
+    ctx = context_lib.build_context(config, devices or jax.devices()[:1])
     loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=3,
                                      layout=ctx.layout)
     step = step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps)
@@ -195,6 +196,18 @@ def test_distill_kl_routes_to_sigma_only():
   assert _equal(s2.params["tau"], state.params["tau"])
 
 
+def test_starting_model_of_a_decomposed_state_is_its_model_shaped_teacher():
+  """M for online replay scoring: the kept teacher (model-shaped, never merged), copied."""
+  config = _config(**{"objective.lambda_kd": 1.0, "train.init_checkpoint": "unused"})
+  ctx, _, state = _setup(config)
+  teacher = jax.tree.map(lambda x: x * 1.05, ctx.layout.merge(state.params))
+  state = state.replace(frozen={"teacher": teacher})
+  got = context_lib.reference_params(ctx, state)
+  assert set(got) == set(state.params["sigma"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(teacher))
+  assert jax.tree.leaves(got)[0] is not jax.tree.leaves(teacher)[0]  # a copy: steps donate
+
+
 def test_skip_idle_updates_keeps_update_zero_with_momentum_and_weight_decay():
   config = _config(**{"optimizer.weight_decay": 0.1})  # skip_idle_updates defaults to True
   ctx, step, state = _setup(config)
@@ -224,7 +237,7 @@ def test_frozen_sigma_has_no_optimizer_state_and_bytes_are_reported():
   s2, m = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   assert _equal(s2.params["sigma"], state.params["sigma"])
   assert not _equal(s2.params["tau"], state.params["tau"])
-  plain = trainer.build_context(_config(mode=""), jax.devices()[:1]).layout
+  plain = context_lib.build_context(_config(mode=""), jax.devices()[:1]).layout
   full = plain.state_bytes(state.params["sigma"],
                            jax.eval_shape(plain.tx.init, state.params["sigma"]))
   assert full["opt_state"]["model"] > 10 * sb["opt_state"]["tau"]
@@ -315,7 +328,7 @@ def test_config_validation():
     config_lib.validate_config(c)
   c = _config(**{"decomposition.targets": "no_such_param"})
   with pytest.raises(ValueError, match="matches no parameter"):
-    trainer.build_context(c, jax.devices()[:1])
+    context_lib.build_context(c, jax.devices()[:1])
   variants = suite_lib.decomposition_variants()
   assert set(variants) == {"full", "lora_tau", "sigma_tau_routing"}
   for overrides in variants.values():

@@ -7,9 +7,9 @@ import pytest
 
 from cpt_jax import config as config_lib
 from cpt_jax import data as data_lib
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
-from cpt_jax.train import trainer as trainer_lib
 from tests.helpers import tiny_config, write_corpus
 
 ROWS, SEED = 5, 3
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
   c.sharding.mesh_shape = (1, 1, 1)
   c.objective.ewc = 1.0
   c.train.init_checkpoint = "unused"  # only satisfies validation: the test builds M
-  ctx = trainer_lib.build_context(c, jax.devices()[:1])
+  ctx = context_lib.build_context(c, jax.devices()[:1])
   params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, c.data.seq_len).params
   pipe = data_lib.make_pipeline(c.data, global_batch_size=8)
   yield c, ctx, params, pipe

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from cpt_jax import batch as batch_lib
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import decomposition as decomp_lib
 from cpt_jax.train import layout as layout_lib
 from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
@@ -63,7 +64,7 @@ def _grads_and_loss(config, grad_accum, decomp_mode=""):
   config = config.copy_and_resolve_references()
   config.train.grad_accum_steps = grad_accum
   config.decomposition.mode = decomp_mode
-  ctx = trainer.build_context(config, jax.devices()[:1])
+  ctx = context_lib.build_context(config, jax.devices()[:1])
   params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, config.seed,
                                 config.data.seq_len).params
   layout = copy.copy(ctx.layout)  # SGD(1) per trainable group: grads = params before - after
@@ -115,7 +116,7 @@ def test_full_batch_loss_by_hand():
   """The A = 1 objective against a hand computation from the model's logits."""
   config = _config(kd_topk=0)
   config.train.z_loss = 0.0
-  ctx = trainer.build_context(config, jax.devices()[:1])
+  ctx = context_lib.build_context(config, jax.devices()[:1])
   params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, config.seed,
                                 config.data.seq_len).params
   frozen = _frozen(params)

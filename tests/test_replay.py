@@ -15,6 +15,7 @@ from cpt_jax.replay import planner
 from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import strategies
 from cpt_jax.replay import streaming
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import trainer as trainer_lib
 from tests.helpers import tiny_config, write_corpus
 
@@ -258,7 +259,7 @@ def test_strategy_interface_bounded_and_costed(tmp_path, strategy):
   from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   corpus = write_corpus(tmp_path / "corpus", docs=80)
   c = _config(corpus, tmp_path, strategy, sketch_rows=16)
-  ctx = trainer_lib.build_context(c, jax.devices()[:1])
+  ctx = context_lib.build_context(c, jax.devices()[:1])
   params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, 0, c.data.seq_len).params
   with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
     stores = {d: pipe.full_training_store(d) for d in ("beta", "gamma")}

@@ -6,12 +6,13 @@ import pytest
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.parallel import sharding as shd
-from cpt_jax.train import objective, state as state_lib, step as step_lib, trainer
+from cpt_jax.train import context as context_lib
+from cpt_jax.train import objective, state as state_lib, step as step_lib
 from tests.helpers import tiny_config
 
 
 def _setup(config, devices):
-  ctx = trainer.build_context(config, devices)
+  ctx = context_lib.build_context(config, devices)
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=3)
   step = step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps)
   jitted = step_lib.jit_train_step(step, ctx.state_sh, ctx.mesh, ctx.rules)

@@ -168,7 +168,7 @@ def test_hard_budget_stops_the_stage_and_a_rerun_trains_no_further(corpus, tmp_p
 
 def test_log_window_means_a_term_over_the_steps_that_computed_it():
   """kd_term exists only on steps that ran the teacher: its mean is over those."""
-  w = trainer_lib._Window(1)  # pylint: disable=protected-access
+  w = metrics_lib.Window(1)  # pylint: disable=protected-access
   zero = {"domain_ce_sum": np.zeros(1), "domain_tokens": np.ones(1),
           "role_ce_sum": np.zeros(4), "role_tokens": np.ones(4)}
   w.add({**zero, "loss": 3.0, "kd_term": 2.0, "teacher_rows": 4})
@@ -177,3 +177,20 @@ def test_log_window_means_a_term_over_the_steps_that_computed_it():
   out = w.summary(["a"])
   assert out["loss"] == pytest.approx(2.0) and out["kd_term"] == pytest.approx(3.0)
   assert "teacher_rows" not in out
+
+
+def test_a_loop_without_the_features_refuses_a_config_that_asks_for_one(corpus, tmp_path):
+  """The bare loop (no hooks_fn) has no replay selection or controller: a config that sets
+  one fails before the first step instead of silently training without it."""
+  config = _config(corpus, **{"train.steps": 2})
+  config.replay.strategy = "random"
+  bare = trainer_lib.Trainer(config, str(tmp_path / "bare"), devices=jax.devices()[:1])
+  try:
+    with pytest.raises(ValueError, match=r"\['replay'\].*features.make_hooks"):
+      bare.run()
+    assert not (tmp_path / "bare" / "metrics.jsonl").exists() or \
+        not (tmp_path / "bare" / "metrics.jsonl").read_text()
+  finally:
+    bare.close()
+  summary = _train(config, tmp_path / "with")  # stages.train: the features' hooks
+  assert summary["selection"]["strategy"] == "random" and summary["step"] == 2

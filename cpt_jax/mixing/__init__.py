@@ -2,7 +2,7 @@
 
 `config.mixing` (default_mixing_config) picks the controller; `Controller`
 (wrapper.py) wraps the pure `init_state` / `update` functions (controllers.py)
-for the trainer's on_metrics hook and the checkpoint; constraints.py holds the
+for the loop (mixing/hook.py) and the checkpoint; constraints.py holds the
 floor and the max old share every adaptive controller's weights obey.
 Importing this package needs only numpy.
 """

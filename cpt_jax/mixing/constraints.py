@@ -26,10 +26,10 @@ import numpy as np
 from cpt_jax.schema import mixing as config_lib
 
 
-def apply_floor(p_D: np.ndarray, mask_D: np.ndarray, floor: float) -> np.ndarray:
+def apply_floor(p_C: np.ndarray, mask_C: np.ndarray, floor: float) -> np.ndarray:
   """floor + (1 - K floor) p over the controlled domains; 0 elsewhere."""
-  k = int(mask_D.sum())
-  return np.where(mask_D, floor + (1.0 - k * floor) * p_D, 0.0)
+  k = int(mask_C.sum())
+  return np.where(mask_C, floor + (1.0 - k * floor) * p_C, 0.0)
 
 
 def old_share_cap(cfg, state: Mapping) -> tuple[np.ndarray, np.ndarray, float]:

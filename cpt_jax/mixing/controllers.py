@@ -93,9 +93,9 @@ def _floats(x) -> list[float]:
   return [float(v) for v in np.asarray(x, np.float64)]
 
 
-def _softmax(x_D: np.ndarray, mask_D: np.ndarray) -> np.ndarray:
-  z = np.where(mask_D, x_D, -np.inf)
-  e = np.exp(z - z[mask_D].max())
+def _softmax(x_C: np.ndarray, mask_C: np.ndarray) -> np.ndarray:
+  z = np.where(mask_C, x_C, -np.inf)
+  e = np.exp(z - z[mask_C].max())
   return e / e.sum()
 
 
@@ -110,23 +110,23 @@ def exp3_exploration(cfg: ml_collections.ConfigDict, t: int, k: int) -> float:
   return min(1.0 / k, float(cfg.exp3_eps))
 
 
-def _update_excess(state: dict, loss_D: np.ndarray, ref_D: np.ndarray) -> np.ndarray:
+def _update_excess(state: dict, loss_C: np.ndarray, ref_C: np.ndarray) -> np.ndarray:
   """Excess max(0, loss - ref) where observed (0 without a reference); else the old one."""
   old = np.asarray(state["excess"], np.float64)
-  seen = ~np.isnan(loss_D)
-  exc = np.where(np.isnan(ref_D), 0.0, np.maximum(0.0, loss_D - np.nan_to_num(ref_D)))
+  seen = ~np.isnan(loss_C)
+  exc = np.where(np.isnan(ref_C), 0.0, np.maximum(0.0, loss_C - np.nan_to_num(ref_C)))
   new = np.where(seen & np.asarray(state["controlled"]), exc, old)
   state["excess"] = _floats(new)
   return new
 
 
-def _forgetting_weights(cfg, state: dict, excess_D: np.ndarray) -> np.ndarray:
+def _forgetting_weights(cfg, state: dict, excess_C: np.ndarray) -> np.ndarray:
   rep, new, cap = old_share_cap(cfg, state)
   base = np.asarray(state["base"], np.float64)
   f = float(cfg.floor)
   n_new = int(new.sum())
   w = np.zeros(len(base), np.float64)
-  d = np.where(rep, np.maximum(f, base + float(cfg.forgetting_gain) * excess_D), 0.0)
+  d = np.where(rep, np.maximum(f, base + float(cfg.forgetting_gain) * excess_C), 0.0)
   d = scale_old(d, rep, f, cap)
   w[rep] = d[rep]
   rest = 1.0 - d.sum() - n_new * f
@@ -215,8 +215,8 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
                      f"{cfg.controller!r}")
   domains = state["domains"]
   mask = np.asarray(state["controlled"])
-  loss_D = _vector(domains, domain_loss)
-  ref_D = _vector(domains, reference_loss)
+  loss_C = _vector(domains, domain_loss)
+  ref_C = _vector(domains, reference_loss)
   name = cfg.controller
   f = float(cfg.floor)
   if name == "static":
@@ -224,7 +224,7 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
   elif name == "schedule":
     w = schedule_weights(cfg, domains, state["roles"], step)
   elif name == "doremi":
-    exc = _update_excess(state, loss_D, ref_D)
+    exc = _update_excess(state, loss_C, ref_C)
     alpha = np.asarray(state["alpha"], np.float64)
     with np.errstate(divide="ignore"):
       logit = np.log(alpha) + float(cfg.doremi_lr) * exc
@@ -236,8 +236,8 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     w = within_max_old_share(apply_floor(alpha, mask, f), state, cfg)  # alpha stays uncapped
   elif name == "exp3":
     k = int(mask.sum())
-    seen = mask & ~np.isnan(loss_D)
-    r = np.nan_to_num(loss_D)  # every arm is observed: no importance weight
+    seen = mask & ~np.isnan(loss_C)
+    r = np.nan_to_num(loss_C)  # every arm is observed: no importance weight
     a = float(cfg.exp3_reward_decay)
     reward = np.asarray(state["reward"], np.float64)
     reward = np.where(seen, a * reward + (1.0 - a) * r, reward)
@@ -248,7 +248,7 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
     state["eps"] = eps
     w = within_max_old_share(apply_floor(p, mask, f), state, cfg)  # the reward stays uncapped
   elif name == "forgetting":
-    exc = _update_excess(state, loss_D, ref_D)
+    exc = _update_excess(state, loss_C, ref_C)
     w = _forgetting_weights(cfg, state, exc)
   else:
     raise ValueError(f"mixing.controller: {name!r} is not one of {config_lib.CONTROLLERS}")

@@ -7,7 +7,7 @@ reference-loss function (the stage's starting model's per-domain CE, which
 
 from __future__ import annotations
 
-from cpt_jax.mixing import controllers
+from cpt_jax.mixing import wrapper
 from cpt_jax.train import hooks as hooks_lib
 
 
@@ -20,10 +20,10 @@ class RateController(hooks_lib.Hook):
   def __init__(self, cfg, pipeline, reference_losses, model_params):
     self.cfg, self.pipeline = cfg, pipeline
     self.reference_losses, self.model_params = reference_losses, model_params
-    self.controller: controllers.Controller | None = None
+    self.controller: wrapper.Controller | None = None
 
   def start(self, state, saved):
-    self.controller = controllers.Controller.for_pipeline(self.cfg, self.pipeline)
+    self.controller = wrapper.Controller.for_pipeline(self.cfg, self.pipeline)
     if saved is not None:
       self.controller.load_state_dict(saved)
     elif self.cfg.controller in ("doremi", "forgetting"):

@@ -1,4 +1,4 @@
-"""The trainer's side of a controller: `Controller` holds the config and the state.
+"""A controller across a stage: `Controller` holds the config and the state.
 
 The pure functions of controllers.py compute the weights; `Controller` keeps
 their state across a stage's log windows, sets the weights on the pipeline,

@@ -319,8 +319,8 @@ class OnlineBuffer:
       out_pos, in_pos = out_pos[better], in_pos[better]
       buf, ref = buf.copy(), self.ref_loss[d].copy()
       buf[out_pos], ref[out_pos] = cand[in_pos], cand_ref[in_pos]
-      order_b = np.argsort(buf, kind="stable")
-      new_rows[d], self.ref_loss[d] = buf[order_b], ref[order_b]
+      order_N = np.argsort(buf, kind="stable")
+      new_rows[d], self.ref_loss[d] = buf[order_N], ref[order_N]
       self.swaps += int(out_pos.size)
     self.refreshes += 1
     self.m.pipeline.set_replay_rows(new_rows)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpt_jax import batch as batch_lib
+
 
 def _jsonable(v: Any) -> Any:
   if isinstance(v, (np.floating, float)):
@@ -98,3 +100,46 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> f
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best
+
+
+def named_weights(domains, weights) -> dict[str, float]:
+  """Mixture weights as a distribution over domains."""
+  w = np.asarray(weights, np.float64)
+  w = w / max(w.sum(), 1e-30)
+  return {d: float(x) for d, x in zip(domains, w)}
+
+
+class Window:
+  """Accumulates fetched step metrics between two log writes."""
+
+  def __init__(self, num_domains: int):
+    self.steps = 0
+    self.scalars: dict[str, float] = {}
+    self.counts: dict[str, int] = {}  # steps that reported each scalar (kd_term: teacher steps)
+    self.domain_ce = np.zeros(num_domains)
+    self.domain_tok = np.zeros(num_domains)
+    self.role_ce = np.zeros(len(batch_lib.ROLES))
+    self.role_tok = np.zeros(len(batch_lib.ROLES))
+
+  def add(self, m: dict) -> None:
+    self.steps += 1
+    self.domain_ce += m["domain_ce_sum"]
+    self.domain_tok += m["domain_tokens"]
+    self.role_ce += m["role_ce_sum"]
+    self.role_tok += m["role_tokens"]
+    for k, v in m.items():
+      if np.ndim(v) == 0 and k != "teacher_rows":
+        self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
+        self.counts[k] = self.counts.get(k, 0) + 1
+
+  def summary(self, domains) -> dict[str, Any]:
+    # A scalar only some steps report (kd_term, replay_kd_term: steps that ran the
+    # teacher) is the mean over those steps.
+    out = {k: v / self.counts[k] for k, v in self.scalars.items()}
+    out["domain_loss"] = {d: float(self.domain_ce[i] / self.domain_tok[i])
+                          for i, d in enumerate(domains) if self.domain_tok[i] > 0}
+    out["domain_tokens"] = {d: int(self.domain_tok[i])
+                            for i, d in enumerate(domains) if self.domain_tok[i] > 0}
+    out["role_loss"] = {r: float(self.role_ce[i] / self.role_tok[i])
+                        for i, r in enumerate(batch_lib.ROLES) if self.role_tok[i] > 0}
+    return out

@@ -48,16 +48,16 @@ def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
 
 def teacher_topk(teacher_logits_NxLxV: Array, k: int,
                  temperature: float) -> tuple[Array, Array]:
-  """The teacher's top-k log-probabilities [N, L, k] and their token ids [N, L, k].
+  """The teacher's top-k log-probabilities [N, L, J] and their token ids [N, L, J].
 
   This is all the top-k KL needs, so teacher outputs can be precomputed and stored.
   """
   t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
-  logp_NxLxK, ids_NxLxK = jax.lax.top_k(t, k)
-  return logp_NxLxK, ids_NxLxK
+  logp_NxLxJ, ids_NxLxJ = jax.lax.top_k(t, k)
+  return logp_NxLxJ, ids_NxLxJ
 
 
-def kl_topk(teacher_logp_NxLxK: Array, teacher_ids_NxLxK: Array,
+def kl_topk(teacher_logp_NxLxJ: Array, teacher_ids_NxLxJ: Array,
             student_logits_NxLxV: Array, temperature: float) -> Array:
   """KL over k+1 buckets (the teacher's top-k tokens and 'the rest'): [N, L].
 
@@ -65,9 +65,9 @@ def kl_topk(teacher_logp_NxLxK: Array, teacher_ids_NxLxK: Array,
   teacher's top-k log-probabilities.
   """
   s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
-  s_top = jnp.take_along_axis(s, teacher_ids_NxLxK, axis=-1)
-  p_top = jnp.exp(teacher_logp_NxLxK)
-  kl_top = jnp.sum(p_top * (teacher_logp_NxLxK - s_top), axis=-1)
+  s_top = jnp.take_along_axis(s, teacher_ids_NxLxJ, axis=-1)
+  p_top = jnp.exp(teacher_logp_NxLxJ)
+  kl_top = jnp.sum(p_top * (teacher_logp_NxLxJ - s_top), axis=-1)
   # The tail masses, clipped to [0, 1]: float32 sums of the top-k can pass 1.
   # A zero teacher tail contributes exactly 0 (0 log 0 = 0).
   tiny = 1e-12

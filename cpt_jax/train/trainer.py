@@ -1,8 +1,9 @@
 """The training loop: one run (one stage) from a config to a checkpointed model.
 
 Init order: (1) resume from the latest checkpoint in `<workdir>/checkpoints`;
-else (2) warm-start params from `train.init_checkpoint` (continued
-pre-training; the optimizer starts fresh); else (3) random init.
+else (2) warm-start params from `train.init_checkpoint` or `train.init_from_hf`
+(continued pre-training; the optimizer starts fresh; context.py
+`starting_params`); else (3) random init.
 
 Side effects (I/O, logging, checkpoints) live here; everything inside
 `jit` is pure (see step.py / objective.py). `Trainer.run` is the loop: step,
@@ -12,16 +13,20 @@ writer and callback run), evaluation, checkpoint. Metrics are fetched one step
 late so dispatch stays asynchronous; a NaN/Inf loss raises FloatingPointError before any checkpoint of that step
 is written. With `replay.max_tflops` / `replay.max_seconds` set, the stage
 ends early at the log boundary before a cap would be passed (budget.py).
+
+About 430 lines, over the project's 400: the loop (`run`, one page) and the
+named steps it calls (prepare, fetch, record, stop, save, summary, the stage's
+FLOP accounting) share the run's state; the run context, the starting params,
+the metric window and the hooks already live in context.py, metrics.py and
+hooks.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -30,92 +35,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cpt_jax import batch as batch_lib
-from cpt_jax import config as config_lib
 from cpt_jax import data as data_lib
 from cpt_jax.eval import evaluate as eval_lib
 from cpt_jax.model import hf
-from cpt_jax.model.transformer import ModelConfig, Transformer, flops_per_token
+from cpt_jax.model.transformer import flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.schema import mixing as mixing_schema
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
-from cpt_jax.train import decomposition as decomp_lib
+from cpt_jax.train import context as context_lib
 from cpt_jax.train import hooks as hooks_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
 from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import step as step_lib
-
-
-@dataclasses.dataclass
-class RunContext:
-  """What a run builds before its first step (also used by eval and benchmarks)."""
-
-  config: ml_collections.ConfigDict
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  model_cfg: ModelConfig
-  model: Transformer
-  layout: Any  # the trained params' layout: layout.Plain or decomposition.SigmaTau
-  state_sh: state_lib.TrainState
-  model_sh: Any  # shardings of model-shaped params (teacher, Fisher, warm starts)
-  frozen_keys: tuple[str, ...]
-
-  def apply_fn(self, model_params, inputs, segment_ids, positions):
-    """logits [B, L, V] of the model on model-shaped params."""
-    return self.model.apply({"params": model_params}, inputs, segment_ids, positions)
-
-  def model_params(self, params):
-    """The model's params from the trained ones (sigma + tau merged when decomposed)."""
-    return self.layout.merge(params)
-
-  @property
-  def tx(self):
-    return self.layout.tx
-
-  @property
-  def schedule(self) -> Callable:
-    return self.layout.schedule
-
-
-def needs_teacher(obj_cfg) -> bool:
-  return (obj_cfg.lambda_kd > 0 or obj_cfg.replay_kd > 0 or obj_cfg.l2sp > 0
-          or obj_cfg.ewc > 0)
-
-
-def build_context(config: ml_collections.ConfigDict, devices=None) -> RunContext:
-  """Validates the config and builds mesh, model, optimizer and shardings."""
-  devices = jax.devices() if devices is None else devices
-  config_lib.validate_config(config, len(devices), jax.process_count())
-  mesh = shd.make_mesh(config.sharding.mesh_shape, devices)
-  rules = shd.rules_from_config(config.sharding.logical_axis_rules)
-  model_cfg = ModelConfig.from_config(config.model)
-  model = Transformer(model_cfg)
-  boxed = state_lib.abstract_boxed_params(model, config.data.seq_len)
-  layout = decomp_lib.make_layout(config, boxed)  # plain, or sigma / tau
-  frozen_keys = ("teacher",) if needs_teacher(config.objective) else ()
-  if config.objective.ewc > 0:
-    frozen_keys += ("fisher",)
-  state_sh = state_lib.state_shardings(model, layout, mesh, rules, config.data.seq_len,
-                                       frozen_keys)
-  model_sh = shd.logical_shardings(boxed, mesh, rules)
-  return RunContext(config, mesh, rules, model_cfg, model, layout, state_sh, model_sh,
-                    frozen_keys)
-
-
-def default_frozen(ctx: RunContext, params, pipeline) -> dict:
-  """The teacher is the stage's starting params; EWC adds a Fisher from the old domains."""
-  params = ctx.model_params(params)  # the starting model (sigma + fresh tau = sigma)
-  frozen = {"teacher": jax.tree.map(jnp.copy, params)}
-  if "fisher" in ctx.frozen_keys:
-    old = [d for d, r in zip(pipeline.domains, pipeline.roles) if r in ("replay", "distill")]
-    if not old:
-      raise ValueError("objective.ewc > 0 needs old-domain data: set data.replay or data.distill")
-    frozen["fisher"] = regularizers.estimate_fisher(  # its FLOPs: Trainer._usage
-        ctx, params, pipeline, old, regularizers.fisher_rows(ctx.config), ctx.config.seed)
-  return frozen
 
 
 def log(msg: str) -> None:
@@ -146,7 +81,7 @@ class Trainer:
     config = hf.apply_hf_config(config)
     self.config = config
     self.workdir = os.path.abspath(workdir)
-    self.ctx = build_context(config, devices)
+    self.ctx = context_lib.build_context(config, devices)
     self.is_lead = jax.process_index() == 0
     os.makedirs(self.workdir, exist_ok=True)
     if pipeline is None:
@@ -197,13 +132,13 @@ class Trainer:
                                           ctx.frozen_keys)
       state, host = self.checkpointer.restore(abstract)
       return state, f"resumed from step {int(state.step)}", host
-    params, how = self.starting_model_params()
+    params, how = context_lib.starting_params(self.ctx)
     if params is not None:
       state = state_lib.with_params(params, ctx.layout, ctx.state_sh, c.seed)
     else:
       state = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, c.seed, c.data.seq_len)
     if ctx.frozen_keys:
-      frozen = (self.frozen_fn or default_frozen)(ctx, state.params, self.pipeline)
+      frozen = (self.frozen_fn or context_lib.default_frozen)(ctx, state.params, self.pipeline)
       frozen = jax.tree.map(lambda x, s: jax.device_put(x, s), frozen,
                             {k: ctx.state_sh.frozen[k] for k in frozen})
       state = state.replace(frozen=frozen)
@@ -239,39 +174,9 @@ class Trainer:
     """The run's hook called `name` (e.g. 'replay', 'mixing'), or None."""
     return next((h for h in self.hooks if h.name == name), None)
 
-  def starting_model_params(self) -> tuple[Any, str]:
-    """(model-shaped params the stage starts from, how); params None for a random init.
-
-    From train.init_checkpoint (a decomposed source is merged) or
-    train.init_from_hf; the random init is the seed's (`init_state`).
-    """
-    c, ctx = self.config, self.ctx
-    model_sh = ctx.model_sh
-    if c.train.init_checkpoint:
-      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              nn.unbox(state_lib.abstract_boxed_params(ctx.model, c.data.seq_len)),
-                              model_sh)
-      # A decomposed source checkpoint (sigma + tau) is merged into model params.
-      params = ckpt_lib.restore_merged_params(
-          c.train.init_checkpoint, abstract,
-          state_lib.abstract_boxed_params(ctx.model, c.data.seq_len), ctx.mesh, ctx.rules)
-      return params, f"warm start from {c.train.init_checkpoint}"
-    if c.train.init_from_hf:
-      params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, model_sh)
-      return params, f"warm start from Hugging Face model {c.train.init_from_hf}"
-    return None, "random init"
-
   def reference_params(self, state=None):
-    """The stage's starting model M, model-shaped: the kept teacher (copied: the step
-    donates the whole state, frozen trees included), else rebuilt as at the start."""
-    if state is not None and state.frozen and "teacher" in state.frozen:
-      return jax.tree.map(jnp.copy, self.model_params(state.frozen["teacher"]))
-    params, _ = self.starting_model_params()
-    if params is not None:
-      return params
-    c, ctx = self.config, self.ctx  # random init: rebuilt from the seed
-    return self.model_params(state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, c.seed,
-                                                  c.data.seq_len).params)
+    """The stage's starting model M, model-shaped (`context.reference_params`)."""
+    return context_lib.reference_params(self.ctx, state)
 
   def reference_losses(self, params, rows_per_domain: int | None = None) -> dict[str, float]:
     """Per-domain CE of model-shaped `params` (the stage's starting model) on training rows.
@@ -338,7 +243,7 @@ class Trainer:
     how = self.prepare(writer)
     start = int(jax.device_get(self.state.step))
     end = self._prepare_run(start, how)
-    self._window, self._pending, self._t_window = _Window(self.pipeline.num_domains), None, \
+    self._window, self._pending, self._t_window = metrics_lib.Window(self.pipeline.num_domains), None, \
         time.perf_counter()
     self.budget.start_window(self._usage(start))
     bar = tqdm(total=t.steps, initial=start, desc=os.path.basename(self.workdir) or "train",
@@ -439,9 +344,9 @@ class Trainer:
         mfu=tps * flops_per_token(self.ctx.model_cfg, c.data.seq_len)
         / (self._peak * self.ctx.mesh.devices.size),
         teacher_skipped_steps=self.teacher_skipped_steps, teacher_rows=self.teacher_rows,
-        weights=_named(domains, self.pipeline.weights), data=self.pipeline.stats(),
+        weights=metrics_lib.named_weights(domains, self.pipeline.weights), data=self.pipeline.stats(),
         state_bytes=self._state_bytes)
-    self._window, self._t_window = _Window(len(domains)), time.perf_counter()
+    self._window, self._t_window = metrics_lib.Window(len(domains)), time.perf_counter()
     return record
 
   def _should_stop(self, done: int, next_steps: int) -> bool:
@@ -521,49 +426,6 @@ class Trainer:
   def close(self) -> None:
     self.checkpointer.close()
     self.pipeline.close()
-
-
-def _named(domains, weights) -> dict[str, float]:
-  """Mixture weights as a distribution over domains."""
-  w = np.asarray(weights, np.float64)
-  w = w / max(w.sum(), 1e-30)
-  return {d: float(x) for d, x in zip(domains, w)}
-
-
-class _Window:
-  """Accumulates fetched step metrics between two log writes."""
-
-  def __init__(self, num_domains: int):
-    self.steps = 0
-    self.scalars: dict[str, float] = {}
-    self.counts: dict[str, int] = {}  # steps that reported each scalar (kd_term: teacher steps)
-    self.domain_ce = np.zeros(num_domains)
-    self.domain_tok = np.zeros(num_domains)
-    self.role_ce = np.zeros(len(batch_lib.ROLES))
-    self.role_tok = np.zeros(len(batch_lib.ROLES))
-
-  def add(self, m: dict) -> None:
-    self.steps += 1
-    self.domain_ce += m["domain_ce_sum"]
-    self.domain_tok += m["domain_tokens"]
-    self.role_ce += m["role_ce_sum"]
-    self.role_tok += m["role_tokens"]
-    for k, v in m.items():
-      if np.ndim(v) == 0 and k != "teacher_rows":
-        self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
-        self.counts[k] = self.counts.get(k, 0) + 1
-
-  def summary(self, domains) -> dict[str, Any]:
-    # A scalar only some steps report (kd_term, replay_kd_term: steps that ran the
-    # teacher) is the mean over those steps.
-    out = {k: v / self.counts[k] for k, v in self.scalars.items()}
-    out["domain_loss"] = {d: float(self.domain_ce[i] / self.domain_tok[i])
-                          for i, d in enumerate(domains) if self.domain_tok[i] > 0}
-    out["domain_tokens"] = {d: int(self.domain_tok[i])
-                            for i, d in enumerate(domains) if self.domain_tok[i] > 0}
-    out["role_loss"] = {r: float(self.role_ce[i] / self.role_tok[i])
-                        for i, r in enumerate(batch_lib.ROLES) if self.role_tok[i] > 0}
-    return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:
