@@ -38,7 +38,6 @@ import numpy as np
 from cpt_jax import stages
 from cpt_jax import config as config_lib
 from cpt_jax import data as data_lib
-from cpt_jax.train import trainer as trainer_lib
 
 
 @dataclasses.dataclass

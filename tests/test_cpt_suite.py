@@ -119,7 +119,7 @@ def _stub_suite(monkeypatch, tmp_path):
             "data": {"tokens_per_role": {"new": 100, "replay": 0},
                      "tokens_per_domain": {"t": 100}, "rows_per_domain": {"t": 2}}}
 
-  monkeypatch.setattr(suite.trainer_lib, "train", train)
+  monkeypatch.setattr(suite.stages, "train", train)
   s = suite.Settings(corpora=str(tmp_path), old=("a", "b"), new="t", unavailable="b",
                      cache=str(tmp_path / "cache"), only="no_replay,joint", seeds=1, workers=1,
                      extras=())
