@@ -33,6 +33,7 @@ from cpt_jax.schema import mixing as mixing_schema
 from cpt_jax.schema import replay as replay_schema
 
 ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
+ON_DIVERGENCE = ("stop", "rollback")  # train.on_divergence
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
 # Groups a stage may override (the model, mesh and runtime are per run).
 STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
@@ -91,6 +92,11 @@ def default_config() -> ml_collections.ConfigDict:
       # sets config.model from it and data.vocab to its tokenizer when data.vocab='byte'.
       progress_bar=True,  # tqdm progress bar with rate and ETA.
       peak_flops=0.0,  # One device's peak FLOP/s; MFU divides by it x devices (0: measure).
+      on_divergence="stop",  # A NaN/Inf loss or params, or a loss spike: 'stop' (naming the
+      # newest good checkpoint) or 'rollback' (reload it, skip the batches since; divergence.py).
+      loss_spike_factor=0.0,  # >1: a log window's mean loss above this x the previous
+      # window's counts as divergence (0: off).
+      max_rollbacks=3,  # 'rollback': rollbacks in a stage before it stops (kept in checkpoints).
   )
 
   c.optimizer = config_dict.create(
@@ -234,6 +240,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   o = cfg.objective
   if min(o.lambda_kd, o.lambda_replay, o.replay_kd, o.l2sp, o.ewc) < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / replay_kd / l2sp / ewc must be >= 0")
+  validate_divergence(t)
   if t.init_checkpoint and t.init_from_hf:
     raise ValueError("set one of train.init_checkpoint and train.init_from_hf, not both")
   if (o.lambda_kd > 0 or o.replay_kd > 0 or o.l2sp > 0 or o.ewc > 0) \
@@ -250,9 +257,32 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   decomposition_schema.validate_decomposition_config(cfg.decomposition, "decomposition",
                                                     LR_SCHEDULES)
   for name in (stage_names(cfg) if is_staged(cfg) else ()):
+    if "train" in cfg.stages[name]:
+      validate_divergence(stage_config(cfg, name).train, f"stages.{name}.train")
     if "decomposition" in cfg.stages[name]:
       decomposition_schema.validate_decomposition_config(
           stage_config(cfg, name).decomposition, f"stages.{name}.decomposition", LR_SCHEDULES)
+
+
+def validate_divergence(t: ml_collections.ConfigDict, where: str = "train") -> None:
+  """`train.on_divergence` / `loss_spike_factor` / `max_rollbacks`, and enough checkpoints
+  kept for a rollback to find a good one: the newest good step must still be kept when the
+  divergence is found (a spike is found at the end of its log window)."""
+  if t.on_divergence not in ON_DIVERGENCE:
+    raise ValueError(f"{where}.on_divergence={t.on_divergence!r}; expected one of {ON_DIVERGENCE}")
+  if t.loss_spike_factor != 0 and not t.loss_spike_factor > 1:
+    raise ValueError(f"{where}.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or > 1")
+  if t.max_rollbacks < 0:
+    raise ValueError(f"{where}.max_rollbacks={t.max_rollbacks} must be >= 0")
+  if t.on_divergence == "rollback":
+    spike = -(-t.log_every // t.checkpoint_every) if t.loss_spike_factor else 0
+    need = max(2, spike + 1)
+    if t.keep_checkpoints < need:
+      raise ValueError(
+          f"{where}.keep_checkpoints={t.keep_checkpoints}: {where}.on_divergence='rollback' needs "
+          f">= {need} (the newest good step is one before the divergence"
+          + (f", and before the log window of {t.log_every} steps a spike is found in, "
+             f"at {where}.checkpoint_every={t.checkpoint_every})" if spike else ")"))
 
 
 # ---------------------------------------------------------------- stages

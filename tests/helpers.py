@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from cpt_jax import config as config_lib
+from cpt_jax import stages
 
 
 def tiny_config(**overrides):
@@ -26,6 +28,20 @@ def tiny_config(**overrides):
     group, name = key.split(".")
     c[group][name] = value
   return c
+
+
+def one_device_config(corpus, **overrides):
+  """`tiny_config` on the corpus folder `corpus`, a constant LR, one device's mesh."""
+  c = tiny_config(**overrides)
+  c.data.corpus_dir = str(corpus)
+  c.optimizer.schedule = "constant"
+  c.sharding.mesh_shape = (1, 1, 1)
+  return c
+
+
+def train_one_device(config, workdir, **kw):
+  """`stages.train` (the stage with its features) on the first device; its summary."""
+  return stages.train(config, str(workdir), devices=jax.devices()[:1], **kw)
 
 
 WORDS = {

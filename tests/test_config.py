@@ -94,3 +94,29 @@ def test_demo_cpt_stages_see_the_same_t_rows():
     assert rows_per_step == int(rows_per_step), name  # the mixer's count is then exact
     t_rows[name] = c.train.steps * rows_per_step
   assert t_rows == {"cpt_plain": 3840, "cpt_replay_kd": 3840}
+
+
+@pytest.mark.parametrize("train,match", [
+    ({"on_divergence": "skip"}, r"train.on_divergence='skip'; expected one of \('stop', "
+                                r"'rollback'\)"),
+    ({"loss_spike_factor": 0.5}, r"train.loss_spike_factor=0.5 must be 0 \(off\) or > 1"),
+    ({"max_rollbacks": -1}, r"train.max_rollbacks=-1 must be >= 0"),
+    ({"on_divergence": "rollback", "keep_checkpoints": 1},
+     r"train.keep_checkpoints=1: train.on_divergence='rollback' needs >= 2"),
+    ({"on_divergence": "rollback", "loss_spike_factor": 3.0, "log_every": 10,
+      "checkpoint_every": 5, "keep_checkpoints": 2},
+     r"train.keep_checkpoints=2: .* needs >= 3 .*log window of 10 steps"),
+])
+def test_bad_divergence_keys_are_named(train, match):
+  c = tiny_config()
+  c.train.update(train)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(c, num_devices=8)
+
+
+def test_a_stage_s_divergence_keys_are_checked():
+  c = tiny_config()
+  c.stage_order = "a"
+  c.stages.a = {"train": {"on_divergence": "rollback", "keep_checkpoints": 1}}
+  with pytest.raises(ValueError, match=r"stages.a.train.keep_checkpoints=1"):
+    config_lib.validate_config(c, num_devices=8)

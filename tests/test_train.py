@@ -12,24 +12,14 @@ from cpt_jax import stages
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import trainer as trainer_lib
-from tests.helpers import tiny_config, write_corpus
+from tests.helpers import one_device_config as _config
+from tests.helpers import train_one_device as _train
+from tests.helpers import write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def _config(corpus, **kw):
-  c = tiny_config(**kw)
-  c.data.corpus_dir = str(corpus)
-  c.optimizer.schedule = "constant"
-  c.sharding.mesh_shape = (1, 1, 1)
-  return c
-
-
-def _train(config, workdir, **kw):
-  return stages.train(config, str(workdir), devices=jax.devices()[:1], **kw)
 
 
 class _Crash(Exception):

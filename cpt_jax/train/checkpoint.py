@@ -2,16 +2,26 @@
 
 Orbax writes each step into a temporary folder and renames it when complete,
 so a crash during a save leaves the previous checkpoint usable.
+
+A step folder holds `_CHECKPOINT_METADATA`, `host/metadata` (the host state, JSON) and
+`state/` (`_METADATA`: the tree, JSON; `manifest.ocdbt` and `ocdbt.process_*/d/*`: the
+arrays' OCDBT database). A resume restores the newest step that reads back
+(`Checkpointer.restore_newest_intact`): a newer one that does not (a truncated or
+deleted file, an empty folder) is named with the file and the reason (`diagnose`) and
+moved to `<checkpoints>/damaged/<step>-<tag>`, never deleted, so Orbax no longer lists it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from cpt_jax import config as config_lib
@@ -30,8 +40,57 @@ def _from_tree(tree: dict) -> TrainState:
                     frozen=tree.get("frozen") or {})
 
 
+DAMAGED = "damaged"  # <checkpoints>/damaged/<step>-<tag>: steps set aside, never deleted
+# A TensorStore read error: the array's key, its OCDBT database folder and the reason.
+_ARRAY_ERROR = re.compile(r'"(?P<key>[^"]+)" in OCDBT database at local file "(?P<db>[^"]+)"'
+                          r':? ?(?P<why>[^\n]*?)(?: \[tensorstore_spec|\n|$)')
+
+
+class RestoreError(RuntimeError):
+  """No step of a checkpoint folder restores; the message names each step's failure."""
+
+
+def diagnose(step_dir: str, error: BaseException) -> tuple[str, str]:
+  """(tag, why) the step folder `step_dir` did not restore with `error`, naming the file.
+
+  Looks for what the files Orbax writes lack (an empty folder, a missing item, a
+  missing or non-JSON metadata file, no array database), then for the array the
+  error chain could not read; else the error's first line.
+  """
+  if not os.path.isdir(step_dir):
+    return "missing", f"the step folder {step_dir} is missing"
+  if not os.listdir(step_dir):
+    return "empty", f"the step folder {step_dir} is empty"
+  for item in ("state", "host"):
+    if not os.path.isdir(os.path.join(step_dir, item)):
+      return f"no-{item}", f"its item '{item}' is missing: no folder {step_dir}/{item}"
+  for name in ("host/metadata", "state/_METADATA", "state/manifest.ocdbt"):
+    path = os.path.join(step_dir, name)
+    if not os.path.isfile(path):
+      return "missing-file", f"{path} is missing"
+    if not name.endswith(".ocdbt"):
+      try:
+        with open(path, encoding="utf-8") as f:
+          json.load(f)
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        return "bad-json", f"{path} is not valid JSON ({e})"
+  cause, seen = error, 0
+  while cause is not None and seen < 20:
+    m = _ARRAY_ERROR.search(str(cause))
+    if m:
+      size = re.search(r"value of size (\d+)", m["why"])  # a truncated data file: which one
+      files = [p for p in glob.glob(os.path.join(m["db"], "**", "d", "*"), recursive=True)
+               if size and os.path.getsize(p) == int(size[1])]
+      where = f" (data file {files[0]})" if len(files) == 1 else ""
+      return "bad-array", (f"array {m['key']} in the database {m['db']} does not read: "
+                           f"{m['why'].strip()}{where}")
+    cause, seen = cause.__cause__ or cause.__context__, seen + 1
+  lines = str(error).strip().splitlines() or [""]
+  return "unreadable", f"{type(error).__name__}: {lines[0][:300]}"
+
+
 class Checkpointer:
-  """Saves every N steps and at the end, keeps the last k, restores the latest."""
+  """Saves every N steps and at the end, keeps the last k, restores the newest intact."""
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -60,6 +119,53 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_state_tree(abstract)),
         host=ocp.args.JsonRestore()))
     return _from_tree(out["state"]), dict(out["host"])
+
+  def restore_newest_intact(self, abstract: TrainState) -> tuple[TrainState, dict, list[str]]:
+    """Restores the newest step that reads back; returns (state, host, notes).
+
+    Every newer step is moved aside (`set_aside`) with a note naming its file and the
+    reason. When no step restores, nothing is moved (the files may be intact and the
+    run's model or layout changed) and RestoreError names each step's failure.
+    """
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, host = self.restore(abstract, step)
+      except Exception as e:  # pylint: disable=broad-except  # damage shows as many types
+        failed.append((step, *diagnose(self.step_dir(step), e), e))
+        continue
+      notes = [f"checkpoint step {s} does not restore: {why}; moved to "
+               f"{self.set_aside(s, tag, why)}; resuming from step {step}"
+               for s, tag, why, _ in failed]
+      return state, host, notes
+    if not failed:
+      raise RestoreError(f"{self.directory} holds no checkpoint")
+    raise RestoreError(
+        f"no checkpoint in {self.directory} restores, so the run does not start over: "
+        + "; ".join(f"step {s}: {why}" for s, _, why, _ in failed)
+        + ". Damaged steps can be moved away (a run with no step starts afresh); a changed "
+        "model or parameter layout needs the run's own config") from failed[0][3]
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def set_aside(self, step: int, tag: str, why: str) -> str:
+    """Moves step `step` to `<dir>/damaged/<step>-<tag>` (never deleted; Orbax no longer
+    lists it), with `why` in `<step>-<tag>.txt` beside it; returns the new path."""
+    base = os.path.join(self.directory, DAMAGED, f"{step}-{tag}")
+    dst, n = base, 1
+    while os.path.exists(dst):
+      n += 1
+      dst = f"{base}.{n}"
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.rename(self.step_dir(step), dst)
+      with open(dst + ".txt", "w", encoding="utf-8") as f:
+        f.write(f"step {step}: {why}\n")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"cpt_jax set aside {step}")
+    self._mngr.reload()
+    return dst
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

@@ -132,10 +132,14 @@ class Window:
         self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
         self.counts[k] = self.counts.get(k, 0) + 1
 
+  def mean(self, key: str) -> float:
+    """The mean of scalar `key` over the window's steps that reported it."""
+    return self.scalars[key] / self.counts[key]
+
   def summary(self, domains) -> dict[str, Any]:
     # A scalar only some steps report (kd_term, replay_kd_term: steps that ran the
     # teacher) is the mean over those steps.
-    out = {k: v / self.counts[k] for k, v in self.scalars.items()}
+    out = {k: self.mean(k) for k in self.scalars}
     out["domain_loss"] = {d: float(self.domain_ce[i] / self.domain_tok[i])
                           for i, d in enumerate(domains) if self.domain_tok[i] > 0}
     out["domain_tokens"] = {d: int(self.domain_tok[i])

@@ -1,24 +1,29 @@
 """The training loop: one run (one stage) from a config to a checkpointed model.
 
-Init order: (1) resume from the latest checkpoint in `<workdir>/checkpoints`;
-else (2) warm-start params from `train.init_checkpoint` or `train.init_from_hf`
-(continued pre-training; the optimizer starts fresh; context.py
-`starting_params`); else (3) random init.
+Init order: (1) resume from the newest checkpoint in `<workdir>/checkpoints`
+that restores (a damaged newer one is named and moved to `checkpoints/damaged/`,
+checkpoint.py); else (2) warm-start params from `train.init_checkpoint` or
+`train.init_from_hf` (continued pre-training; the optimizer starts fresh;
+context.py `starting_params`); else (3) random init.
 
 Side effects (I/O, logging, checkpoints) live here; everything inside
 `jit` is pure (see step.py / objective.py). `Trainer.run` is the loop: step,
 hooks (train/hooks.py; the features' list, in order, is `cpt_jax/features.py`
 `make_hooks`, passed as `hooks_fn`; without it only the budget stop, metric
-writer and callback run), evaluation, checkpoint. Metrics are fetched one step
-late so dispatch stays asynchronous; a NaN/Inf loss raises FloatingPointError before any checkpoint of that step
-is written. With `replay.max_tflops` / `replay.max_seconds` set, the stage
-ends early at the log boundary before a cap would be passed (budget.py).
+writer and callback run), checkpoint, then evaluation (a failing evaluation never
+costs the checkpoint). Metrics are fetched one step late so dispatch stays
+asynchronous; a NaN/Inf loss, non-finite parameters (checked at every log and
+checkpoint boundary, before the save) or a loss spike is a divergence
+(divergence.py): the run stops naming the newest good checkpoint
+(`DivergenceError`) or rolls back to it (`train.on_divergence`). With
+`replay.max_tflops` / `replay.max_seconds` set, the stage ends early at the log
+boundary before a cap would be passed (budget.py).
 
-About 430 lines, over the project's 400: the loop (`run`, one page) and the
-named steps it calls (prepare, fetch, record, stop, save, summary, the stage's
-FLOP accounting) share the run's state; the run context, the starting params,
-the metric window and the hooks already live in context.py, metrics.py and
-hooks.py.
+About 480 lines, over the project's 400: the loop (`run`, one page) and the
+named steps it calls (prepare, fetch, record, stop, divergence, save, summary,
+the stage's FLOP accounting) share the run's state; the run context, the
+starting params, the metric window, the hooks and the divergence checks already
+live in context.py, metrics.py, hooks.py and divergence.py.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from cpt_jax.schema import mixing as mixing_schema
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import context as context_lib
+from cpt_jax.train import divergence as divergence_lib
 from cpt_jax.train import hooks as hooks_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
@@ -59,8 +65,7 @@ def log(msg: str) -> None:
     print(f"[cpt_jax] {msg}", flush=True)
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+DivergenceError = divergence_lib.DivergenceError  # a NaN / Inf or a spike stopped the run
 
 
 class Trainer:
@@ -114,6 +119,9 @@ class Trainer:
                                          max_seconds=float(config.replay.max_seconds))
     self._t_start = time.perf_counter()
     self.hooks: list[hooks_lib.Hook] = []  # built by `hooks_fn` once the state exists
+    self.guard = divergence_lib.Guard(config.train)
+    self._all_finite = jax.jit(divergence_lib.all_finite,
+                               out_shardings=shd.replicated(self.ctx.mesh))
 
   # ------------------------------------------------------------------ init
   def _jit_for(self, with_distill: bool) -> Callable:
@@ -128,9 +136,9 @@ class Trainer:
     or None on a fresh start)."""
     c, ctx = self.config, self.ctx
     if self.checkpointer.latest_step() is not None:
-      abstract = state_lib.abstract_state(ctx.model, ctx.layout, ctx.state_sh, c.data.seq_len,
-                                          ctx.frozen_keys)
-      state, host = self.checkpointer.restore(abstract)
+      state, host, notes = self.checkpointer.restore_newest_intact(self._abstract_state())
+      for note in notes:
+        log(note)
       return state, f"resumed from step {int(state.step)}", host
     params, how = context_lib.starting_params(self.ctx)
     if params is not None:
@@ -143,6 +151,11 @@ class Trainer:
                             {k: ctx.state_sh.frozen[k] for k in frozen})
       state = state.replace(frozen=frozen)
     return state, how, None
+
+  def _abstract_state(self) -> state_lib.TrainState:
+    ctx = self.ctx
+    return state_lib.abstract_state(ctx.model, ctx.layout, ctx.state_sh,
+                                    self.config.data.seq_len, ctx.frozen_keys)
 
   def prepare(self, writer=None) -> str:
     """The state (`initial_state`), then the hooks (`hooks_fn`) built and started in list
@@ -168,6 +181,7 @@ class Trainer:
       self.pipeline.restore(host["data"])
       self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
       self.teacher_rows = int(host.get("teacher_rows", 0))
+      self.guard.load_state_dict(host.get("divergence"))
     return how
 
   def hook(self, name: str) -> hooks_lib.Hook | None:
@@ -248,15 +262,23 @@ class Trainer:
     self.budget.start_window(self._usage(start))
     bar = tqdm(total=t.steps, initial=start, desc=os.path.basename(self.workdir) or "train",
                unit="step", dynamic_ncols=True) if t.progress_bar and self.is_lead else None
-    last, last_eval = {}, {}
+    last, last_eval, step = {}, {}, start
     try:
-      for step in range(start, end):
+      while step < end:
         self.state, metrics = self._train_step(self.pipeline.next_batch())
         done, is_last = step + 1, step + 1 == t.steps
         for h in self.hooks:
           h.after_step(done, self.state)
         logs, saves = done % t.log_every == 0, done % t.checkpoint_every == 0
-        self._fetch(done, metrics, now=logs or saves or is_last)  # one step late otherwise
+        try:  # NaN / Inf loss or params, or a loss spike: stop, or roll back and go on
+          self._fetch(done, metrics, now=logs or saves or is_last)  # one step late otherwise
+          if logs:
+            self.guard.check_window(done, self._window.mean("loss"), self._window.steps)
+        except divergence_lib.Diverged as d:
+          step = self._on_divergence(d, done)
+          if bar is not None:
+            bar.n = step
+          continue
         if logs and not is_last:  # e.g. the hard budget: stop before a cap would be passed
           is_last = self._should_stop(done, min(t.log_every, t.steps - done))
         if logs or is_last:
@@ -265,15 +287,16 @@ class Trainer:
             h.on_log(done, last)
           if bar is not None:
             bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+        if saves or is_last:  # before the evaluation: a failing one never costs the checkpoint
+          self.save(done)
         if (t.eval_every and done % t.eval_every == 0) or is_last:
           last_eval = self.evaluate()
           writer.write(done, last_eval, kind="eval")
-        if saves or is_last:
-          self.save(done)
         if bar is not None:
           bar.update(1)
         if is_last:
           break
+        step = done
       self._fetch(None, None, now=True)
     finally:
       if bar is not None:
@@ -310,28 +333,56 @@ class Trainer:
   def _fetch(self, done: int | None, metrics, now: bool) -> None:
     """Fetches the previous step's metrics (and this one's if `now`) into the window.
 
-    Metrics are fetched one step late so dispatch stays asynchronous; a NaN / Inf
-    loss raises NonFiniteLossError before any checkpoint of that step is written.
+    Metrics are fetched one step late so dispatch stays asynchronous; with `now` (log
+    and checkpoint boundaries) whether the state's params are all finite is fetched
+    with them. A NaN / Inf loss or params raise `Diverged` before a checkpoint of that
+    state is written.
     """
     todo = [self._pending] if self._pending is not None else []
     self._pending = None if done is None else (done, metrics)
     if now and self._pending is not None:
-      todo.append(self._pending)
+      todo.append((done, {**metrics, "params_finite": self._all_finite(self.state.params)}))
       self._pending = None
     for s, m in todo:
       m = jax.device_get(m)
-      loss = float(m["loss"])
-      if not np.isfinite(loss):
-        latest = self.checkpointer.latest_step()
-        self.checkpointer.wait()
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {s} (run {self.workdir}); stopping. The last good "
-            f"checkpoint is step {latest}" if latest is not None else
-            f"loss is {loss} at step {s} (run {self.workdir}); stopping before any checkpoint")
+      self.guard.check_step(s, float(m["loss"]), bool(m.pop("params_finite", True)))
       if int(m["teacher_rows"]) == 0 and self.has_teacher_rows:
         self.teacher_skipped_steps += 1
       self.teacher_rows += int(m["teacher_rows"])
       self._window.add(m)
+
+  def _on_divergence(self, d: divergence_lib.Diverged, done: int) -> int:
+    """Stops naming the newest good checkpoint (DivergenceError), or rolls back to it.
+
+    Kept steps after the good one are moved to `checkpoints/damaged/` either way (a rerun
+    resumes from the good one). A rollback reloads the model and optimizer of the good
+    step; the data, the hooks and the counters go on from `done`, so the batches since
+    that step are skipped, and the steps thrown away count in the budget ('diverged').
+    Returns the step the loop goes on from.
+    """
+    self._pending, self._window = None, metrics_lib.Window(self.pipeline.num_domains)
+    self.checkpointer.wait()
+    kept = self.checkpointer.all_steps()
+    good = divergence_lib.good_step(kept, d.first_bad)
+    moved = [self.checkpointer.set_aside(s, "diverged", d.reason) for s in kept
+             if good is not None and s > good]
+    why = self.guard.why_stop(good)
+    if why:
+      raise DivergenceError(self.guard.stop_message(d, good, kept, moved, why, self.workdir))
+    self.state, host, notes = self.checkpointer.restore_newest_intact(self._abstract_state())
+    back = int(jax.device_get(self.state.step))
+    skipped = (int(host["data"]["step"]), self.pipeline.step)  # data steps [from, to)
+    self.budget.count("diverged", self._train_tflops(done) - self._train_tflops(back))
+    self.guard.rollbacks.append({"found_at": done, "to": back, "reason": d.reason,
+                                 "skipped_batches": list(skipped)})
+    for note in notes:
+      log(note)
+    log(f"{os.path.basename(self.workdir)}: {d.reason}; rolled back to step {back} "
+        f"({len(self.guard.rollbacks)} of train.max_rollbacks={self.guard.max_rollbacks}); "
+        f"the model leaves out the batches of data steps {skipped[0]}..{skipped[1] - 1}")
+    self._t_window = time.perf_counter()
+    self.budget.start_window(self._usage(back))
+    return back
 
   def _record(self, done: int) -> dict[str, Any]:
     """The log record of the window ending at `done` (then a new window starts)."""
@@ -377,6 +428,7 @@ class Trainer:
         "num_devices": int(ctx.mesh.devices.size),
         "data": self.pipeline.stats()}
     summary["state_bytes"] = self._state_bytes  # parameter / optimizer bytes per group
+    summary["rollbacks"] = list(self.guard.rollbacks)  # train.on_divergence='rollback'
     for h in self.hooks:  # replay selection cost, the budget's use, eval without tau
       entry = h.summary(summary, self.state) if h.summary_key else None
       if entry is not None:
@@ -385,7 +437,8 @@ class Trainer:
 
   def save(self, step: int) -> None:
     host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps,
-            "teacher_rows": self.teacher_rows, **hooks_lib.host_state(self.hooks)}
+            "teacher_rows": self.teacher_rows, "divergence": self.guard.state_dict(),
+            **hooks_lib.host_state(self.hooks)}
     self.checkpointer.save(step, self.state, host)
 
   def _train_tflops(self, step: int) -> float:
