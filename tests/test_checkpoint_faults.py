@@ -15,11 +15,13 @@ import pytest
 
 from cpt_jax import stages
 from cpt_jax.train import checkpoint as ckpt_lib
+from cpt_jax.train import divergence as divergence_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import trainer as trainer_lib
 from tests.helpers import one_device_config as _config
 from tests.helpers import train_one_device as _train
+from tests.helpers import tiny_config
 from tests.helpers import write_corpus
 
 
@@ -191,6 +193,27 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint(corpus, tmp_path,
 
 
 # ------------------------------------------------------------------ divergence
+
+
+def test_a_good_step_is_one_whose_next_loss_came_before_the_first_suspect_step():
+  good = divergence_lib.good_step
+  assert good([4, 6, 7], first_bad=8) == 6  # a NaN loss at 8: the params of 7 made it
+  assert good([6, 7], first_bad=9) == 7  # non-finite params after step 8 (loss 8 finite)
+  assert good([7], first_bad=8) is None and good([], first_bad=3) is None
+  config = tiny_config(**{"train.loss_spike_factor": 3.0})
+  guard = divergence_lib.Guard(config.train)
+  guard.check_window(2, 5.0, steps=2)  # the first window: nothing to compare with
+  guard.check_window(4, 14.0, steps=2)  # below 3 x 5.0
+  with pytest.raises(divergence_lib.Diverged) as spike:
+    guard.check_window(6, 42.5, steps=2)  # above 3 x 14.0
+  assert (spike.value.step, spike.value.first_bad) == (6, 5)
+  assert "train.loss_spike_factor=3" in spike.value.reason and guard.reference == 14.0
+  with pytest.raises(divergence_lib.Diverged) as nan:
+    guard.check_step(7, float("nan"))
+  assert (nan.value.first_bad, nan.value.reason) == (7, "loss is nan at step 7")
+  with pytest.raises(divergence_lib.Diverged) as params:
+    guard.check_step(8, 2.0, params_finite=False)
+  assert params.value.first_bad == 9
 
 
 def _exploding(corpus, **kw):

@@ -84,7 +84,7 @@ class Guard:
     if self.policy == "stop":
       return "train.on_divergence='stop'"
     if good is None:
-      return "train.on_divergence='rollback', but no kept checkpoint is good"
+      return "train.on_divergence='rollback' has no good step to go back to"
     if len(self.rollbacks) >= self.max_rollbacks:
       return (f"train.on_divergence='rollback', and it rolled back {len(self.rollbacks)} times "
               f"already (train.max_rollbacks={self.max_rollbacks})")
@@ -94,6 +94,8 @@ class Guard:
                    why: str, workdir: str) -> str:
     """The DivergenceError message: what diverged, why the run stops, the good step."""
     head = f"{d.reason} (run {workdir}); stopping: {why}."
+    if good is None and not kept:
+      return f"{head} No checkpoint was saved before it; lower optimizer.lr"
     if good is None:
       return (f"{head} No kept checkpoint is good (kept: {kept}; a good one is a step s whose "
               f"next loss, step s + 1, came before step {d.first_bad}); more "

@@ -368,7 +368,8 @@ class Trainer:
              if good is not None and s > good]
     why = self.guard.why_stop(good)
     if why:
-      raise DivergenceError(self.guard.stop_message(d, good, kept, moved, why, self.workdir))
+      raise DivergenceError(
+          self.guard.stop_message(d, good, kept, moved, why, self.workdir)) from None
     self.state, host, notes = self.checkpointer.restore_newest_intact(self._abstract_state())
     back = int(jax.device_get(self.state.step))
     skipped = (int(host["data"]["step"]), self.pipeline.step)  # data steps [from, to)
