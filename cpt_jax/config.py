@@ -35,6 +35,7 @@ from cpt_jax.schema import replay as replay_schema
 ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
 ON_DIVERGENCE = ("stop", "rollback")  # train.on_divergence
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
+ON_CONFIG_CHANGE = ("stop", "continue")  # train.on_config_change
 # Groups a stage may override (the model, mesh and runtime are per run).
 STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
                 "decomposition")  # decomposition: each stage may add its own tau
@@ -97,6 +98,15 @@ def default_config() -> ml_collections.ConfigDict:
       loss_spike_factor=0.0,  # >1: a log window's mean loss above this x the previous
       # window's counts as divergence (0: off).
       max_rollbacks=3,  # 'rollback': rollbacks in a stage before it stops (kept in checkpoints).
+      on_config_change="stop",  # A resume / staged rerun whose settings differ from the
+      # workdir's recorded ones (config.json + config_history.jsonl) outside the allow-list
+      # (train/workdir.py ALLOWED_CHANGES: train.steps extension, eval / checkpoint cadence,
+      # progress bar, budget caps, mesh, ...): 'stop' before the first step, printing
+      # `key: old -> new`, or 'continue' (the change and its step go into the history, the
+      # summary's config_changes and report.md).
+      lock_stale_minutes=30.0,  # The workdir lock (run.lock) of a run on another host whose
+      # heartbeat (touched every minute) is older than this is stale and taken over (0: never);
+      # on this host a lock whose pid is not running always is.
   )
 
   c.optimizer = config_dict.create(
@@ -210,6 +220,12 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      f"{LR_SCHEDULES}")
   if t.steps < 1:
     raise ValueError(f"train.steps={t.steps} must be >= 1")
+  if t.on_config_change not in ON_CONFIG_CHANGE:
+    raise ValueError(f"train.on_config_change={t.on_config_change!r}; expected one of "
+                     f"{ON_CONFIG_CHANGE}")
+  if t.lock_stale_minutes < 0:
+    raise ValueError(f"train.lock_stale_minutes={t.lock_stale_minutes} must be >= 0 (0: never "
+                     "take over another host's lock)")
   if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
     raise ValueError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                      f"train.grad_accum_steps={t.grad_accum_steps}")

@@ -12,7 +12,18 @@ Each stage is the base config with the stage's groups laid over it, run in
 checkpoint the stage warm-starts from ('' = the previous stage in the order,
 'scratch' = random init). Every stage evaluates every domain that appears
 anywhere in the run. A finished stage (its `summary.json` exists) is skipped
-on re-run; an interrupted one resumes from its own checkpoint.
+on re-run while its settings are the ones its folder recorded (train/workdir.py);
+an interrupted one resumes from its own checkpoint. Before the baseline or any
+stage runs, every finished stage's settings are compared with its recorded ones:
+a change outside the allow-list stops the run, naming the stage and each
+`key: old -> new`, unless `train.on_config_change='continue'`. A finished stage
+is re-entered (resumed from its final checkpoint, the change recorded in its
+history, summary and report.md) when its settings changed with 'continue', or
+when an allowed change lets it train on (`workdir.RESUMING_CHANGES`: more
+`train.steps`, other budget caps). A finished stage whose parent trained further
+in this invocation is an error: it was trained from the parent's old final model
+(move its folder aside to retrain it). The run holds the workdir's lock
+(`run.lock`), each stage its own folder's.
 
 Before the first stage, the seed's random init of the run's model is evaluated
 on every domain once (the forward-transfer baseline b_d, eval/transfer.py) and
@@ -22,6 +33,7 @@ are written by process 0 only; every process returns the same results.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,9 +47,11 @@ from cpt_jax import features
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.eval import report as report_lib
+from cpt_jax.model import hf
 from cpt_jax.schema import data as data_config
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import trainer as trainer_lib
+from cpt_jax.train import workdir as workdir_lib
 
 SUMMARY = "summary.json"
 BASELINE = "baseline.json"
@@ -162,34 +176,106 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
 
 
 def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
-  """Runs (or skips, when finished) every stage; writes and returns the report."""
-
+  """Runs (or skips, when finished and unchanged) every stage, holding the workdir's lock
+  (process 0); writes and returns the report."""
   config_lib.validate_stages(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock = (workdir_lib.WorkdirLock(workdir, config.train.lock_stale_minutes)
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  with lock:
+    return _run_stages(config, workdir, **trainer_kwargs)
+
+
+def _stage_config(config, name: str, all_domains: list[str], workdir: str,
+                  summaries: dict[str, dict]) -> ml_collections.ConfigDict:
+  """Stage `name`'s config as its trainer gets it: every domain evaluated, warm start from
+  its parent's checkpoints, the parent's LR re-warmed (`summaries`: the finished ones)."""
+  cfg = _with_all_domains_evaluated(config_lib.stage_config(config, name), all_domains)
+  init = config_lib.init_stage_of(config, name)
+  if init is not None and not cfg.train.init_checkpoint:
+    with cfg.unlocked():
+      cfg.train.init_checkpoint = os.path.join(workdir, "stages", init, "checkpoints")
+  if init is not None:
+    cfg = _default_rewarm(config, name, init, cfg, summaries.get(init))
+  return cfg
+
+
+def _stage_identity(cfg, stage_dir: str) -> workdir_lib.RunIdentity:
+  """The stage folder's recorded settings against `cfg` (as the trainer will see it)."""
+  return workdir_lib.RunIdentity(stage_dir, hf.apply_hf_config(cfg))
+
+
+def _finished(workdir: str, names: list[str]) -> dict[str, dict]:
+  """{stage: its summary} of the stages finished earlier."""
+  out = {}
+  for name in names:
+    path = os.path.join(workdir, "stages", name, SUMMARY)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        out[name] = json.load(f)
+  return out
+
+
+def _rerun_reason(config, name: str, identity: workdir_lib.RunIdentity,
+                  trained: set[str]) -> str:
+  """Why a finished stage is re-entered ('' = skip it as current); raises if its parent
+  trains further in this invocation (`trained`): the stage is then stale."""
+  init = config_lib.init_stage_of(config, name)
+  if init in trained:
+    raise workdir_lib.ConfigChangedError(
+        f"stage {name} finished earlier from stage {init}'s final model, but {init} trains "
+        f"further in this run, so {name} would not be current. Move {identity.workdir} aside "
+        f"to retrain it from {init}, or keep {init}'s settings")
+  if identity.blocking:  # on_config_change='continue' (else the first pass stopped)
+    return "its settings changed (train.on_config_change=continue): resuming it"
+  resuming = [k for k in identity.changes if k in workdir_lib.RESUMING_CHANGES]
+  return f"{', '.join(resuming)} changed: resuming it" if resuming else ""
+
+
+def _check_finished(config, workdir: str, all_domains: list[str],
+                    finished: dict[str, dict]) -> None:
+  """Before the baseline or any stage runs: each finished stage's settings against its
+  recorded ones (ConfigChangedError under on_config_change='stop'), and no finished stage
+  whose parent will train further."""
+  ahead: set[str] = set()  # finished stages that will train further
+  for name, summary in finished.items():
+    cfg = _stage_config(config, name, all_domains, workdir, finished)
+    identity = _stage_identity(cfg, os.path.join(workdir, "stages", name)).check(
+        summary["step"], where=f"stage {name}: ")
+    stopped = (summary.get("budget") or {}).get("stopped_at") is not None
+    caps = any(k in identity.changes for k in ("replay.max_tflops", "replay.max_seconds"))
+    if (_rerun_reason(config, name, identity, ahead) and cfg.train.steps > summary["step"]
+        and (caps or not stopped)):
+      ahead.add(name)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
   names = config_lib.stage_names(config)
   all_domains = run_domains(config)
-  os.makedirs(workdir, exist_ok=True)
+  finished = _finished(workdir, names)
+  _check_finished(config, workdir, all_domains, finished)
   baseline = baseline_evals(config, all_domains, workdir, trainer_kwargs.get("devices"))
   summaries: dict[str, dict] = {}
+  trained: set[str] = set()  # stages that trained steps in this invocation
   for name in names:
     stage_dir = os.path.join(workdir, "stages", name)
-    summary_path = os.path.join(stage_dir, SUMMARY)
-    if os.path.exists(summary_path):
-      with open(summary_path, encoding="utf-8") as f:
-        summaries[name] = json.load(f)
-      trainer_lib.log(f"stage {name}: finished earlier, skipped")
-      continue
-    cfg = _with_all_domains_evaluated(config_lib.stage_config(config, name), all_domains)
+    cfg = _stage_config(config, name, all_domains, workdir, summaries)
     init = config_lib.init_stage_of(config, name)
-    if init is not None and not cfg.train.init_checkpoint:
-      with cfg.unlocked():
-        cfg.train.init_checkpoint = os.path.join(workdir, "stages", init, "checkpoints")
-    if init is not None:
-      cfg = _default_rewarm(config, name, init, cfg, summaries.get(init))
-    trainer_lib.log(f"stage {name}: " + (f"from stage {init}" if init else "from scratch"))
+    if name in finished:
+      why = _rerun_reason(config, name, _stage_identity(cfg, stage_dir), trained)
+      if not why:
+        summaries[name] = finished[name]
+        trainer_lib.log(f"stage {name}: finished earlier, skipped")
+        continue
+      trainer_lib.log(f"stage {name}: finished earlier; {why}")
+    else:
+      trainer_lib.log(f"stage {name}: " + (f"from stage {init}" if init else "from scratch"))
     summary = train(cfg, stage_dir, **trainer_kwargs)
     summary.update(name=name, init_from=init, learned=learned_domains(summary))
-    _write_json(summary_path, summary)
+    _write_json(os.path.join(stage_dir, SUMMARY), summary)
     summaries[name] = summary
+    if summary["steps_run"] > 0:
+      trained.add(name)
   report = report_lib.build_report(config, names, summaries, all_domains, workdir,
                                    baseline=baseline)
   if report["comparison"]:

@@ -71,6 +71,12 @@ class DomainStores:
   def num_domains(self) -> int:
     return len(self.domains)
 
+  def run_splits(self) -> list[tuple[str, str]]:
+    """Every (domain, split) the run reads: each role's training split, and every domain's
+    validation split (evaluation)."""
+    return [(d, s) for d, r in zip(self.domains, self.roles)
+            for s in dict.fromkeys((training_split(r), "validation")) if s]
+
   # -- stores ---------------------------------------------------------------
   def _validation_split_rows(self, domain: str) -> tuple[int, int]:
     """(rows distill training may use, total rows) of a domain's validation store.

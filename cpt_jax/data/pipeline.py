@@ -199,8 +199,9 @@ class Pipeline(stores_lib.DomainStores):
     tokens_per_role = {r: 0 for r in batch_lib.ROLES}
     for r, t in zip(self.roles, st.tokens_C):
       tokens_per_role[r] += int(t)
-    with self._store_lock:
-      skipped = {f"{d}/{s}": int(v.meta["skipped_lines"]) for (d, s), v in self._stores.items()}
+    # Every store the run reads (built here if not yet): the same keys in every record.
+    skipped = {f"{d}/{s}": int(self._store(d, s).meta["skipped_lines"])
+               for d, s in self.run_splits()}
     return {
         "step": int(st.step),
         "tokens_per_domain": {d: int(t) for d, t in zip(self.domains, st.tokens_C)},

@@ -98,6 +98,8 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
                    "selection": sel.get("tokens", 0)},
         "tflops": {"train": s["train_tflops"], "teacher": s["teacher_tflops"],
                    "selection": sel.get("tflops", 0.0)},
+        # settings changed on a resume (train.on_config_change / allow-list; workdir.py)
+        "config_changes": s.get("config_changes") or [],
     })
   report = {
       "stages": stages, "domains": domains,
@@ -186,6 +188,12 @@ def markdown(report: dict, plots: list[str]) -> str:
         ["stage", "domain", "with tau", "without tau (sigma)"],
         [[n, d, v["with_tau"], v["without_tau"]] for n, per in report["without_tau"].items()
          for d, v in per.items()]))
+  changes = [[s["name"], c["step"], key, json.dumps(v["old"]), json.dumps(v["new"]), v["by"]]
+             for s in report["stages"] for c in s.get("config_changes", [])
+             for key, v in c["changes"].items()]
+  if changes:  # a stage resumed with other settings than it started with
+    parts += ["", "## Settings changed during a stage (config_history.jsonl)", ""]
+    parts.append(_table(["stage", "from step", "key", "old", "new", "accepted by"], changes))
   parts += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
   return "\n".join(parts)
 

@@ -1,18 +1,22 @@
-"""Metric sinks (JSONL + TensorBoard via clu) and a matmul peak probe for MFU."""
+"""Metric sinks (JSONL + TensorBoard via clu; on a resume the records past its step are
+dropped) and a matmul peak probe for MFU."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import struct
 import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboard.compat.proto import event_pb2
 
 from cpt_jax import batch as batch_lib
+from cpt_jax.train import workdir as workdir_lib
 
 
 def _jsonable(v: Any) -> Any:
@@ -42,26 +46,50 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to DIR/metrics.jsonl and writes
-  scalars to TensorBoard event files under DIR/tensorboard (process 0 only)."""
+  """Appends one JSON object per logged step to DIR/metrics.jsonl (eval: DIR/eval.jsonl) and
+  writes scalars to TensorBoard event files under DIR/tensorboard (process 0 only).
+
+  `start(step)` (a run continuing from `step`) first drops every record past `step`, so the
+  files read as one uninterrupted run; without it the files open on the first write.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(self.path, "a", encoding="utf-8")
-      self._eval_file = open(os.path.join(workdir, "eval.jsonl"), "a", encoding="utf-8")
-      if tensorboard:
-        from clu import metric_writers  # pylint: disable=g-import-not-at-top
-        self._tb = metric_writers.create_default_writer(
-            os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
+    self.eval_path = os.path.join(workdir, "eval.jsonl")
+    self.tb_dir = os.path.join(workdir, "tensorboard") if tensorboard else None
+    self._file = self._eval_file = self._tb = None
+
+  def start(self, step: int) -> dict[str, int]:
+    """Drops the records past `step` (files rewritten atomically) and opens the sinks;
+    returns {file: records dropped} of the files that had any."""
+    if not self.enabled:
+      return {}
+    dropped = {p: truncate_jsonl(p, step) for p in (self.path, self.eval_path)}
+    if self.tb_dir is not None and os.path.isdir(self.tb_dir):
+      for root, _, files in os.walk(self.tb_dir):
+        for name in files:
+          if "tfevents" in name:
+            dropped[os.path.join(root, name)] = truncate_events(os.path.join(root, name), step)
+    self._open()
+    return {os.path.relpath(p, os.path.dirname(self.path)): n for p, n in dropped.items() if n}
+
+  def _open(self) -> None:
+    if self._file is not None:
+      return
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._eval_file = open(self.eval_path, "a", encoding="utf-8")
+    if self.tb_dir is not None:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._tb = metric_writers.create_default_writer(self.tb_dir, just_logging=False,
+                                                      asynchronous=True)
 
   def write(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
     """kind 'train' goes to metrics.jsonl, 'eval' to eval.jsonl (and TensorBoard 'eval/')."""
     if not self.enabled:
       return
+    self._open()
     record = {"step": int(step), "time": time.time(), **_jsonable(dict(metrics))}
     f = self._file if kind == "train" else self._eval_file
     f.write(json.dumps(record) + "\n")
@@ -70,13 +98,60 @@ class MetricsWriter:
       self._tb.write_scalars(int(step), flatten(metrics, "" if kind == "train" else kind + "/"))
 
   def close(self) -> None:
-    if not self.enabled:
+    if not self.enabled or self._file is None:
       return
     self._file.close()
     self._eval_file.close()
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
+
+
+def truncate_jsonl(path: str, step: int) -> int:
+  """Drops the records of a JSONL metrics file past `step`, and a line cut by a crash;
+  rewrites it atomically if any went. Returns how many lines went."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+      ok = False
+    if ok:
+      keep.append(line)
+  if len(keep) < len(lines):
+    workdir_lib.write_atomic(path, "".join(keep).encode("utf-8"))
+  return len(lines) - len(keep)
+
+
+def truncate_events(path: str, step: int) -> int:
+  """Drops the events of a TensorBoard event file past `step`, and a record cut by a crash
+  (TFRecord framing: length, its CRC, the Event, its CRC; kept records are copied as they
+  are); rewrites it atomically if any went. Returns how many records went."""
+  with open(path, "rb") as f:
+    data = f.read()
+  keep, pos, total = [], 0, 0
+  while pos < len(data):
+    total += 1
+    if pos + 12 > len(data):
+      break
+    (n,) = struct.unpack_from("<Q", data, pos)
+    end = pos + 12 + n + 4
+    if end > len(data):
+      break
+    try:
+      event_step = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]).step
+    except Exception:  # pylint: disable=broad-except  # a damaged record ends the file
+      break
+    if event_step <= step:
+      keep.append(data[pos:end])
+    pos = end
+  if len(keep) < total:
+    workdir_lib.write_atomic(path, b"".join(keep))
+  return total - len(keep)
 
 
 def read_metrics(workdir: str, kind: str = "train") -> list[dict]:

@@ -19,11 +19,17 @@ checkpoint boundary, before the save) or a loss spike is a divergence
 `replay.max_tflops` / `replay.max_seconds` set, the stage ends early at the log
 boundary before a cap would be passed (budget.py).
 
-About 480 lines, over the project's 400: the loop (`run`, one page) and the
+The workdir (workdir.py): process 0 holds its lock (`run.lock`) from `__init__`
+to `close`; `prepare` compares the settings with the recorded ones (config.json +
+config_history.jsonl) before anything is restored, and drops the metric records
+past the start step; `_prepare_run` records the invocation.
+
+About 500 lines, over the project's 400: the loop (`run`, one page) and the
 named steps it calls (prepare, fetch, record, stop, divergence, save, summary,
 the stage's FLOP accounting) share the run's state; the run context, the
-starting params, the metric window, the hooks and the divergence checks already
-live in context.py, metrics.py, hooks.py and divergence.py.
+starting params, the metric window, the hooks, the divergence checks and the
+workdir's lock and identity already live in context.py, metrics.py, hooks.py,
+divergence.py and workdir.py.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from cpt_jax.train import objective as objective_lib
 from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import step as step_lib
+from cpt_jax.train import workdir as workdir_lib
 
 
 def log(msg: str) -> None:
@@ -89,6 +96,17 @@ class Trainer:
     self.ctx = context_lib.build_context(config, devices)
     self.is_lead = jax.process_index() == 0
     os.makedirs(self.workdir, exist_ok=True)
+    # One writer per workdir (workdir.py): process 0 holds the lock from here to `close`.
+    self.lock = workdir_lib.WorkdirLock(
+        self.workdir, config.train.lock_stale_minutes).acquire() if self.is_lead else None
+    try:
+      self._build(config, pipeline, frozen_fn, on_metrics, hooks_fn)
+    except BaseException:
+      self._release_lock()
+      raise
+
+  def _build(self, config, pipeline, frozen_fn, on_metrics, hooks_fn) -> None:
+    """The run's pipeline, checkpointer, loss and step (`__init__`, under the lock)."""
     if pipeline is None:
       pipeline = data_lib.make_pipeline(
           config.data, global_batch_size=config.train.global_batch_size,
@@ -122,6 +140,7 @@ class Trainer:
     self.guard = divergence_lib.Guard(config.train)
     self._all_finite = jax.jit(divergence_lib.all_finite,
                                out_shardings=shd.replicated(self.ctx.mesh))
+    self.identity: workdir_lib.RunIdentity | None = None  # checked by `prepare`
 
   # ------------------------------------------------------------------ init
   def _jit_for(self, with_distill: bool) -> Callable:
@@ -158,9 +177,11 @@ class Trainer:
                                     self.config.data.seq_len, ctx.frozen_keys)
 
   def prepare(self, writer=None) -> str:
-    """The state (`initial_state`), then the hooks (`hooks_fn`) built and started in list
-    order, then on resume the loop's own host state (data position, teacher counters);
-    returns how the state was made."""
+    """The run's identity checked against the workdir's (`check_identity`), the state
+    (`initial_state`), then the hooks (`hooks_fn`) built and started in list order, then on
+    resume the loop's own host state (data position, teacher counters); the metric files
+    lose their records past the start step; returns how the state was made."""
+    configured_weights = self.check_identity()
     self.state, how, host = self.initial_state()
     env = hooks_lib.Env(
         config=self.config, pipeline=self.pipeline, ctx=self.ctx, workdir=self.workdir,
@@ -179,10 +200,36 @@ class Trainer:
       h.start(self.state, None if host is None else host.get(h.name))
     if host is not None:
       self.pipeline.restore(host["data"])
+      self._apply_changed_weights(configured_weights)
       self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
       self.teacher_rows = int(host.get("teacher_rows", 0))
       self.guard.load_state_dict(host.get("divergence"))
+    dropped = writer.start(int(jax.device_get(self.state.step))) if writer is not None else {}
+    if dropped:
+      log(f"{os.path.basename(self.workdir)}: {how}; dropped the records past it: {dropped}")
     return how
+
+  def check_identity(self):
+    """Compares the run's settings with the workdir's recorded ones before anything is
+    restored or written (workdir.py: a change outside the allow-list raises
+    ConfigChangedError unless train.on_config_change='continue'); returns the mixture
+    weights data.weights configures (the pipeline's before a restore)."""
+    self.identity = workdir_lib.RunIdentity(self.workdir, self.config).check(
+        self.checkpointer.latest_step())
+    return self.pipeline.weights
+
+  def _apply_changed_weights(self, configured) -> None:
+    """A resume keeps the checkpoint's mixture weights; changed data.weights (accepted by
+    on_config_change='continue') replace them from here, when no controller or replay
+    selection owns the weights."""
+    if "data.weights" not in self.identity.changes:
+      return
+    c = self.config
+    if c.mixing.controller == "static" and not c.replay.strategy:
+      self.pipeline.set_weights(configured)
+    else:
+      log(f"data.weights changed, but {c.mixing.controller!r} / replay.strategy="
+          f"{c.replay.strategy!r} set the weights of a resumed run: the change has no effect")
 
   def hook(self, name: str) -> hooks_lib.Hook | None:
     """The run's hook called `name` (e.g. 'replay', 'mixing'), or None."""
@@ -306,8 +353,9 @@ class Trainer:
     return self._summary(how, start, last, last_eval or self.evaluate())
 
   def _prepare_run(self, start: int, how: str) -> int:
-    """Logs where the run starts, writes config.json, takes the state's bytes per group
-    and the peak FLOP/s for MFU; returns the step to train to."""
+    """Logs where the run starts, records it in the workdir (config.json on a fresh start,
+    a config_history.jsonl line), takes the state's bytes per group and the peak FLOP/s
+    for MFU; returns the step to train to."""
     c, t = self.config, self.config.train
     end = t.steps if self.budget.stopped_at is None else start  # a cap ended it earlier
     name = os.path.basename(self.workdir)
@@ -317,8 +365,7 @@ class Trainer:
     log(f"{name}: {how}; steps {start}..{t.steps}; "
         f"{state_lib.param_count(self.state.params):,} params on mesh {dict(self.ctx.mesh.shape)}")
     if self.is_lead:
-      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(c.to_json_best_effort(indent=2))
+      self.identity.record(start, how)
     # Parameter / optimizer-state bytes per group (sigma / tau, or 'model').
     self._state_bytes = self.ctx.layout.state_bytes(self.state.params, self.state.opt_state)
     # MFU = model FLOP/s over the whole mesh's peak: one device's peak x devices.
@@ -427,7 +474,7 @@ class Trainer:
         "teacher_tflops": self._teacher_tflops(),
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": self._peak,
         "num_devices": int(ctx.mesh.devices.size),
-        "data": self.pipeline.stats()}
+        "data": self.pipeline.stats(), "config_changes": self.identity.changes_made()}
     summary["state_bytes"] = self._state_bytes  # parameter / optimizer bytes per group
     summary["rollbacks"] = list(self.guard.rollbacks)  # train.on_divergence='rollback'
     for h in self.hooks:  # replay selection cost, the budget's use, eval without tau
@@ -478,8 +525,15 @@ class Trainer:
                             fixed_seconds=fixed_s, lookahead=lookahead, parts=parts)
 
   def close(self) -> None:
-    self.checkpointer.close()
-    self.pipeline.close()
+    try:
+      self.checkpointer.close()
+      self.pipeline.close()
+    finally:
+      self._release_lock()
+
+  def _release_lock(self) -> None:
+    if self.lock is not None:
+      self.lock.release()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:
