@@ -53,6 +53,7 @@ class DomainStores:
     self.roles: list[str] = [role_of[d] for d in self.domains]
     self.role_ids = np.array([batch_lib.role_id(r) for r in self.roles], np.int32)
     self.vocab = vocab_lib.make_vocab(cfg.vocab)
+    self.start_id = vocab_lib.start_id(self.vocab, cfg.get("add_bos", "auto"))
     self.cache_dir = default_cache_dir(cfg, workdir)
     # Check every needed split exists before building anything.
     self._sources = {}

@@ -65,7 +65,8 @@ class Mixer:
 
   def __init__(self, stores: Sequence[store_lib.PackedStore | None], domains: Sequence[str],
                role_ids: Sequence[int], seed: int, global_batch_size: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, start_id: int = 0):
+    """start_id: the input token at each row piece's start (the vocabulary's BOS or 0)."""
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
                        f"process_count {process_count}")
@@ -75,6 +76,7 @@ class Mixer:
     self.domains = list(domains)
     self.role_ids_C = np.asarray(role_ids, np.int32)
     self.seed = int(seed)
+    self.start_id = int(start_id)
     self.batch_size = global_batch_size
     per = global_batch_size // process_count
     self.local = slice(process_index * per, (process_index + 1) * per)
@@ -139,4 +141,5 @@ class Mixer:
     for d in np.unique(local_dom_B):
       m = local_dom_B == d
       planes[:, m] = self.stores[d].gather(local_row_B[m])
-    return packing.rows_to_batch(planes, local_dom_B, self.role_ids_C[local_dom_B]), new
+    return (packing.rows_to_batch(planes, local_dom_B, self.role_ids_C[local_dom_B],
+                                  self.start_id), new)

@@ -63,14 +63,21 @@ def pack_flat(flat_T: np.ndarray, lengths_O: np.ndarray, seq_len: int) -> np.nda
 
 
 def rows_to_batch(planes_3xBxL: np.ndarray, domain_ids_B: np.ndarray,
-                  roles_B: np.ndarray) -> dict[str, np.ndarray]:
-  """Stored row planes -> a batch dict per cpt_jax/batch.py."""
+                  roles_B: np.ndarray, start_id: int = 0) -> dict[str, np.ndarray]:
+  """Stored row planes -> a batch dict per cpt_jax/batch.py.
+
+  The input at the start of each row piece (position 0) is `start_id`: the
+  vocabulary's BOS (`cpt_jax.data.vocab.start_id`, `data.add_bos`), so a document
+  reads [BOS, t1 .. tn] -> [t1 .. tn, EOS] as its tokenizer encodes it with
+  special tokens; 0 (seqio's pad) for the byte vocabulary.
+  """
   targets_BxL = np.ascontiguousarray(planes_3xBxL[TARGETS], np.int32)
   seg_BxL = np.ascontiguousarray(planes_3xBxL[SEGMENT_IDS], np.int32)
   pos_BxL = np.ascontiguousarray(planes_3xBxL[POSITIONS], np.int32)
   inputs_BxL = np.zeros_like(targets_BxL)
   inputs_BxL[:, 1:] = targets_BxL[:, :-1]
   inputs_BxL[pos_BxL == 0] = 0
+  inputs_BxL[(pos_BxL == 0) & (seg_BxL > 0)] = start_id
   return {
       "inputs": inputs_BxL,
       "targets": targets_BxL,

@@ -50,7 +50,8 @@ class Pipeline(stores_lib.DomainStores):
     rows = [s.num_rows if s is not None else 0 for s in train_stores]
     self._weights = config_lib.weights_from_spec(cfg.weights, self.domains, self.roles, rows)
     self.mixer = mixer_lib.Mixer(train_stores, self.domains, self.role_ids, cfg.seed,
-                                 global_batch_size, process_index, process_count)
+                                 global_batch_size, process_index, process_count,
+                                 self.start_id)
     self._cstate = self.mixer.initial_state()  # after the last batch returned
     self._pstate = self._cstate  # after the last batch queued
     self._queue: collections.deque = collections.deque()
@@ -84,7 +85,7 @@ class Pipeline(stores_lib.DomainStores):
       stores = [self._training_store(d, r) for d, r in zip(self.domains, self.roles)]
       self.mixer = mixer_lib.Mixer(stores, self.domains, self.role_ids, self.cfg.seed,
                                    self.global_batch_size, self.process_index,
-                                   self.process_count)
+                                   self.process_count, self.start_id)
       if weights is not None:
         w = self._weights.copy()
         for name, v in weights.items():
@@ -235,7 +236,7 @@ class Pipeline(stores_lib.DomainStores):
       dom_ids.append(self.domains.index(d))
       roles.append(batch_lib.role_id(self.roles[self.domains.index(d)]))
     return packing.rows_to_batch(np.concatenate(planes, axis=1), np.asarray(dom_ids, np.int32),
-                                 np.asarray(roles, np.int32))
+                                 np.asarray(roles, np.int32), self.start_id)
 
   def eval_batches(self, domain: str, batch_size: int,
                    max_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -260,7 +261,7 @@ class Pipeline(stores_lib.DomainStores):
       if valid.any():
         planes[:, valid] = store.gather(idx[valid])
       yield packing.rows_to_batch(planes, np.full((per,), d),
-                                  np.full((per,), batch_lib.EVAL))
+                                  np.full((per,), batch_lib.EVAL), self.start_id)
 
   def close(self) -> None:
     with self._cv:

@@ -2,6 +2,12 @@
 
 `Vocab.encode_batch` tokenises many documents at once without TensorFlow and
 returns exactly what the matching seqio vocabulary's `encode` returns (tested).
+
+Every vocabulary declares `bos_id`: the beginning-of-sequence token its
+tokenizer puts before a document (a SentencePiece model with a BOS piece, a
+tokenizer.json whose post-processor or tokenizer_config.json adds one), or None
+(the byte vocabulary). `start_id` turns it and `data.add_bos` into the input
+token at the start of every packed row piece (0, seqio's pad, when there is no BOS).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from cpt_jax.model.hf_vocab import TokenizerJsonVocab
+from cpt_jax.model.hf_vocab import TokenizerJsonVocab, read_json
+from cpt_jax.schema.data import ADD_BOS
 
 BYTE_OFFSET = 3  # seqio.ByteVocabulary: pad=0, eos=1, unk=2, byte b -> b + 3.
 
@@ -27,6 +34,7 @@ class Vocab:
       self.eos_id = 1
       self.pad_id = 0
       self.key = "byte"
+      self.bos_id = None  # seqio's byte vocabulary has none: rows start with pad (0)
       self._sp = None
     else:
       if not os.path.isfile(spec):
@@ -36,6 +44,11 @@ class Vocab:
       self.vocab_size = self._sp.get_piece_size()
       self.eos_id = self._sp.eos_id()
       self.pad_id = max(self._sp.pad_id(), 0)
+      # HF's Llama-style SentencePiece tokenizers add the model's BOS unless
+      # tokenizer_config.json says add_bos_token: false.
+      add = read_json(os.path.join(os.path.dirname(os.path.abspath(spec)),
+                                   "tokenizer_config.json")).get("add_bos_token", True)
+      self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 and add else None
       with open(spec, "rb") as f:
         self.key = "spm:" + hashlib.sha256(f.read()).hexdigest()[:16]
 
@@ -64,3 +77,18 @@ def make_vocab(spec: str):
   if spec.endswith(".json"):
     return TokenizerJsonVocab(spec)
   return Vocab(spec)
+
+
+def start_id(vocab, add_bos: str = "auto") -> int:
+  """The input token at the start of each packed row piece (`data.add_bos`).
+
+  'auto': the vocabulary's BOS when its tokenizer adds one, else 0; 'yes': its
+  BOS (an error naming data.add_bos if it has none); 'no': 0 (seqio's pad).
+  """
+  if add_bos not in ADD_BOS:
+    raise ValueError(f"data.add_bos: {add_bos!r} is not one of {ADD_BOS}")
+  bos = getattr(vocab, "bos_id", None)
+  if add_bos == "yes" and bos is None:
+    raise ValueError(f"data.add_bos='yes' but the vocabulary {vocab.spec!r} has no BOS token; "
+                     f"use 'auto' or 'no'")
+  return int(bos) if bos is not None and add_bos != "no" else 0

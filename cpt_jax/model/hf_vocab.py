@@ -3,8 +3,11 @@
 `tokenizer.model` (SentencePiece) is used as is: its path is a valid
 `data.vocab`. A folder with only `tokenizer.json` gets `TokenizerJsonVocab`,
 which has `cpt_jax.data.vocab.Vocab`'s interface and needs the `tokenizers`
-package. Documents are encoded without special tokens (no BOS); the pipeline
-appends EOS itself, as with the other vocabularies.
+package. Documents are encoded without special tokens; the pipeline appends
+EOS itself, as with the other vocabularies, and the start token of each row
+piece is the vocabulary's `bos_id` (the token the tokenizer's own encoding with
+special tokens puts first, as the model was trained; `data.add_bos`), given as
+the input at position 0 by `cpt_jax.data.packing.rows_to_batch`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def hf_vocab(path: str) -> str:
   raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
   if not os.path.isfile(path):
     return {}
   with open(path, encoding="utf-8") as f:
@@ -40,13 +43,40 @@ def _first(x):
 def _special_id(tok, folder: str, field: str) -> int | None:
   """`{field}_token_id` from config.json / generation_config.json, else tokenizer_config.json."""
   for file in ("generation_config.json", "config.json"):
-    value = _first(_read_json(os.path.join(folder, file)).get(f"{field}_token_id"))
+    value = _first(read_json(os.path.join(folder, file)).get(f"{field}_token_id"))
     if isinstance(value, int):
       return value
-  token = _read_json(os.path.join(folder, "tokenizer_config.json")).get(f"{field}_token")
+  token = read_json(os.path.join(folder, "tokenizer_config.json")).get(f"{field}_token")
   if isinstance(token, dict):
     token = token.get("content")
   return tok.token_to_id(token) if isinstance(token, str) else None
+
+
+def _bos_id(tok, folder: str) -> int | None:
+  """The BOS the tokenizer puts before a document, or None.
+
+  `add_bos_token` in tokenizer_config.json decides when it is set (its
+  `bos_token` is the BOS); otherwise the tokenizer's post-processor does: the one
+  token it adds in front of a document when encoding with special tokens.
+  """
+  config = read_json(os.path.join(folder, "tokenizer_config.json"))
+  add = config.get("add_bos_token")
+  if add is False:
+    return None
+  if add is True:
+    token = config.get("bos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    bos = tok.token_to_id(token) if isinstance(token, str) else None
+    if bos is None:
+      raise ValueError(f"{folder}/tokenizer_config.json: add_bos_token is true but its "
+                       f"bos_token {token!r} is not in the vocabulary")
+    return bos
+  plain = tok.encode("a", add_special_tokens=False).ids
+  special = tok.encode("a", add_special_tokens=True).ids
+  for k in range(len(special) - len(plain) + 1):
+    if special[k:k + len(plain)] == plain:
+      return special[0] if k == 1 else None
+  return None
 
 
 class TokenizerJsonVocab:
@@ -71,6 +101,7 @@ class TokenizerJsonVocab:
     self.eos_id = eos
     pad = _special_id(self._tok, folder, "pad")
     self.pad_id = 0 if pad is None else pad
+    self.bos_id = _bos_id(self._tok, folder)
     with open(spec, "rb") as f:
       self.key = "hftok:" + hashlib.sha256(f.read()).hexdigest()[:16]
 

@@ -75,7 +75,8 @@ class ReplayManager:
                        "set data.replay")
     micro = c.train.global_batch_size // c.train.grad_accum_steps
     self.scorer = scoring.Scorer(ctx.model, ctx.model_cfg, ctx.mesh, ctx.rules,
-                                 self.rcfg.score_batch or micro, c.data.seq_len)
+                                 self.rcfg.score_batch or micro, c.data.seq_len,
+                                 pipeline.start_id)
     self.stores = {d: self.pipeline.full_training_store(d) for d in self.replay_domains}
     self.plan: dict = {}
     self.selection: strategies_lib.Selection | None = None

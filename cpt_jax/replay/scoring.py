@@ -37,8 +37,11 @@ def _masked_mean_ce(logits_BxLxV, batch):
 class Scorer:
   """Per-row loss and pooled hidden states of a model on packed rows."""
 
-  def __init__(self, model, model_cfg, mesh, rules, batch_rows: int, seq_len: int):
+  def __init__(self, model, model_cfg, mesh, rules, batch_rows: int, seq_len: int,
+               start_id: int = 0):
+    """start_id: the input token at each row piece's start (the pipeline's `start_id`)."""
     self.model, self.mesh, self.rules = model, mesh, rules
+    self.start_id = int(start_id)
     self.batch_rows, self.seq_len = int(batch_rows), int(seq_len)
     self.fwd_flops_tok = flops_per_token(model_cfg, seq_len, training=False)
     self.train_flops_tok = flops_per_token(model_cfg, seq_len, training=True)
@@ -120,7 +123,7 @@ class Scorer:
     if valid.any():
       planes[:, valid] = store.gather(rows_B[idx[valid]])
     return packing.rows_to_batch(planes, np.zeros((per,), np.int32),
-                                 np.full((per,), batch_lib.EVAL, np.int32))
+                                 np.full((per,), batch_lib.EVAL, np.int32), self.start_id)
 
   def stream(self, params: Any, store, rows: np.ndarray
              ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -14,6 +14,7 @@ from cpt_jax import batch as batch_lib
 
 SOURCES = ("jsonl", "text", "tfrecord", "tfds")
 ON_BAD_LINE = ("error", "skip")
+ADD_BOS = ("auto", "yes", "no")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -39,8 +40,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   # 'name=w,pattern=w,...' (first matching key wins; every trainable domain
   # must match a key). Changeable at any step via pipeline.set_weights.
   c.weights = ""
-  # 'byte' (seqio.ByteVocabulary, no download) or a SentencePiece .model path.
+  # 'byte' (seqio.ByteVocabulary, no download), a SentencePiece .model path or
+  # a Hugging Face tokenizer.json path (train.init_from_hf sets the model's own).
   c.vocab = "byte"
+  # Start each document (each packed row piece) with the vocabulary's BOS as
+  # the model was trained: 'auto' = when its tokenizer adds one (HF
+  # tokenizer_config.json / post-processor, a SentencePiece BOS piece), else
+  # token 0 (the byte vocabulary, as seqio); 'yes' = BOS, an error without one;
+  # 'no' = token 0.
+  c.add_bos = "auto"
   # Packed row length L (tokens per row).
   c.seq_len = 256
   # Append EOS to every document before packing.
@@ -97,6 +105,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise _err("max_docs", f"must be an int >= 0, got {cfg.max_docs!r}")
   if cfg.vocab != "byte" and not os.path.isfile(cfg.vocab):
     raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
+  if cfg.get("add_bos", "auto") not in ADD_BOS:
+    raise _err("add_bos", f"{cfg.add_bos!r} is not one of {ADD_BOS}")
   if not any(split_list(cfg[r]) for r in ("new", "replay", "distill")):
     raise _err("new", "no training domain: set data.new, data.replay or data.distill")
   parse_weights(cfg.weights)  # syntax only
