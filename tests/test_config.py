@@ -6,6 +6,10 @@ import sys
 import pytest
 
 from cpt_jax import config as config_lib
+from cpt_jax import configs
+from cpt_jax import main as main_lib
+from cpt_jax.configs import llama3_2_1b
+from cpt_jax.configs import recipe
 from tests.conftest import REPO
 from tests.helpers import tiny_config
 
@@ -68,13 +72,33 @@ def test_cli_rejects_unknown_key_before_compiling(tmp_path):
 
 def test_every_config_file_validates():
   import importlib.util
-  for path in sorted((REPO / "configs").glob("*.py")):
+  assert {"demo", "tiny", "llama3_2_1b", "qwen2_5_0_5b"} <= set(configs.names())
+  for name in configs.names():
+    path = REPO / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
-    config_lib.validate_config(config)
-    assert "python -m cpt_jax.main" in (module.__doc__ or "") or path.stem == "__init__", path
+    assert "python -m cpt_jax.main" in (module.__doc__ or ""), path
+    presets = recipe.PRESETS if "recipe" in module.__doc__ else (None,)
+    for arg in presets:
+      config = module.get_config(arg) if arg else module.get_config()
+      config_lib.validate_config(config)
+
+
+def test_recipe_presets_and_packaged_config_names():
+  c = llama3_2_1b.get_config("v5e-8")
+  assert c.sharding.mesh_shape == (1, -1, 1) and c.model.dtype == "bfloat16"
+  assert c.model.remat == "full" and c.optimizer.schedule == "rewarm_cosine"
+  assert c.objective.replay_kd > 0 and c.data.replay and c.optimizer.lr == 3e-4
+  assert llama3_2_1b.get_config("8xh100").model.attention == "cudnn"
+  with pytest.raises(ValueError, match="config argument 'tpu'"):
+    llama3_2_1b.get_config("tpu")
+  packaged = str(REPO / "cpt_jax" / "configs" / "demo.py")
+  assert configs.resolve("demo") == packaged == configs.resolve("/elsewhere/configs/demo.py")
+  assert configs.resolve("llama3_2_1b:v5e-8").endswith("llama3_2_1b.py:v5e-8")
+  assert configs.resolve("nothing.py") == "nothing.py"
+  assert main_lib.resolve_argv(["p", "--config", "tiny", "--config.train.steps=3"])[2] == str(
+      REPO / "cpt_jax" / "configs" / "tiny.py")
 
 
 def test_demo_cpt_stages_see_the_same_t_rows():
