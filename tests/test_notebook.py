@@ -12,6 +12,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   nbclient = pytest.importorskip("nbclient")
   monkeypatch.setenv("CPT_NOTEBOOK_QUICK", "1")
   monkeypatch.setenv("XLA_FLAGS", "")  # the kernel is a fresh process: one CPU device
+  monkeypatch.setenv("PYTHONPATH", str(REPO))  # this checkout's cpt_jax; run from tmp_path
   nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
