@@ -144,3 +144,25 @@ def test_a_stage_s_divergence_keys_are_checked():
   c.stages.a = {"train": {"on_divergence": "rollback", "keep_checkpoints": 1}}
   with pytest.raises(ValueError, match=r"stages.a.train.keep_checkpoints=1"):
     config_lib.validate_config(c, num_devices=8)
+
+
+def test_config_reference_is_current_and_complete():
+  """docs/config.md is `python -m cpt_jax.config --reference`: regenerate it when this fails."""
+  text = config_lib.reference_markdown()
+  assert (REPO / "docs" / "config.md").read_text() == text, (
+      "docs/config.md is stale: python -m cpt_jax.config --reference > docs/config.md")
+  for key in ("data.add_bos", "train.init_from_hf", "optimizer.lr", "mixing.controller",
+              "replay.strategy", "seed"):
+    assert f"| `{key}` |" in text
+  cli = subprocess.run([sys.executable, "-m", "cpt_jax.config", "--reference"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300, check=True)
+  assert cli.stdout == text
+
+
+def test_config_reference_needs_a_comment_per_key(monkeypatch):
+  source = config_lib._group_sources()  # pylint: disable=protected-access
+  monkeypatch.setattr(config_lib, "_group_sources",
+                      lambda: [source[0].replace("# Seeds parameter init and data order.", "")]
+                      + source[1:])
+  with pytest.raises(ValueError, match="config key seed has no comment"):
+    config_lib.reference_markdown()

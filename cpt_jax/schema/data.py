@@ -72,10 +72,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.replay_selection = ""
   # tf.Example / TFDS feature holding the document text.
   c.text_feature = "text"
-  # TFDS only: data_dir ('' = TFDS default) and split names.
-  c.tfds_data_dir = ""
-  c.tfds_train_split = "train"
-  c.tfds_validation_split = "validation"
+  c.tfds_data_dir = ""  # TFDS only: data_dir ('' = TFDS default).
+  c.tfds_train_split = "train"  # TFDS only: the split of the train rows.
+  c.tfds_validation_split = "validation"  # TFDS only: the split of the validation rows.
   return c
 
 
