@@ -94,7 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
       init_checkpoint="",  # Warm-start params from this checkpoint dir (another run).
       init_from_hf="",  # Warm-start from a Hugging Face folder (config.json + safetensors);
       # sets config.model from it and data.vocab to its tokenizer when data.vocab='byte'.
-      progress_bar=True,  # tqdm progress bar with rate and ETA.
+      progress_bar=True,  # tqdm progress bar with rate and ETA when stderr is a terminal;
+      # otherwise (pods, redirected logs) and when False, one line per log window.
       peak_flops=0.0,  # One device's peak FLOP/s; MFU divides by it x devices (0: measure).
       on_divergence="stop",  # A NaN/Inf loss or params, or a loss spike: 'stop' (naming the
       # newest good checkpoint) or 'rollback' (reload it, skip the batches since; divergence.py).
@@ -107,6 +108,8 @@ def default_config() -> ml_collections.ConfigDict:
       # progress bar, budget caps, mesh, ...): 'stop' before the first step, printing
       # `key: old -> new`, or 'continue' (the change and its step go into the history, the
       # summary's config_changes and report.md).
+      profile_steps="",  # 'a:b': a jax.profiler trace of steps a+1..b in <workdir>/profile
+      # (TensorBoard's profile plugin: tensorboard --logdir <workdir>/profile); '' = off.
       lock_stale_minutes=30.0,  # The workdir lock (run.lock) of a run on another host whose
       # heartbeat (touched every minute) is older than this is stale and taken over (0: never);
       # on this host a lock whose pid is not running always is.
@@ -260,6 +263,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if min(o.lambda_kd, o.lambda_replay, o.replay_kd, o.l2sp, o.ewc) < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / replay_kd / l2sp / ewc must be >= 0")
   validate_divergence(t)
+  parse_profile_steps(t.profile_steps)
   if t.init_checkpoint and t.init_from_hf:
     raise ValueError("set one of train.init_checkpoint and train.init_from_hf, not both")
   if (o.lambda_kd > 0 or o.replay_kd > 0 or o.l2sp > 0 or o.ewc > 0) \
@@ -384,6 +388,28 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
     out.stages = ml_collections.ConfigDict()
     out.stage_order = ""
     out.run_name = name
+  return out
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """'a:b' -> (a, b) with 0 <= a < b; '' -> None; raises naming train.profile_steps."""
+  if not spec:
+    return None
+  try:
+    a, b = (int(x) for x in spec.split(":"))
+  except ValueError:
+    raise ValueError(f"train.profile_steps={spec!r}: expected 'a:b' (steps a+1..b)") from None
+  if not 0 <= a < b:
+    raise ValueError(f"train.profile_steps={spec!r}: expected 0 <= a < b")
+  return a, b
+
+
+def resolve_progress_bar(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of cfg whose train.progress_bar is True only when stderr is a terminal (pods
+  and redirected logs get one line per log window instead: hooks.ProgressLog)."""
+  out = copy.deepcopy(cfg)
+  with out.unlocked():
+    out.train.progress_bar = bool(cfg.train.progress_bar) and sys.stderr.isatty()
   return out
 
 

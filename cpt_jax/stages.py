@@ -63,13 +63,13 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: str,
   """A Trainer for one stage with every feature its config can ask for (replay selection,
   rate controller, budget stop, ...: `features.make_hooks`)."""
   kwargs.setdefault("hooks_fn", features.make_hooks)
-  return trainer_lib.Trainer(config, workdir, **kwargs)
+  return trainer_lib.Trainer(config_lib.resolve_progress_bar(config), workdir, **kwargs)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:
   """Trains one stage with its features (`make_trainer`); returns the run summary."""
   kwargs.setdefault("hooks_fn", features.make_hooks)
-  return trainer_lib.train(config, workdir, **kwargs)
+  return trainer_lib.train(config_lib.resolve_progress_bar(config), workdir, **kwargs)
 
 def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None) -> dict:
   """{domain: role} of a stage's data config (patterns resolved)."""
