@@ -6,8 +6,6 @@ changed config or a locked workdir their traceback (exit 1): every case below fa
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,35 +13,11 @@ import pytest
 from cpt_jax import config as config_lib
 from cpt_jax import main as main_lib
 from cpt_jax.train import workdir as workdir_lib
-from tests.conftest import REPO
 from tests.helpers import one_device_config
+from tests.helpers import run_cli as cli
 from tests.helpers import train_one_device
+from tests.helpers import write_cli_config
 from tests.helpers import write_corpus
-
-CONFIG = """
-import sys
-sys.path.insert(0, {repo!r})
-from tests import helpers
-def get_config():
-  return helpers.one_device_config({corpus!r}, **{{"train.steps": 2}})
-"""
-
-
-def cli(config_file, workdir, *args, env=None, timeout=300):
-  """Runs `python -m cpt_jax.main` on one CPU device; (status, stdout, stderr)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3",
-         "PYTHONPATH": str(REPO), **(env or {})}
-  p = subprocess.run([sys.executable, "-m", "cpt_jax.main", f"--config={config_file}",
-                      f"--workdir={workdir}", *args], cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=timeout, check=False)
-  return p.returncode, p.stdout, p.stderr
-
-
-def write_config(tmp_path, corpus):
-  path = tmp_path / "config.py"
-  path.write_text(CONFIG.format(repo=str(REPO), corpus=str(corpus)))
-  return path
-
 
 def _error_line(stderr: str) -> str:
   """The one `error:` line, after asserting there is no traceback."""
@@ -57,7 +31,7 @@ def _error_line(stderr: str) -> str:
 def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("cli")
   corpus = write_corpus(tmp / "corpus")
-  return tmp, corpus, write_config(tmp, corpus)
+  return tmp, corpus, write_cli_config(tmp, corpus, **{"train.steps": 2})
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -83,7 +57,7 @@ def test_missing_data_changed_config_and_locked_workdir(setup, tmp_path):
   # A missing validation split: named before the first step, nothing trained.
   bad = write_corpus(tmp_path / "corpus")
   (bad / "beta" / "validation.jsonl").unlink()
-  status, _, err = cli(write_config(tmp_path, bad), tmp_path / "missing")
+  status, _, err = cli(write_cli_config(tmp_path, bad, **{"train.steps": 2}), tmp_path / "missing")
   assert status == 2 and str(bad / "beta" / "validation.jsonl") in _error_line(err), err
   assert not (tmp_path / "missing" / "checkpoints").exists() or not os.listdir(
       tmp_path / "missing" / "checkpoints")
