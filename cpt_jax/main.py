@@ -89,7 +89,7 @@ def flag_error_message(error: BaseException, argv) -> str:
         parent = path[len("config."):].rsplit(".", 1)[0] if path.count(".") > 1 else ""
         guess = (f" (did you mean '{parent + '.' if parent else ''}{hint[1]}'?)"
                  if hint else "")
-        return f"{arg}: unknown config key '{path[len('config.'):]}'{guess}"
+        return one_line(f"{arg}: unknown config key '{path[len('config.'):]}'{guess}")
   return text
 
 
