@@ -39,6 +39,12 @@ ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
 ON_DIVERGENCE = ("stop", "rollback")  # train.on_divergence
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
 ON_CONFIG_CHANGE = ("stop", "continue")  # train.on_config_change
+# Integer keys that must be >= 1 / >= 0 (checked first, so later checks may divide by them).
+POSITIVE_INTS = {"model": ("vocab_size", "vocab_pad_multiple", "d_model", "num_layers",
+                           "num_heads", "num_kv_heads", "mlp_dim"),
+                 "train": ("global_batch_size", "log_every", "checkpoint_every",
+                           "keep_checkpoints")}
+NON_NEGATIVE_INTS = {"model": ("head_dim",), "train": ("eval_every", "eval_batches")}
 # Groups a stage may override (the model, mesh and runtime are per run).
 STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
                 "decomposition")  # decomposition: each stage may add its own tau
@@ -209,6 +215,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
       msgs.append(f"unknown config key '{path}'{hint}")
     raise ValueError("; ".join(msgs))
   upgrade_deprecated(cfg)
+  for bound, groups in ((1, POSITIVE_INTS), (0, NON_NEGATIVE_INTS)):
+    for group, keys in groups.items():
+      for key in keys:
+        if cfg[group][key] < bound:
+          raise ValueError(f"{group}.{key}={cfg[group][key]} must be >= {bound}")
 
   m, t = cfg.model, cfg.train
   if m.num_heads % m.num_kv_heads:

@@ -44,6 +44,7 @@ import ml_collections
 
 from cpt_jax import config as config_lib
 from cpt_jax import features
+from cpt_jax.data import domain_stores
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.eval import report as report_lib
@@ -254,6 +255,9 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwarg
   all_domains = run_domains(config)
   finished = _finished(workdir, names)
   _check_finished(config, workdir, all_domains, finished)
+  for name in names:  # every stage's data splits, before the baseline or any stage runs
+    domain_stores.check_splits(_with_all_domains_evaluated(
+        config_lib.stage_config(config, name), all_domains).data)
   baseline = baseline_evals(config, all_domains, workdir, trainer_kwargs.get("devices"))
   summaries: dict[str, dict] = {}
   trained: set[str] = set()  # stages that trained steps in this invocation

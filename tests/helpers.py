@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -67,3 +70,36 @@ def write_corpus(root: pathlib.Path, domains=("alpha", "beta", "gamma"), docs: i
           text = " ".join(rng.choice(base, size=k).tolist())
           f.write(json.dumps({"id": f"{d}-{split}-{i}", "text": text}) + "\n")
   return root
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CLI_CONFIG = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests import helpers
+def get_config():
+  return helpers.one_device_config({corpus!r}, **{overrides!r})
+"""
+
+
+def write_cli_config(folder: pathlib.Path, corpus, **overrides) -> pathlib.Path:
+  """A config file for `python -m cpt_jax.main`: `one_device_config(corpus, **overrides)`."""
+  path = folder / "config.py"
+  path.write_text(CLI_CONFIG.format(repo=str(REPO), corpus=str(corpus), overrides=overrides))
+  return path
+
+
+def cli_command(config_file, workdir, *args, env=None) -> tuple[list[str], dict]:
+  """(argv, env) of `python -m cpt_jax.main` on one CPU device."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3",
+         "PYTHONPATH": str(REPO), **(env or {})}
+  return [sys.executable, "-m", "cpt_jax.main", f"--config={config_file}",
+          f"--workdir={workdir}", *args], env
+
+
+def run_cli(config_file, workdir, *args, env=None, timeout=300) -> tuple[int, str, str]:
+  """Runs `python -m cpt_jax.main`; (status, stdout, stderr)."""
+  argv, env = cli_command(config_file, workdir, *args, env=env)
+  p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=timeout, check=False)
+  return p.returncode, p.stdout, p.stderr

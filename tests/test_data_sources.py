@@ -272,6 +272,7 @@ def test_lone_surrogate_is_invalid_utf8(corpus):
 def test_invalid_utf8_in_text_source(tmp_path):
   os.makedirs(tmp_path / "corpus" / "alpha")
   (tmp_path / "corpus" / "alpha" / "train.txt").write_bytes(b"good line\nbad \xc3\x28 line\n")
+  (tmp_path / "corpus" / "alpha" / "validation.txt").write_bytes(b"good line\n")  # read too
   with pytest.raises(sources_lib.DataError, match=r"alpha.train\.txt:2: invalid UTF-8"):
     pipeline_lib.make_pipeline(make_cfg(tmp_path, source="text", replay=""), global_batch_size=4)
 

@@ -40,6 +40,32 @@ def training_split(role: str) -> str | None:
   return {"new": "train", "replay": "train", "distill": "validation"}.get(role)
 
 
+def run_splits(domains, roles) -> list[tuple[str, str]]:
+  """Every (domain, split) a run reads: each role's training split, and every domain's
+  validation split (evaluation; a distill domain's eval tail is its end)."""
+  return [(d, s) for d, r in zip(domains, roles)
+          for s in dict.fromkeys((training_split(r), "validation")) if s]
+
+
+def run_sources(cfg, corpus_dir: str, domains, roles) -> dict[tuple[str, str], sources_lib.Source]:
+  """{(domain, split): Source} of `run_splits`, each file checked readable and non-empty;
+  DataError naming the first missing or unreadable file."""
+  out = {}
+  for d, s in run_splits(domains, roles):
+    src = out[(d, s)] = sources_lib.make_source(cfg, corpus_dir, d, s)
+    sources_lib.check_readable(src)
+  return out
+
+
+def check_splits(cfg: ml_collections.ConfigDict) -> None:
+  """The checks `DomainStores` makes at its start, without building it: every split the data
+  config `cfg` reads exists and is readable (e.g. every stage's, before the first runs)."""
+  corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
+  role_of = config_lib.resolve_roles(cfg, sources_lib.list_domains(corpus_dir, cfg.source))
+  domains = sorted(role_of)
+  run_sources(cfg, corpus_dir, domains, [role_of[d] for d in domains])
+
+
 class DomainStores:
   """The packed stores of a run's domains, built lazily; the base of `pipeline.Pipeline`."""
 
@@ -55,11 +81,9 @@ class DomainStores:
     self.vocab = vocab_lib.make_vocab(cfg.vocab)
     self.start_id = vocab_lib.start_id(self.vocab, cfg.get("add_bos", "auto"))
     self.cache_dir = default_cache_dir(cfg, workdir)
-    # Check every needed split exists before building anything.
-    self._sources = {}
-    for d, r in zip(self.domains, self.roles):
-      need = training_split(r) or "validation"
-      self._sources[(d, need)] = sources_lib.make_source(cfg, self.corpus_dir, d, need)
+    # Every split the run reads (training, and validation for evaluation) exists and is
+    # readable before anything is built or trained.
+    self._sources = run_sources(cfg, self.corpus_dir, self.domains, self.roles)
     self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
     self._store_lock = threading.Lock()
     # --- replay selection: replay domains restricted to selected rows (cpt_jax/replay) ---
@@ -75,8 +99,7 @@ class DomainStores:
   def run_splits(self) -> list[tuple[str, str]]:
     """Every (domain, split) the run reads: each role's training split, and every domain's
     validation split (evaluation)."""
-    return [(d, s) for d, r in zip(self.domains, self.roles)
-            for s in dict.fromkeys((training_split(r), "validation")) if s]
+    return run_splits(self.domains, self.roles)
 
   # -- stores ---------------------------------------------------------------
   def _validation_split_rows(self, domain: str) -> tuple[int, int]:

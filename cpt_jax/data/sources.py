@@ -90,6 +90,20 @@ def make_source(cfg, corpus_dir: str, domain: str, split: str) -> Source:
   return Source(cfg.source, domain, split, (path,))
 
 
+def check_readable(src: Source) -> None:
+  """Opens each file of `src` and reads its first byte; DataError naming an unreadable one
+  (no permission, a folder, an I/O error) or an empty one."""
+  for path in src.files:
+    try:
+      with open(path, "rb") as f:
+        first = f.read(1)
+    except OSError as e:
+      raise DataError(f"domain {src.domain!r}: split {src.split!r}: cannot read {path}: "
+                      f"{e.strerror or e}") from None
+    if not first:
+      raise DataError(f"domain {src.domain!r}: split {src.split!r}: {path} is empty")
+
+
 def read_texts(src: Source, on_bad_line: str = "error", max_docs: int = 0,
                stats: ReadStats | None = None) -> Iterator[str]:
   """Yields the documents of `src` in file order; bad lines raise or are counted."""

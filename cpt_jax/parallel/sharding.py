@@ -41,7 +41,13 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
 
   Errors name the config key `sharding.mesh_shape`.
   """
-  shape = [int(s) for s in mesh_shape]
+  try:
+    shape = [int(s) for s in mesh_shape]
+  except (TypeError, ValueError, OverflowError):
+    raise ValueError(f"sharding.mesh_shape={mesh_shape!r}: expected {len(MESH_AXES)} integers "
+                     f"for axes {MESH_AXES}") from None
+  if any(not isinstance(s, (int, np.integer)) and s != int(s) for s in mesh_shape):
+    raise ValueError(f"sharding.mesh_shape={tuple(mesh_shape)}: entries must be integers")
   if len(shape) != len(MESH_AXES):
     raise ValueError(
         f"sharding.mesh_shape={tuple(mesh_shape)} must have {len(MESH_AXES)} entries "

@@ -97,6 +97,20 @@ class StageBudget:
               f"{usage.step}, the next {next_steps} steps need ~{need_tf:.4g} more")
     return ""
 
+  def check_first_window(self, usage: Usage, window_steps: int, step_tflops: float) -> None:
+    """ValueError, before the first step, when `replay.max_tflops` cannot hold what the stage
+    has used (one-off work such as replay selection) plus its first log window of
+    `window_steps` train steps at `step_tflops` each (a lower bound: teacher forwards come on
+    top). The stop is decided at log boundaries, so such a cap could only end the stage
+    after a window past it, with or without a replay strategy."""
+    need = usage.tflops + window_steps * step_tflops
+    if self.max_tflops and need > self.max_tflops * (1 + 1e-9):
+      used = f"{usage.tflops:.4g} TFLOPs used before the first step + " if usage.tflops else ""
+      raise ValueError(
+          f"replay.max_tflops={self.max_tflops:g} is below what the stage's first log window "
+          f"costs: {used}{window_steps} train steps (train.log_every) x {step_tflops:.4g} "
+          f"TFLOPs = {need:.4g} TFLOPs; raise replay.max_tflops or lower train.log_every")
+
   def stop(self, step: int, reason: str) -> None:
     self.stopped_at, self.reason = int(step), reason
 

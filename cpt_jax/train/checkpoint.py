@@ -175,12 +175,14 @@ class Checkpointer:
     self._mngr.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+def restore_params(directory: str, abstract_params: Any, step: int | None = None,
+                   model_config: Any = None) -> Any:
   """Reads only the params of another run's checkpoint (warm start).
 
   `directory` is that run's checkpoint folder (`<workdir>/checkpoints`) or its
   workdir. Params land in `abstract_params`' shardings; the other run's
-  optimizer state is never read.
+  optimizer state is never read. Their tree and shapes are checked first
+  (`check_params_fit`, naming paths and the `model_config` keys that disagree).
   """
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, "checkpoints")):
@@ -194,6 +196,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"train.init_checkpoint: {directory} holds no finished checkpoint")
+  check_params_fit(os.path.join(directory, str(step)), abstract_params, model_config)
   restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
       abstract_params)
@@ -207,21 +210,107 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
 # ------------------------------------------------------------------ warm start from another run
 
 
-def source_decomposition(directory: str) -> dict | None:
-  """The `decomposition` group of the run that wrote `directory` (workdir or its
-  checkpoints/), read from its config.json; None when it had none / no config.json."""
+class ParamsMismatchError(ValueError):
+  """A warm-start checkpoint's params do not fit the model config: the message names the
+  parameter paths, both shapes and the config keys that disagree."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def stored_param_shapes(step_dir: str) -> dict[str, tuple[int, ...]]:
+  """{param path: shape} of the `params` a step folder holds, from its metadata (no array
+  is read)."""
+  meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  params = tree.get("params") if hasattr(tree, "get") else None
+  if params is None:
+    raise ParamsMismatchError(f"{step_dir}/state holds no 'params' tree")
+  return {_path_str(p): tuple(leaf.shape) for p, leaf
+          in jax.tree_util.tree_flatten_with_path(params)[0] if hasattr(leaf, "shape")}
+
+
+def _source_config(directory: str) -> dict | None:
+  """The config.json of the run that wrote `directory` (workdir or its checkpoints/)."""
   directory = os.path.abspath(directory)
   for cand in (os.path.join(directory, "config.json"),
                os.path.join(os.path.dirname(directory), "config.json")):
     if os.path.isfile(cand):
-      with open(cand, encoding="utf-8") as f:
-        group = json.load(f).get("decomposition") or {}
-      return group if group.get("mode") else None
+      try:
+        with open(cand, encoding="utf-8") as f:
+          return json.load(f)
+      except ValueError:
+        return None
   return None
 
 
+def _keys_behind(model_config: Any, source: dict | None, dims: set[int]) -> list[str]:
+  """The `model.*` keys that explain a shape mismatch: those that differ from the source
+  run's config.json, else those whose value is one of the requested sizes `dims`."""
+  if model_config is None:
+    return []
+  mine = dict(model_config.items()) if hasattr(model_config, "items") else {}
+  theirs = (source or {}).get("model") or {}
+  if theirs:
+    return [f"model.{k}={mine[k]!r} (the checkpoint's run: {theirs[k]!r})"
+            for k in sorted(mine) if k in theirs and mine[k] != theirs[k]
+            and not isinstance(mine[k], (list, tuple))]
+  out = []
+  for k in sorted(mine):
+    v = mine[k]
+    if isinstance(v, int) and not isinstance(v, bool) and v in dims:
+      out.append(f"model.{k}={v}")
+  pad = mine.get("vocab_pad_multiple") or 0
+  if pad and mine.get("vocab_size") and -(-mine["vocab_size"] // pad) * pad in dims:
+    out.append(f"model.vocab_size={mine['vocab_size']} (padded to a multiple of "
+               f"model.vocab_pad_multiple={pad})")
+  return out
+
+
+def check_params_fit(step_dir: str, abstract_params: Any, model_config: Any = None) -> None:
+  """ParamsMismatchError when the params stored in `step_dir` are not the tree and shapes of
+  `abstract_params` (the model config's): names each parameter path with both shapes (up to
+  five), what is missing or extra, and the model config keys that disagree."""
+  want = {_path_str(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  got = stored_param_shapes(step_dir)
+  bad = [(k, got[k], want[k]) for k in want if k in got and got[k] != want[k]]
+  missing = [k for k in want if k not in got]
+  extra = [k for k in got if k not in want]
+  if not (bad or missing or extra):
+    return
+  parts = [f"params/{k}: the checkpoint has shape {g}, the model config asks for {w}"
+           for k, g, w in bad[:5]]
+  if len(bad) > 5:
+    parts.append(f"{len(bad) - 5} more shapes differ")
+  if missing:
+    parts.append(f"not in the checkpoint: {', '.join(missing[:5])}"
+                 + (f" (+{len(missing) - 5})" if len(missing) > 5 else ""))
+  if extra:
+    parts.append(f"in the checkpoint, not in the model: {', '.join(extra[:5])}"
+                 + (f" (+{len(extra) - 5})" if len(extra) > 5 else ""))
+  dims = {d for _, g, w in bad for d, e in zip(w, g) if d != e} | (
+      {d for _, g, w in bad if len(g) != len(w) for d in w})
+  keys = _keys_behind(model_config, _source_config(os.path.dirname(step_dir)), dims)
+  raise ParamsMismatchError(
+      f"train.init_checkpoint: the params of {step_dir} do not fit the model config: "
+      + "; ".join(parts)
+      + (f". Config keys that disagree: {', '.join(keys)}" if keys else
+         ". Set config.model as in the run that wrote the checkpoint"))
+
+
+def source_decomposition(directory: str) -> dict | None:
+  """The `decomposition` group of the run that wrote `directory` (workdir or its
+  checkpoints/), read from its config.json; None when it had none / no config.json."""
+  group = (_source_config(directory) or {}).get("decomposition") or {}
+  return group if group.get("mode") else None
+
+
 def restore_merged_params(directory: str, abstract_model_params: Any, model_boxed: Any,
-                          mesh: Any, rules: Any, step: int | None = None) -> Any:
+                          mesh: Any, rules: Any, step: int | None = None,
+                          model_config: Any = None) -> Any:
   """Model params of another run's checkpoint, with its tau (if any) merged into sigma.
 
   A plain checkpoint is read exactly as `restore_params` does; a decomposed
@@ -230,13 +319,14 @@ def restore_merged_params(directory: str, abstract_model_params: Any, model_boxe
   """
   group = source_decomposition(directory)
   if group is None:
-    return restore_params(directory, abstract_model_params, step)
+    return restore_params(directory, abstract_model_params, step, model_config)
   dc = config_lib.default_config().decomposition
   dc.update({k: v for k, v in group.items() if k in dc})
   src = tau_lib.build(dc, model_boxed)
   tau_sh = shd.logical_shardings(src.boxed(), mesh, rules)
   tau_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                          nn.unbox(src.boxed()), tau_sh)
-  both = restore_params(directory, {"sigma": abstract_model_params, "tau": tau_abs}, step)
+  both = restore_params(directory, {"sigma": abstract_model_params, "tau": tau_abs}, step,
+                        model_config)
   out_sh = jax.tree.map(lambda s: s.sharding, abstract_model_params)
   return jax.jit(src.merge, out_shardings=out_sh)(both)

@@ -107,7 +107,7 @@ def starting_params(ctx: RunContext) -> tuple[Any, str]:
                             nn.unbox(boxed), ctx.model_sh)
     # A decomposed source checkpoint (sigma + tau) is merged into model params.
     params = ckpt_lib.restore_merged_params(c.train.init_checkpoint, abstract, boxed,
-                                            ctx.mesh, ctx.rules)
+                                            ctx.mesh, ctx.rules, model_config=c.model)
     return params, f"warm start from {c.train.init_checkpoint}"
   if c.train.init_from_hf:
     params = hf.load_hf_params(c.train.init_from_hf, ctx.model_cfg, ctx.model_sh)

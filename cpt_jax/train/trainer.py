@@ -303,6 +303,9 @@ class Trainer:
     writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_lead)
     how = self.prepare(writer)
     start = int(jax.device_get(self.state.step))
+    if start == 0:  # a cap below the first log window: an error now, not a stop after it
+      self.budget.check_first_window(self._usage(0), min(t.log_every, t.steps),
+                                     self._train_tflops(1))
     end = self._prepare_run(start, how)
     self._window, self._pending, self._t_window = metrics_lib.Window(self.pipeline.num_domains), None, \
         time.perf_counter()
