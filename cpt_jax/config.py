@@ -2,7 +2,7 @@
 
 Config files in `configs/` start from `default_config()` and override fields;
 `validate_config` rejects keys the schema does not know and settings that cannot
-run (mesh, batch) before anything compiles. The groups `data`, `mixing`,
+run (mesh, batch) before anything compiles. The groups `train`, `data`, `mixing`,
 `replay` and `decomposition` live in `cpt_jax/schema/`; this module assembles
 them. It is the bottom of the package's layers: it imports only the schema
 groups, `batch` and `parallel/sharding` (see ARCHITECTURE.md).
@@ -34,11 +34,11 @@ from cpt_jax.schema import data as data_schema
 from cpt_jax.schema import decomposition as decomposition_schema
 from cpt_jax.schema import mixing as mixing_schema
 from cpt_jax.schema import replay as replay_schema
+from cpt_jax.schema import train as train_schema
+from cpt_jax.schema.train import validate_divergence
 
 ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
-ON_DIVERGENCE = ("stop", "rollback")  # train.on_divergence
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
-ON_CONFIG_CHANGE = ("stop", "continue")  # train.on_config_change
 # Integer keys that must be >= 1 / >= 0 (checked first, so later checks may divide by them).
 POSITIVE_INTS = {"model": ("vocab_size", "vocab_pad_multiple", "d_model", "num_layers",
                            "num_heads", "num_kv_heads", "mlp_dim"),
@@ -86,40 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
       attention="native",  # 'native' (einsum; best on CPU), 'dot_product' or 'cudnn' (GPU).
   )
 
-  c.train = config_dict.create(
-      steps=200,  # Optimizer steps in this run (stage).
-      global_batch_size=16,  # Rows per step over all processes.
-      grad_accum_steps=1,  # Microbatches per step.
-      z_loss=0.0,  # Coefficient of the log(Z)^2 penalty.
-      log_every=10,  # Steps between metric writes.
-      eval_every=0,  # Steps between per-domain validation evals (0: end only).
-      eval_batches=4,  # Validation batches per domain per eval (0: all).
-      checkpoint_every=100,  # Steps between checkpoints (the final step is always saved).
-      keep_checkpoints=2,  # Checkpoints kept in the workdir.
-      async_checkpoints=True,  # Write checkpoints in the background.
-      init_checkpoint="",  # Warm-start params from this checkpoint dir (another run).
-      init_from_hf="",  # Warm-start from a Hugging Face folder (config.json + safetensors);
-      # sets config.model from it and data.vocab to its tokenizer when data.vocab='byte'.
-      progress_bar=True,  # tqdm progress bar with rate and ETA when stderr is a terminal;
-      # otherwise (pods, redirected logs) and when False, one line per log window.
-      peak_flops=0.0,  # One device's peak FLOP/s; MFU divides by it x devices (0: measure).
-      on_divergence="stop",  # A NaN/Inf loss or params, or a loss spike: 'stop' (naming the
-      # newest good checkpoint) or 'rollback' (reload it, skip the batches since; divergence.py).
-      loss_spike_factor=0.0,  # >1: a log window's mean loss above this x the previous
-      # window's counts as divergence (0: off).
-      max_rollbacks=3,  # 'rollback': rollbacks in a stage before it stops (kept in checkpoints).
-      on_config_change="stop",  # A resume / staged rerun whose settings differ from the
-      # workdir's recorded ones (config.json + config_history.jsonl) outside the allow-list
-      # (train/workdir.py ALLOWED_CHANGES: train.steps extension, eval / checkpoint cadence,
-      # progress bar, budget caps, mesh, ...): 'stop' before the first step, printing
-      # `key: old -> new`, or 'continue' (the change and its step go into the history, the
-      # summary's config_changes and report.md).
-      profile_steps="",  # 'a:b': a jax.profiler trace of steps a+1..b in <workdir>/profile
-      # (TensorBoard's profile plugin: tensorboard --logdir <workdir>/profile); '' = off.
-      lock_stale_minutes=30.0,  # The workdir lock (run.lock) of a run on another host whose
-      # heartbeat (touched every minute) is older than this is stale and taken over (0: never);
-      # on this host a lock whose pid is not running always is.
-  )
+  c.train = train_schema.default_train_config()
 
   c.optimizer = config_dict.create(
       lr=3e-3,  # Peak learning rate.
@@ -235,20 +202,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if cfg.optimizer.schedule not in LR_SCHEDULES:
     raise ValueError(f"optimizer.schedule={cfg.optimizer.schedule!r}; expected one of "
                      f"{LR_SCHEDULES}")
-  if t.steps < 1:
-    raise ValueError(f"train.steps={t.steps} must be >= 1")
-  if t.on_config_change not in ON_CONFIG_CHANGE:
-    raise ValueError(f"train.on_config_change={t.on_config_change!r}; expected one of "
-                     f"{ON_CONFIG_CHANGE}")
-  if t.lock_stale_minutes < 0:
-    raise ValueError(f"train.lock_stale_minutes={t.lock_stale_minutes} must be >= 0 (0: never "
-                     "take over another host's lock)")
-  if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
-    raise ValueError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
-                     f"train.grad_accum_steps={t.grad_accum_steps}")
-  if t.global_batch_size % process_count:
-    raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
+  train_schema.validate_train_config(t, process_count)
   if num_devices is not None:
     shape = shd.resolve_mesh_shape(cfg.sharding.mesh_shape, num_devices)
     dp = shape[0] * shape[1]
@@ -273,10 +227,6 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   o = cfg.objective
   if min(o.lambda_kd, o.lambda_replay, o.replay_kd, o.l2sp, o.ewc) < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / replay_kd / l2sp / ewc must be >= 0")
-  validate_divergence(t)
-  parse_profile_steps(t.profile_steps)
-  if t.init_checkpoint and t.init_from_hf:
-    raise ValueError("set one of train.init_checkpoint and train.init_from_hf, not both")
   if (o.lambda_kd > 0 or o.replay_kd > 0 or o.l2sp > 0 or o.ewc > 0) \
       and not t.init_checkpoint and not t.init_from_hf \
       and not is_staged(cfg):
@@ -296,27 +246,6 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     if "decomposition" in cfg.stages[name]:
       decomposition_schema.validate_decomposition_config(
           stage_config(cfg, name).decomposition, f"stages.{name}.decomposition", LR_SCHEDULES)
-
-
-def validate_divergence(t: ml_collections.ConfigDict, where: str = "train") -> None:
-  """`train.on_divergence` / `loss_spike_factor` / `max_rollbacks`, and enough checkpoints
-  kept for a rollback to find a good one: the newest good step must still be kept when the
-  divergence is found (a spike is found at the end of its log window)."""
-  if t.on_divergence not in ON_DIVERGENCE:
-    raise ValueError(f"{where}.on_divergence={t.on_divergence!r}; expected one of {ON_DIVERGENCE}")
-  if t.loss_spike_factor != 0 and not t.loss_spike_factor > 1:
-    raise ValueError(f"{where}.loss_spike_factor={t.loss_spike_factor} must be 0 (off) or > 1")
-  if t.max_rollbacks < 0:
-    raise ValueError(f"{where}.max_rollbacks={t.max_rollbacks} must be >= 0")
-  if t.on_divergence == "rollback":
-    spike = -(-t.log_every // t.checkpoint_every) if t.loss_spike_factor else 0
-    need = max(2, spike + 1)
-    if t.keep_checkpoints < need:
-      raise ValueError(
-          f"{where}.keep_checkpoints={t.keep_checkpoints}: {where}.on_divergence='rollback' needs "
-          f">= {need} (the newest good step is one before the divergence"
-          + (f", and before the log window of {t.log_every} steps a spike is found in, "
-             f"at {where}.checkpoint_every={t.checkpoint_every})" if spike else ")"))
 
 
 # ---------------------------------------------------------------- stages
@@ -402,28 +331,6 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
   return out
 
 
-def parse_profile_steps(spec: str) -> tuple[int, int] | None:
-  """'a:b' -> (a, b) with 0 <= a < b; '' -> None; raises naming train.profile_steps."""
-  if not spec:
-    return None
-  try:
-    a, b = (int(x) for x in spec.split(":"))
-  except ValueError:
-    raise ValueError(f"train.profile_steps={spec!r}: expected 'a:b' (steps a+1..b)") from None
-  if not 0 <= a < b:
-    raise ValueError(f"train.profile_steps={spec!r}: expected 0 <= a < b")
-  return a, b
-
-
-def resolve_progress_bar(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of cfg whose train.progress_bar is True only when stderr is a terminal (pods
-  and redirected logs get one line per log window instead: hooks.ProgressLog)."""
-  out = copy.deepcopy(cfg)
-  with out.unlocked():
-    out.train.progress_bar = bool(cfg.train.progress_bar) and sys.stderr.isatty()
-  return out
-
-
 # ----------------------------------------------------------------- the key reference
 
 _KEY_LINE = re.compile(r"^\s*(?:c\.)?([A-Za-z_]\w*)\s*=(?!=)\s*(.*?)\s*$")
@@ -460,7 +367,7 @@ def _key_comments(source: str) -> dict[str, str]:
 
 def _group_sources() -> list[str]:
   sources = [inspect.getsource(default_config)]
-  for module in (data_schema, mixing_schema, replay_schema, decomposition_schema):
+  for module in (train_schema, data_schema, mixing_schema, replay_schema, decomposition_schema):
     sources += [inspect.getsource(f) for n, f in vars(module).items()
                 if n.startswith("default_") and callable(f)]
   return sources

@@ -14,9 +14,9 @@ narrow objects in `Env` (see ARCHITECTURE.md).
 
 from __future__ import annotations
 
-from cpt_jax import config as config_lib
 from cpt_jax.mixing import hook as mixing_hook
 from cpt_jax.replay import hook as replay_hook
+from cpt_jax.schema import train as train_schema
 from cpt_jax.train import hooks as hooks_lib
 
 
@@ -32,7 +32,7 @@ def make_hooks(env: hooks_lib.Env) -> list[hooks_lib.Hook]:
   if layout.has_delta and dc.eval_without_tau:
     out.append(hooks_lib.EvalWithoutTau(env.evaluate, layout))
   out.append(hooks_lib.MetricsWriter(env.writer))  # after the controller: its weights logged
-  profile = config_lib.parse_profile_steps(env.config.train.profile_steps)
+  profile = train_schema.parse_profile_steps(env.config.train.profile_steps)
   if profile is not None:
     out.append(hooks_lib.Profile(profile, env.workdir))
   if not env.config.train.progress_bar:  # resolved: False unless stderr is a terminal

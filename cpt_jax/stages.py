@@ -50,6 +50,7 @@ from cpt_jax.data import sources as sources_lib
 from cpt_jax.eval import report as report_lib
 from cpt_jax.model import hf
 from cpt_jax.schema import data as data_config
+from cpt_jax.schema import train as train_schema
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import trainer as trainer_lib
 from cpt_jax.train import workdir as workdir_lib
@@ -64,13 +65,13 @@ def make_trainer(config: ml_collections.ConfigDict, workdir: str,
   """A Trainer for one stage with every feature its config can ask for (replay selection,
   rate controller, budget stop, ...: `features.make_hooks`)."""
   kwargs.setdefault("hooks_fn", features.make_hooks)
-  return trainer_lib.Trainer(config_lib.resolve_progress_bar(config), workdir, **kwargs)
+  return trainer_lib.Trainer(train_schema.resolve_progress_bar(config), workdir, **kwargs)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str, Any]:
   """Trains one stage with its features (`make_trainer`); returns the run summary."""
   kwargs.setdefault("hooks_fn", features.make_hooks)
-  return trainer_lib.train(config_lib.resolve_progress_bar(config), workdir, **kwargs)
+  return trainer_lib.train(train_schema.resolve_progress_bar(config), workdir, **kwargs)
 
 def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None) -> dict:
   """{domain: role} of a stage's data config (patterns resolved)."""

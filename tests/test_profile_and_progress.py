@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cpt_jax import config as config_lib
+from cpt_jax.schema import train as train_schema
 from cpt_jax.train import hooks as hooks_lib
 from tests import helpers
 
@@ -15,11 +16,11 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
   c = config_lib.default_config()
   assert c.train.progress_bar is True
   monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-  assert config_lib.resolve_progress_bar(c).train.progress_bar is False
+  assert train_schema.resolve_progress_bar(c).train.progress_bar is False
   monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-  assert config_lib.resolve_progress_bar(c).train.progress_bar is True
+  assert train_schema.resolve_progress_bar(c).train.progress_bar is True
   c.train.progress_bar = False
-  assert config_lib.resolve_progress_bar(c).train.progress_bar is False
+  assert train_schema.resolve_progress_bar(c).train.progress_bar is False
 
 
 def test_progress_log_writes_one_line_per_window():
