@@ -91,8 +91,9 @@ def test_a_plain_run_and_its_export_load_no_torch(after_a_run):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "the run's TensorBoard writer (clu.metric_writers in cpt_jax/train/metrics.py) imports "
-    "TensorFlow; writing the events with tensorboard.summary.writer.EventFileWriter would not"))
+    "the run's TensorBoard writer (clu.metric_writers in cpt_jax/train/metrics.py) loads "
+    "TensorFlow for tf.io.gfile, as tensorboard's EventFileWriter would; local event files "
+    "written with tensorboard's RecordWriter over a plain file would not"))
 def test_a_plain_run_loads_no_tensorflow(after_a_run):
   assert after_a_run == []
 
