@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.abc  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -16,6 +17,29 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark harnesses live outside the package
+
+NO_TORCH_HERE = ("torch", "transformers")
+
+
+class _NoTorchHere(importlib.abc.MetaPathFinder):
+  """Refuses torch and transformers in the test process (issue 21).
+
+  seqio loads TensorFlow here; TensorFlow, then torch, then transformers'
+  LlamaForCausalLM segfaults with CUDA builds of torch. Tests that need them run
+  tests/hf_parity_worker.py in a subprocess. A library that tries them gets the usual
+  ImportError of an optional dependency.
+  """
+
+  def find_spec(self, fullname, path=None, target=None):
+    del path, target
+    if fullname.split(".")[0] in NO_TORCH_HERE:
+      raise ModuleNotFoundError(f"{fullname} must not load in the test process, beside TensorFlow "
+                        f"(segfaults, issue 21): run it in a subprocess such as "
+                        f"tests/hf_parity_worker.py", name=fullname)
+    return None
+
+
+sys.meta_path.insert(0, _NoTorchHere())
 
 
 def corpora_dir() -> pathlib.Path | None:

@@ -1,12 +1,19 @@
 """Hugging Face import/export: exact round trips, sharded loading, bad input, parity.
 
-The parity tests build tiny random models with `transformers` (PyTorch, CPU)
-and need the `hf` extra (`pip install -e '.[hf]'`); they skip without it.
+Import and export need the `hf` extra (safetensors with numpy, tokenizers), never torch.
+The parity tests compare with tiny random `transformers` models (PyTorch, CPU) built and
+run by tests/hf_parity_worker.py in a subprocess, so that torch never loads beside the
+TensorFlow and JAX of this process (issue 21). They need the test-only `parity` extra
+(`pip install -e '.[dev,hf,parity]'`) and skip without it.
 """
 
 import dataclasses
+import importlib.metadata
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -239,11 +246,28 @@ def test_cli_exports_an_orbax_checkpoint(tmp_path):
 # ---------------------------------------------------------------- parity with transformers
 
 
-@pytest.fixture(name="transformers", scope="module")
-def _transformers():
-  why = "parity tests need torch and transformers: pip install -e '.[hf]'"
-  pytest.importorskip("torch", reason=why)
-  return pytest.importorskip("transformers", reason=why)
+WORKER = pathlib.Path(__file__).with_name("hf_parity_worker.py")
+PARITY_WHY = ("parity tests need torch and transformers (run in a subprocess by "
+              f"{WORKER.name}): pip install -e '.[dev,hf,parity]'")
+
+
+def _installed(dist):
+  """Whether `dist` is installed, without importing it (torch never loads in this process)."""
+  try:
+    importlib.metadata.distribution(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+  return True
+
+
+def _worker(*args):
+  """Runs hf_parity_worker.py (torch + transformers only); returns its JSON answer."""
+  env = {**os.environ, "USE_TF": "0", "USE_FLAX": "0", "USE_JAX": "0", "USE_TORCH": "1"}
+  res = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True,
+                       text=True, timeout=900, env=env, check=False)
+  if res.returncode != 0:
+    pytest.fail(f"{WORKER.name} {args[0]} exited {res.returncode}:\n{res.stderr[-6000:]}")
+  return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 FAMILIES = {
@@ -253,38 +277,51 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {}),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
 }
+TOKENS_BxL = np.random.default_rng(0).integers(0, HF_KW["vocab_size"], (2, 48))
+
+
+@pytest.fixture(name="references", scope="module")
+def _references(tmp_path_factory):
+  """Every family built by transformers in one worker run: {family: (folder, logits, class)}."""
+  if not (_installed("torch") and _installed("transformers")):
+    pytest.skip(PARITY_WHY)
+  root = tmp_path_factory.mktemp("hf_ref")
+  np.save(root / "tokens.npy", TOKENS_BxL)
+  models = {name: {"config_class": cls, "kwargs": {**HF_KW, **extra}, "dir": str(root / name),
+                   "logits": str(root / f"{name}.npy")}
+            for name, (cls, extra) in FAMILIES.items()}
+  (root / "spec.json").write_text(json.dumps({"tokens": str(root / "tokens.npy"),
+                                              "models": models}))
+  classes = _worker("build", root / "spec.json")
+  return {name: (root / name, np.load(m["logits"]), classes[name]) for name, m in models.items()}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_logits_match_transformers(tmp_path, transformers, family):
-  import torch  # pylint: disable=g-import-not-at-top
-  config_cls, extra = FAMILIES[family]
-  torch.manual_seed(0)
-  hf_cfg = getattr(transformers, config_cls)(**HF_KW, **extra)
-  model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
-  with torch.no_grad():  # non-trivial norms and biases
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight") or name.endswith("bias"):
-        p.add_(torch.randn_like(p) * 0.2)
-  model.eval().save_pretrained(tmp_path / "hf")
-  tokens_BxL = np.random.default_rng(0).integers(0, HF_KW["vocab_size"], (2, 48))
-  with torch.no_grad():
-    want = model(torch.tensor(tokens_BxL)).logits.numpy()
-
-  cfg = ModelConfig(**hf.hf_model_config(str(tmp_path / "hf"), seq_len=48))
-  params = hf.load_hf_params(str(tmp_path / "hf"), cfg)
-  logits = lambda c, p: np.asarray(jax.jit(Transformer(c).apply)({"params": p}, tokens_BxL))
+def test_logits_match_transformers(tmp_path, references, family):
+  folder, want, hf_class = references[family]
+  cfg = ModelConfig(**hf.hf_model_config(str(folder), seq_len=48))
+  params = hf.load_hf_params(str(folder), cfg)
+  logits = lambda c, p: np.asarray(jax.jit(Transformer(c).apply)({"params": p}, TOKENS_BxL))
   got = logits(cfg, params)
   print(f"{family}: max |logit diff| = {np.abs(got - want).max():.2e}")
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   if cfg.rope_scaling:  # the scaling matters at this length
     assert np.abs(logits(dataclasses.replace(cfg, rope_scaling=""), params) - want).max() > 1e-3
 
-  hf.save_hf(params, cfg, tmp_path / "out", like=str(tmp_path / "hf"),
+  hf.save_hf(params, cfg, tmp_path / "out", like=str(folder),
              max_shard_bytes=100_000)  # sharded, with an index
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out",
-                                                           attn_implementation="eager")
-  assert type(back) is type(model)
-  with torch.no_grad():
-    again = back.eval()(torch.tensor(tokens_BxL)).logits.numpy()
-  np.testing.assert_allclose(again, want, atol=1e-5, rtol=0)
+  np.save(tmp_path / "tokens.npy", TOKENS_BxL)
+  back = _worker("load", tmp_path / "out", tmp_path / "tokens.npy", tmp_path / "again.npy")
+  assert back["class"] == hf_class
+  np.testing.assert_allclose(np.load(tmp_path / "again.npy"), want, atol=1e-5, rtol=0)
+
+
+def test_parity_worker_refuses_to_run_beside_tensorflow_or_jax(tmp_path):
+  """The worker fails, rather than risk the crash, when JAX or TensorFlow is loaded with it."""
+  if not (_installed("torch") and _installed("transformers")):
+    pytest.skip(PARITY_WHY)
+  code = (f"import runpy, sys, jax; sys.argv = ['w', 'load', {str(tmp_path)!r}, 'x', 'y']; "
+          f"runpy.run_path({str(WORKER)!r}, run_name='__main__')")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600, check=False)
+  assert res.returncode != 0 and "['jax']" in res.stderr, res.stderr[-3000:]

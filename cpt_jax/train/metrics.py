@@ -1,4 +1,4 @@
-"""Metric sinks (JSONL + TensorBoard via clu; on a resume the records past its step are
+"""Metric sinks (JSONL + TensorBoard event files; on a resume the records past its step are
 dropped) and a matmul peak probe for MFU."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import struct
 import time
 from typing import Any, Mapping
@@ -13,7 +14,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.train import workdir as workdir_lib
@@ -43,6 +45,33 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     elif np.ndim(v) == 0 and isinstance(v, (int, float, np.number)):
       out[key] = float(v)
   return out
+
+
+class LocalEventFile:
+  """TensorBoard scalars in a local event file, without TensorFlow.
+
+  tensorboard's own EventFileWriter and clu's writer both go through tf.io.gfile and so
+  load TensorFlow when it is installed; this writes the same records with plain file I/O.
+  """
+
+  def __init__(self, folder: str):
+    os.makedirs(folder, exist_ok=True)
+    name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+    self._records = RecordWriter(open(os.path.join(folder, name), "wb"))
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])))
+
+  def flush(self) -> None:
+    self._records.flush()
+
+  def close(self) -> None:
+    self._records.close()
 
 
 class MetricsWriter:
@@ -80,7 +109,9 @@ class MetricsWriter:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     self._file = open(self.path, "a", encoding="utf-8")
     self._eval_file = open(self.eval_path, "a", encoding="utf-8")
-    if self.tb_dir is not None:
+    if self.tb_dir is not None and "://" not in self.tb_dir:
+      self._tb = LocalEventFile(self.tb_dir)
+    elif self.tb_dir is not None:  # gs:// and other remote folders: TensorFlow's gfile, via clu
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
       self._tb = metric_writers.create_default_writer(self.tb_dir, just_logging=False,
                                                       asynchronous=True)
