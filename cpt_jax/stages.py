@@ -59,7 +59,6 @@ SUMMARY = "summary.json"
 BASELINE = "baseline.json"
 
 
-
 def make_trainer(config: ml_collections.ConfigDict, workdir: str,
                  **kwargs) -> trainer_lib.Trainer:
   """A Trainer for one stage with every feature its config can ask for (replay selection,
@@ -72,6 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str
   """Trains one stage with its features (`make_trainer`); returns the run summary."""
   kwargs.setdefault("hooks_fn", features.make_hooks)
   return trainer_lib.train(train_schema.resolve_progress_bar(config), workdir, **kwargs)
+
 
 def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None) -> dict:
   """{domain: role} of a stage's data config (patterns resolved)."""

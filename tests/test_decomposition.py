@@ -233,7 +233,8 @@ def test_frozen_sigma_has_no_optimizer_state_and_bytes_are_reported():
   tau_bytes = sb["params"]["tau"]
   assert 2 * tau_bytes <= sb["opt_state"]["tau"] <= 2 * tau_bytes + 64  # Adam mu, nu + counts
   assert sb["trainable_params"] == tau_bytes // 4
-  assert sb["params"]["sigma"] == state_lib.param_bytes(state.params["sigma"])
+  assert sb["params"]["sigma"] == sum(x.size * x.dtype.itemsize
+                                      for x in jax.tree.leaves(state.params["sigma"]))
   s2, m = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   assert _equal(s2.params["sigma"], state.params["sigma"])
   assert not _equal(s2.params["tau"], state.params["tau"])

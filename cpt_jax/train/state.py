@@ -90,11 +90,3 @@ def with_params(model_params: Any, layout: Any, shardings: TrainState,
                       frozen={})
 
   return jax.jit(build, out_shardings=out_sh)(model_params)
-
-
-def param_bytes(tree: Any) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def param_count(tree: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))

@@ -58,6 +58,7 @@ from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import context as context_lib
 from cpt_jax.train import divergence as divergence_lib
 from cpt_jax.train import hooks as hooks_lib
+from cpt_jax.train import layout as layout_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
 from cpt_jax.train import regularizers
@@ -366,7 +367,7 @@ class Trainer:
       log(f"{name}: stopped at step {start} by its budget earlier ({self.budget.reason}); "
           "not training further")
     log(f"{name}: {how}; steps {start}..{t.steps}; "
-        f"{state_lib.param_count(self.state.params):,} params on mesh {dict(self.ctx.mesh.shape)}")
+        f"{layout_lib.tree_size(self.state.params):,} params on mesh {dict(self.ctx.mesh.shape)}")
     if self.is_lead:
       self.identity.record(start, how)
     # Parameter / optimizer-state bytes per group (sigma / tau, or 'model').
