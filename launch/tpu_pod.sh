@@ -3,6 +3,7 @@
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.key=value ...]
 #   launch/tpu_pod.sh --status TPU_NAME ZONE RUN_ID
+#   launch/tpu_pod.sh --stop TPU_NAME ZONE
 #
 # What it does:
 #   1. packs this checkout (tar, without .git, run folders, caches, build outputs) with the
@@ -29,6 +30,9 @@
 #                     `launch/tpu_pod.sh --status TPU_NAME ZONE RUN_ID` (exit 0: all done and
 #                     0; 1: a worker failed or reported nothing; 3: still running)
 #   CPT_RUN_ID        name of the per-run folder (default: UTC time + random suffix)
+#   CPT_VENV          a virtual environment, relative to the workers' home (e.g. venv), made
+#                     once (--system-site-packages) and put first on PATH for the installs
+#                     and the run; for images whose system pip refuses installs (PEP 668)
 #   CPT_INSTALL=0     skip the pip installs (the workers already have jax[tpu] and the deps)
 #   CPT_JAX_SPEC      what pip installs for JAX (default: jax[tpu])
 #   CPT_PIP           pip command on the workers (default: python3 -m pip)
@@ -37,7 +41,9 @@
 # On the workers (rarely changed): CPT_TPU_DEVICES (device files whose holders are stopped;
 # default /dev/accel* /dev/vfio/[0-9]*) and CPT_TPU_LOCKFILE (default /tmp/libtpu_lockfile).
 #
-# Each worker's output goes to ~/cpt_runs/RUN_ID/log; the launch shows worker 0's.
+# Each worker's output goes to ~/cpt_runs/RUN_ID/log; the launch shows worker 0's. The run
+# goes on when the launch is interrupted (Ctrl-C); `--stop` stops every run of this script on
+# the slice (SIGTERM, so it checkpoints; SIGKILL after CPT_KILL_GRACE) and removes the lockfile.
 set -euo pipefail
 
 readonly RUNS=cpt_runs  # per-run folders, under the worker's home
@@ -54,25 +60,24 @@ worker_id() {
     2>/dev/null || hostname
 }
 
-# Prints "STATE PGRP" of process $1 ("" when it is gone).
-proc_state() {
-  local s
-  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
-  read -r -a s <<< "${s##*) }"  # the fields after "(comm)": state ppid pgrp ...
-  echo "${s[0]} ${s[2]}"
+# Sets PSTATE and PGRP of process $1 (builtins only: no fork per process); fails when gone.
+proc_fields() {
+  local s f=()
+  { read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
+  read -r -a f <<< "${s##*) }"  # the fields after "(comm)": state ppid pgrp ...
+  PSTATE=${f[0]}; PGRP=${f[2]}
 }
 
 # Live (non-zombie) process ids in process group $1.
 group_members() {
-  local p st
+  local p
   for p in /proc/[0-9]*; do
-    st=$(proc_state "${p#/proc/}")
-    [ -n "$st" ] && [ "${st% *}" != Z ] && [ "${st#* }" = "$1" ] && echo "${p#/proc/}"
+    proc_fields "${p#/proc/}" && [ "$PSTATE" != Z ] && [ "$PGRP" = "$1" ] && echo "${p#/proc/}"
   done
   return 0
 }
 
-alive() { local st; st=$(proc_state "$1"); [ -n "$st" ] && [ "${st% *}" != Z ]; }
+alive() { proc_fields "$1" && [ "$PSTATE" != Z ]; }
 
 # Process ids (other than this shell) with one of the files $@ open.
 holders() {
@@ -93,7 +98,7 @@ stop_stale() {
   for pidfile in "$HOME/$RUNS"/*/pid; do
     [ -f "$pidfile" ] || continue
     dir=$(dirname "$pidfile")
-    [ "$dir" = "$this" ] && continue
+    [ "$dir" = "$this" ] || [ -L "$dir" ] && continue  # this run; `latest`
     pgid=$(cat "$pidfile")
     if [ -n "$(group_members "$pgid")" ]; then
       echo "$MARK stopping run $(basename "$dir") (process group $pgid)"
@@ -152,6 +157,10 @@ worker() {
   cd "$dir"
   stop_stale "$dir"
   rm -f "${CPT_TPU_LOCKFILE:-/tmp/libtpu_lockfile}"
+  if [ -n "$CPT_VENV" ]; then
+    [ -x "$HOME/$CPT_VENV/bin/python3" ] || python3 -m venv --system-site-packages "$HOME/$CPT_VENV"
+    export PATH="$HOME/$CPT_VENV/bin:$PATH"
+  fi
   if [ "$CPT_INSTALL" != 0 ]; then
     read -r -a pip <<< "$CPT_PIP"
     if ! { "${pip[@]}" install -q -U "$CPT_JAX_SPEC" && "${pip[@]}" install -q -e "$dir/code"; } \
@@ -183,6 +192,16 @@ worker() {
   wait "$pid" && rc=0 || rc=$?
   if [ -n "$tail_pid" ]; then sleep 0.5; kill "$tail_pid" 2>/dev/null || true; fi
   exit "$rc"
+}
+
+# Stops every run of this script on this worker (`--stop`).
+worker_stop() {
+  W=$(worker_id)
+  # shellcheck source=/dev/null  # CPT_KILL_GRACE of the last launch
+  . "$HOME/$RUNS/latest/settings"
+  stop_stale ""
+  rm -f "${CPT_TPU_LOCKFILE:-/tmp/libtpu_lockfile}"
+  echo "$MARK worker $W exit 0"
 }
 
 # Prints the status line of run folder $1 on this worker.
@@ -249,6 +268,19 @@ status() {
   exit "$rc"
 }
 
+stop() {
+  [ $# -eq 2 ] || die "usage: $0 --stop TPU_NAME ZONE"
+  TPU_NAME=$1; ZONE=$2
+  local tmp rc=0
+  tmp=$(mktemp)
+  remote "$tmp" "f=\"\$HOME/$RUNS/latest/code/launch/tpu_pod.sh\"
+if [ -f \"\$f\" ]; then exec bash \"\$f\" --worker-stop; fi
+echo \"$MARK worker \$(hostname) exit 0 (no runs)\"" || true
+  summarise < "$tmp" || rc=$?
+  rm -f "$tmp"
+  exit "$rc"
+}
+
 launch() {
   [ $# -ge 4 ] || die "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [--config.key=value ...]"
   TPU_NAME=$1; ZONE=$2
@@ -257,6 +289,9 @@ launch() {
   repo=$(cd "$(dirname "$0")/.." && pwd)
   run_id=${CPT_RUN_ID:-$(date -u +%Y%m%d-%H%M%S)-$RANDOM}
   check_name CPT_RUN_ID "$run_id"
+  if ! [[ ${CPT_VENV:-} =~ ^([A-Za-z0-9._-]+/?)*$ ]] || [[ ${CPT_VENV:-} == *..* ]]; then
+    die "CPT_VENV must be a folder below the workers' home, got '$CPT_VENV'"
+  fi
   read -r -a entry <<< "${CPT_ENTRY:-python3 -m cpt_jax.main}"
   [ "${#entry[@]}" -gt 0 ] || die "CPT_ENTRY is empty"
   case $workdir in
@@ -272,14 +307,15 @@ launch() {
   # then caches anywhere.
   tar -czf "$stage/code.tar.gz" -C "$repo" \
     --anchored --exclude=./.git --exclude='./workdir*' --exclude=./runs --exclude=./build \
-    --exclude=./dist --exclude=./.venv --exclude=./.pytest_cache \
-    --no-anchored --exclude-vcs --exclude=__pycache__ --exclude='*.pyc' \
+    --exclude=./dist --exclude=./.venv --exclude=./.benchmarks \
+    --no-anchored --exclude-vcs --exclude=__pycache__ --exclude='*.pyc' --exclude='.*_cache' \
     --exclude='*.egg-info' .
   printf '%s\0' "${entry[@]}" "--config=$config" "--workdir=$workdir" \
     --config.distributed.initialize=yes "$@" > "$stage/argv"
   {
     printf 'CPT_DETACH=%q\n' "${CPT_DETACH:-0}"
     printf 'CPT_INSTALL=%q\n' "${CPT_INSTALL:-1}"
+    printf 'CPT_VENV=%q\n' "${CPT_VENV:-}"
     printf 'CPT_JAX_SPEC=%q\n' "${CPT_JAX_SPEC:-jax[tpu]}"
     printf 'CPT_PIP=%q\n' "${CPT_PIP:-python3 -m pip}"
     printf 'CPT_KILL_GRACE=%q\n' "${CPT_KILL_GRACE:-30}"
@@ -309,6 +345,8 @@ case ${1:-} in
   --job) job "$2" ;;
   --worker) worker "$2" ;;
   --worker-status) worker_status "$2" ;;
+  --worker-stop) worker_stop ;;
   --status) shift; status "$@" ;;
+  --stop) shift; stop "$@" ;;
   *) launch "$@" ;;
 esac

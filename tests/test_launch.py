@@ -76,7 +76,8 @@ def slice_(tmp_path):
   (pkg / "workdir.py").write_text("# a module named like a run folder: it ships\n")
   # What must not ship: version control, run folders, caches, build outputs.
   for junk in (".git/objects/pack", "workdir/checkpoints", "workdir_demo", "runs/x",
-               "build/lib", "fakepkg.egg-info", "fakepkg/__pycache__", ".pytest_cache"):
+               "build/lib", "fakepkg.egg-info", "fakepkg/__pycache__", ".pytest_cache",
+               ".import_linter_cache"):
     (repo / junk).mkdir(parents=True)
     (repo / junk / "junk.bin").write_bytes(b"x" * 10)
   (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
@@ -151,6 +152,22 @@ def test_tpu_ships_code_without_git_or_run_folders_and_relaunch_runs_new_code(sl
     assert not list(home(i).glob("cpt_bundle_*"))  # the copied bundle is unpacked, removed
 
 
+def test_tpu_venv_comes_first_on_path(slice_):
+  _, _, home, launch, _ = slice_
+  for i in range(2):
+    python3 = home(i) / "venv" / "bin" / "python3"
+    python3.parent.mkdir(parents=True)
+    python3.write_text(f'#!/bin/sh\necho "$@" >> "$HOME/venv.log"\nexec {sys.executable} "$@"\n')
+    python3.chmod(0o755)
+  r = launch(extra_env={"CPT_VENV": "venv"})
+  assert r.returncode == 0, r.stdout + r.stderr
+  for i in range(2):
+    (line,) = (home(i) / "venv.log").read_text().splitlines()
+    assert line.startswith("-m fakepkg.main --config=configs/demo.py")
+  r = launch(extra_env={"CPT_VENV": "../elsewhere"})
+  assert r.returncode == 2 and "CPT_VENV must be" in r.stderr
+
+
 def test_tpu_failing_run_fails_the_launch(slice_):
   _, _, home, launch, _ = slice_
   r = launch("--exit_status=3")
@@ -209,6 +226,16 @@ def test_tpu_detached_run_survives_the_ssh_session_and_reports_its_status(slice_
       (home(i) / "cpt_runs" / "run-a" / "exit_status").exists() for i in range(2)))
   s = subprocess.run(status, env=env, capture_output=True, text=True, timeout=30)
   assert s.returncode == 5, s.stdout + s.stderr
+  # --stop ends a detached run (SIGTERM: its status is 128 + 15).
+  r = launch("--sleep=600", extra_env={"CPT_DETACH": "1", "CPT_RUN_ID": "run-b"})
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert _wait_for(lambda: all(len(_records(home(i), i)) == 3 for i in range(2)))
+  stop = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "--stop", "my-tpu",
+                         "us-east5-a"], env=env, capture_output=True, text=True, timeout=30)
+  assert stop.returncode == 0 and stop.stdout.count("stopping run run-b") == 2, stop.stdout
+  s = subprocess.run(status[:-1] + ["run-b"], env=env, capture_output=True, text=True,
+                     timeout=30)
+  assert s.returncode == 128 + signal.SIGTERM, s.stdout + s.stderr
   # A launch into an existing run folder is refused.
   r = launch(extra_env={"CPT_RUN_ID": "run-a"})
   assert r.returncode != 0 and "choose another CPT_RUN_ID" in r.stdout
