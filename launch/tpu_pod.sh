@@ -112,6 +112,7 @@ stop_stale() {
   done
   if [ "${#devs[@]}" -gt 0 ]; then
     for t in $(holders "${devs[@]}"); do
+      alive "$t" || continue
       echo "$MARK stopping process $t (holds the TPU)"
       kill -TERM "$t" 2>/dev/null || die "cannot stop process $t holding the TPU (another user's? try: sudo kill $t)"
       pids+=("$t")

@@ -294,6 +294,12 @@ def test_srun_tasks_split_the_gpus_of_their_node(slurm, opts, expected):
           for rank in range(len(expected))] == expected
 
 
+def test_srun_gpus_that_do_not_split_evenly_are_an_error(slurm):
+  _, env = slurm
+  r = _srun(env, "--nodes=1", "--ntasks-per-node=3", "--gpus-per-node=8")
+  assert r.returncode == 2 and "8 GPUs on this node do not split over 3 tasks" in r.stderr
+
+
 def test_srun_failing_task_fails_the_step(slurm):
   out, env = slurm
   r = _srun(env, "--nodes=2", args=["--exit_status=4"])
