@@ -15,7 +15,8 @@
 #      process holding the TPU, removes /tmp/libtpu_lockfile, installs `jax[tpu]` and the
 #      checkout, and starts the run under `setsid nohup` (it survives the ssh session);
 #   3. waits for the run and exits with its status: 0 when every worker's run exited 0,
-#      otherwise the first non-zero status (1 when a worker reported nothing).
+#      otherwise the first non-zero status (1 when one of the workers that
+#      `gcloud compute tpus tpu-vm describe` lists reported nothing).
 #
 # The run is `$CPT_ENTRY --config=CONFIG --workdir=WORKDIR --config.distributed.initialize=yes
 # OVERRIDES...` in the unpacked checkout; jax.distributed.initialize() then finds the
@@ -28,7 +29,8 @@
 #   CPT_DETACH=1      return once every worker has started; the run's status is then
 #                     written to ~/cpt_runs/RUN_ID/exit_status on each worker and read back by
 #                     `launch/tpu_pod.sh --status TPU_NAME ZONE RUN_ID` (exit 0: all done and
-#                     0; 1: a worker failed or reported nothing; 3: still running)
+#                     0; 3: still running; else the first failure's status, 1 when a worker
+#                     reported nothing)
 #   CPT_RUN_ID        name of the per-run folder (default: UTC time + random suffix)
 #   CPT_VENV          a virtual environment, relative to the workers' home (e.g. venv), made
 #                     once (--system-site-packages) and put first on PATH for the installs
@@ -221,10 +223,11 @@ worker_status() {
 # ------------------------------------------------------- on the launching machine
 
 # The exit status from the workers' status lines on stdin (the last line of each worker
-# counts): 0 when all exited 0 (or, detached, started); the first failure's status (1 when it
-# has none) when one failed or none reported; 3 when one is still running.
+# counts), $1 workers expected (0: unknown): 0 when all exited 0 (or, detached, started); the
+# first failure's status (1 when it has none) when one failed, or 1 when fewer reported; 3 when
+# one is still running.
 summarise() {
-  local line w n=0 bad=0 running=0 first=""
+  local expected=${1:-0} line w n=0 bad=0 running=0 first=""
   local -A last=()
   while IFS= read -r line; do
     [[ $line =~ ^"$MARK worker "([^ ]+)" "(.*)$ ]] || continue
@@ -241,11 +244,29 @@ summarise() {
          first=${first:-$line} ;;
     esac
   done
-  echo "tpu_pod.sh: $n worker(s) reported: $bad failed, $running running" >&2
+  echo "tpu_pod.sh: $n of ${expected/#0/?} worker(s) reported: $bad failed, $running running" >&2
   [ "$n" -eq 0 ] && return 1
+  if [ "$n" -lt "$expected" ]; then
+    echo "tpu_pod.sh: $((expected - n)) worker(s) of $TPU_NAME reported nothing" >&2
+    return 1
+  fi
   [ "$bad" -gt 0 ] && return "$first"
   [ "$running" -gt 0 ] && return 3
   return 0
+}
+
+# Number of workers of the slice (0 when gcloud cannot say).
+count_workers() {
+  local ips
+  ips=$(gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" \
+          --format='value(networkEndpoints[].ipAddress)' 2>/dev/null) || ips=""
+  if [ -z "$ips" ]; then
+    echo "tpu_pod.sh: warning: could not count the workers of $TPU_NAME" >&2
+    echo 0
+    return
+  fi
+  ips=${ips//[^;]/}
+  echo $(( ${#ips} + 1 ))
 }
 
 check_name() { [[ $2 =~ ^[A-Za-z0-9._-]+$ ]] || die "$1 must match [A-Za-z0-9._-]+, got '$2'"; }
@@ -264,7 +285,7 @@ status() {
   local tmp rc=0
   tmp=$(mktemp)
   remote "$tmp" "bash \"\$HOME/$RUNS/$3/code/launch/tpu_pod.sh\" --worker-status \"\$HOME/$RUNS/$3\"" || true
-  summarise < "$tmp" || rc=$?
+  summarise "$(count_workers)" < "$tmp" || rc=$?
   rm -f "$tmp"
   exit "$rc"
 }
@@ -277,7 +298,7 @@ stop() {
   remote "$tmp" "f=\"\$HOME/$RUNS/latest/code/launch/tpu_pod.sh\"
 if [ -f \"\$f\" ]; then exec bash \"\$f\" --worker-stop; fi
 echo \"$MARK worker \$(hostname) exit 0 (no runs)\"" || true
-  summarise < "$tmp" || rc=$?
+  summarise "$(count_workers)" < "$tmp" || rc=$?
   rm -f "$tmp"
   exit "$rc"
 }
@@ -286,7 +307,7 @@ launch() {
   [ $# -ge 4 ] || die "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [--config.key=value ...]"
   TPU_NAME=$1; ZONE=$2
   local config=$3 workdir=$4; shift 4
-  local repo run_id stage entry=() gcloud_rc=0 rc=0
+  local repo run_id stage workers entry=() gcloud_rc=0 rc=0
   repo=$(cd "$(dirname "$0")/.." && pwd)
   run_id=${CPT_RUN_ID:-$(date -u +%Y%m%d-%H%M%S)-$RANDOM}
   check_name CPT_RUN_ID "$run_id"
@@ -323,6 +344,7 @@ launch() {
   } > "$stage/settings"
   tar -cf "$stage/bundle.tar" -C "$stage" code.tar.gz argv settings
 
+  workers=$(count_workers)
   echo "tpu_pod.sh: run $run_id: copying $(du -h "$stage/bundle.tar" | cut -f1) to the workers of $TPU_NAME" >&2
   gcloud compute tpus tpu-vm scp --zone "$ZONE" --worker=all \
     "$stage/bundle.tar" "$TPU_NAME:cpt_bundle_$run_id.tar"
@@ -334,7 +356,7 @@ mkdir -p \"\$d/code\"; tar -xf \"\$b\" -C \"\$d\"; rm -f \"\$b\"
 tar -xzf \"\$d/code.tar.gz\" -C \"\$d/code\"; rm -f \"\$d/code.tar.gz\"
 exec bash \"\$d/code/launch/tpu_pod.sh\" --worker \"\$d\""
   remote "$stage/remote.log" "$boot" || gcloud_rc=$?
-  summarise < "$stage/remote.log" || rc=$?
+  summarise "$workers" < "$stage/remote.log" || rc=$?
   if [ "${CPT_DETACH:-0}" = 1 ] && [ "$rc" -eq 0 ]; then
     echo "tpu_pod.sh: run $run_id started; status: $0 --status $TPU_NAME $ZONE $run_id" >&2
   fi

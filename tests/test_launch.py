@@ -127,7 +127,7 @@ def test_tpu_overrides_arrive_intact_on_every_worker(slice_):
         "install -q -U jax[tpu]", f"install -q -e {run / 'code'}"]
   assert not pathlib.Path("/tmp/pwned").exists()
   assert "stand-in run on 0 done" in r.stdout  # worker 0's log is streamed
-  assert "2 worker(s) reported: 0 failed" in r.stderr
+  assert "2 of 2 worker(s) reported: 0 failed" in r.stderr
 
 
 def test_tpu_ships_code_without_git_or_run_folders_and_relaunch_runs_new_code(slice_):
@@ -239,6 +239,13 @@ def test_tpu_detached_run_survives_the_ssh_session_and_reports_its_status(slice_
   # A launch into an existing run folder is refused.
   r = launch(extra_env={"CPT_RUN_ID": "run-a"})
   assert r.returncode != 0 and "choose another CPT_RUN_ID" in r.stdout
+
+
+def test_tpu_worker_that_reports_nothing_fails_the_launch(slice_):
+  _, _, _, launch, _ = slice_
+  r = launch(extra_env={"FAKE_TPU_DESCRIBE_WORKERS": "3"})  # ssh reaches 2 of 3
+  assert r.returncode == 1, r.stdout + r.stderr
+  assert "1 worker(s) of my-tpu reported nothing" in r.stderr
 
 
 def test_tpu_bad_arguments_are_refused_before_any_copy(slice_):
