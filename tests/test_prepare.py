@@ -190,6 +190,50 @@ def test_dataset_dict_validation_split_id_field_and_jsonl_text_field(data, tmp_p
 
 
 @needs_datasets
+def test_text_files_divide_by_paragraph(tmp_path):
+  paragraphs = [f"paragraph {i} of the notes,\nits second line" for i in range(60)]
+  (tmp_path / "notes").mkdir()
+  for k in range(2):
+    (tmp_path / "notes" / f"part{k}.txt").write_text("\n\n".join(paragraphs[k::2]) + "\n")
+  _ok("--hf", tmp_path / "notes" / "*.txt", "--text_by", "paragraph", "--domain", "notes",
+      "--out", tmp_path / "corpus", "--validation_fraction", "0.3")
+  got = _read_back(tmp_path / "corpus", "notes")
+  assert sorted(t.strip() for t in got["train"] + got["validation"]) == sorted(paragraphs)
+
+
+PEAK_RSS = textwrap.dedent("""
+    import resource, subprocess, sys
+    res = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # KiB
+""")
+
+
+@needs_datasets
+def test_memory_does_not_grow_with_the_dataset(tmp_path):
+  """Peak memory of prepare on 66 MB of JSONL against 22 MB: the same within 16 MB.
+
+  (`datasets` reads JSON in blocks of 10 MB: both files are past the first block.)"""
+  doc = " ".join(_WORDS) * 30  # about 4 KB
+
+  def peak_kib(n_docs, name):
+    path = tmp_path / f"{name}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+      for i in range(n_docs):
+        f.write(json.dumps({"text": f"{i} {doc}"}, ensure_ascii=False) + "\n")
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "cpt_jax.data.prepare", "--hf",
+         str(path), "--domain", name, "--out", str(tmp_path / "corpus")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return int(res.stdout.split()[-1])
+
+  small, large = peak_kib(5_000, "small"), peak_kib(15_000, "large")
+  assert (tmp_path / "corpus" / "large" / "train.jsonl").stat().st_size > 60e6
+  assert large - small < 16 * 1024, (small, large)
+
+
+@needs_datasets
 @pytest.mark.parametrize("args, match", [
     (("--hf", "{data}/my_dataset", "--text_field", "body"),
      r"--text_field 'body'.*has no such field; it has \['n', 'text', 'title'\]"),
