@@ -242,6 +242,8 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path):
      r"splits \['train', 'validation'\], not 'test' \(--split"),
     (("--hf", "{data}/my_dataset", "--validation_split", "validation"),
      r"--validation_split: .*single dataset without splits"),
+    (("--hf", "{data}/docs.jsonl", "--text_field", "body", "--validation_split", "test"),
+     r"--validation_split: .*names data files, which have no splits"),
     (("--hf", "some-user/some-dataset"),
      r"--hf 'some-user/some-dataset': could not be loaded from the Hugging Face Hub"),
     (("--hf", "{data}/nothing/*.parquet"), r"--hf .*: no file matches"),

@@ -199,6 +199,10 @@ def _hf_records(o: Options, split: str) -> tuple[Iterable[dict], str]:
   files = sorted(glob.glob(path)) if glob.has_magic(path) else (
       [path] if os.path.isfile(path) else [])
   kwargs = {"split": split, "streaming": True}
+  if files and split != o.split:
+    raise PrepareError(f"--validation_split: --hf {o.hf!r} names data files, which have no "
+                       "splits; use --validation_fraction (or a folder with train / "
+                       "validation files)")
   if files:
     kinds = {_FILE_BUILDERS.get(_ext(f)) for f in files}
     if None in kinds or len(kinds) != 1:
@@ -383,7 +387,7 @@ def main(argv=None) -> int:
     print("error: give --validation_fraction or --validation_split, not both", file=sys.stderr)
     return 2
   if a["validation_fraction"] is None:
-    a["validation_fraction"] = d.validation_fraction
+    a["validation_fraction"] = 0.0 if a["validation_split"] else d.validation_fraction
   try:
     summary = prepare(Options(**a))
   except PrepareError as e:
