@@ -68,8 +68,8 @@ HF_FIXTURES = textwrap.dedent("""
 
 def _env():
   path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-  return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": ""}
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1",
+          "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 
 
 def _build_tfds(data_dir: pathlib.Path, dataset_name: str, docs) -> None:
