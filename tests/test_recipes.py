@@ -1,6 +1,7 @@
 """The real-model recipe end to end on CPU: a tiny random HF-format Llama checkpoint
 (written here with the project's own export), imported, continued with replay + KD,
-exported again, through the commands of the recipe's docstring (`:cpu-smoke`)."""
+exported again, through the commands of the recipe's docstring (`:cpu-smoke`); the exported
+folder read by `transformers` gives this project's logits."""
 
 import json
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from cpt_jax import export as export_lib
 from cpt_jax.model import hf
 from cpt_jax.model.transformer import ModelConfig, Transformer
+from tests import test_hf
 from tests.conftest import REPO
 
 pytest.importorskip("safetensors", reason="safetensors not installed: pip install -e '.[hf]'")
@@ -55,7 +57,10 @@ def write_corpus(root):
   return root
 
 
-def test_llama_recipe_cpu_smoke_imports_trains_with_replay_and_kd_and_exports(tmp_path):
+@pytest.fixture(name="recipe", scope="module")
+def _recipe(tmp_path_factory):
+  """The `:cpu-smoke` recipe's commands: (start folder, workdir, exported folder)."""
+  tmp_path = tmp_path_factory.mktemp("recipe")
   model = tmp_path / "Llama-tiny"
   model.mkdir()
   write_llama_folder(model)
@@ -67,6 +72,13 @@ def test_llama_recipe_cpu_smoke_imports_trains_with_replay_and_kd_and_exports(tm
        f"--config.data.corpus_dir={corpus}"],
       capture_output=True, text=True, cwd=REPO, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  out = tmp_path / "exported"
+  export_lib.main(["--checkpoint", str(workdir), "--out", str(out), "--like", str(model)])
+  return model, workdir, out
+
+
+def test_llama_recipe_cpu_smoke_imports_trains_with_replay_and_kd_and_exports(recipe):
+  model, workdir, out = recipe
   run_cfg = json.loads((workdir / "config.json").read_text())
   assert run_cfg["train"]["init_from_hf"] == str(model)
   assert run_cfg["data"]["vocab"] == str(model / "tokenizer.json")
@@ -76,8 +88,6 @@ def test_llama_recipe_cpu_smoke_imports_trains_with_replay_and_kd_and_exports(tm
   assert all(np.isfinite(r["loss"]) for r in records)
   assert all(r["teacher_rows"] > 0 and "replay" in r["role_loss"] for r in records), \
       "replay rows in every window, distilled by the teacher (replay_kd)"
-  out = tmp_path / "exported"
-  export_lib.main(["--checkpoint", str(workdir), "--out", str(out), "--like", str(model)])
   exported = json.loads((out / "config.json").read_text())
   assert exported["architectures"] == ["LlamaForCausalLM"]
   assert (out / "tokenizer.json").is_file()
@@ -85,3 +95,24 @@ def test_llama_recipe_cpu_smoke_imports_trains_with_replay_and_kd_and_exports(tm
   trained = hf.load_hf_params(str(out), MODEL)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), start, trained)
   assert max(jax.tree.leaves(moved)) > 0, "continued pre-training changed the weights"
+
+
+def test_the_exported_folder_loads_in_transformers_with_the_projects_logits(recipe, tmp_path):
+  """`transformers` (in tests/hf_parity_worker.py's process) reads the recipe's export and
+  gives the logits this project computes from the same folder, in float32."""
+  if not (test_hf._installed("torch") and test_hf._installed("transformers")):
+    pytest.skip(test_hf.PARITY_WHY)
+  _, _, out = recipe
+  cfg = ModelConfig(**hf.hf_model_config(str(out)))  # float32 compute (the default)
+  assert cfg.vocab_size == MODEL.vocab_size and cfg.num_layers == MODEL.num_layers
+  tokens_BxL = np.random.default_rng(1).integers(0, len(WORDS), (2, 24))
+  tokens_BxL[:, 0] = WORDS.index("<|begin_of_text|>")  # rows start as the recipe's do
+  params = hf.load_hf_params(str(out), cfg)
+  ours_BxLxV = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, tokens_BxL))
+  np.save(tmp_path / "tokens.npy", tokens_BxL)
+  answer = test_hf._worker("load", out, tmp_path / "tokens.npy", tmp_path / "theirs.npy")
+  assert answer["class"] == "LlamaForCausalLM"
+  theirs_BxLxV = np.load(tmp_path / "theirs.npy")
+  assert theirs_BxLxV.shape == ours_BxLxV.shape == (2, 24, MODEL.vocab_size)
+  print(f"max |logit diff| = {np.abs(ours_BxLxV - theirs_BxLxV).max():.2e}")
+  np.testing.assert_allclose(ours_BxLxV, theirs_BxLxV, atol=1e-4, rtol=0)
