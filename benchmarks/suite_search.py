@@ -36,19 +36,24 @@ GAIN_PENALTY = 10.0
 
 
 def default_grid(s: suite.Settings) -> list[dict]:
-  """The 1% candidates: online selection with replay KD; KD weight and temperature, refresh
-  window and swap share (8 of the 24 combinations, a fixed fractional design)."""
-  every = [max(s.cpt_steps // 6, 1), max(s.cpt_steps // 12, 1)]
-  combos = [(4.0, 1.0, every[0], 0.25), (2.0, 1.0, every[0], 0.25),
-            (4.0, 2.0, every[0], 0.25), (4.0, 1.0, every[1], 0.25),
-            (4.0, 1.0, every[0], 0.5), (2.0, 2.0, every[1], 0.5),
-            (8.0, 1.0, every[1], 0.25), (1.0, 1.0, every[0], 0.5)]
-  out = []
-  for kd, temp, ev, swap in combos:
-    out.append({"name": f"online_0.01+kd{kd:g}_t{temp:g}_e{ev}_w{swap:g}", "strategy": "online",
-                "fraction": 0.01, "replay_kd": kd,
-                "overrides": {"objective.kd_temperature": temp, "replay.online_every": ev,
-                              "replay.online_swap": swap}})
+  """The 1% candidates, all with replay KD: `online` around the reference's setting (KD
+  weight 4, temperature 1, a refresh every cpt_steps / 6, swap 0.25) varied one knob at a
+  time (KD weight 2, temperature 2, refresh every cpt_steps / 12, swap 0.5, per-domain
+  quotas 0.5), and `gradient` with T's sign / mean direction."""
+  every, fast = max(s.cpt_steps // 6, 1), max(s.cpt_steps // 12, 1)
+  # (replay_kd, kd_temperature, online_every, online_swap, online_quota); names spell them
+  # all, so that no candidate shares a run directory with a suite row.
+  online = [(4.0, 1.0, every, 0.25, 0.0), (2.0, 1.0, every, 0.25, 0.0),
+            (4.0, 2.0, every, 0.25, 0.0), (4.0, 1.0, fast, 0.25, 0.0),
+            (4.0, 1.0, every, 0.5, 0.0), (4.0, 1.0, every, 0.25, 0.5)]
+  out = [{"name": f"online_0.01+kd{kd:g}_t{t:g}_e{e}_w{w:g}_q{q:g}", "strategy": "online",
+          "fraction": 0.01, "replay_kd": kd,
+          "overrides": {"objective.kd_temperature": t, "replay.online_every": e,
+                        "replay.online_swap": w, "replay.online_quota": q}}
+         for kd, t, e, w, q in online]
+  out += [{"name": f"gradient_0.01+kd4_{tag}", "strategy": "gradient", "fraction": 0.01,
+           "replay_kd": 4.0, "overrides": {"replay.grad_sign": sign}}
+          for tag, sign in (("sign", True), ("mean", False))]
   return out
 
 

@@ -6,11 +6,15 @@ with respect to the unembedding W (D x V) is G_i = (1/n_i) sum_t h_t e_t^T.
 A step W <- W - lr U along T's direction U changes row i's loss by about
 -lr <G_i, U>, so rows with the most negative <G_i, U> are the ones T's update
 interferes with most (A-GEM, Chaudhry et al. 2019; GradMatch, Killamsetty et
-al. 2021; LESS, Xia et al. 2024, "Selecting Influential Data for Targeted
-Instruction Tuning", scores candidates by their gradient's inner product with
-a target set's Adam-preconditioned gradient). U is T's mean G over a few
-batches, or its sign (`replay.grad_sign`: Adam's first step, as LESS
-preconditions with Adam). <G_i, U> = (1/n_i) sum_t (h_t^T U) . e_t is taken
+al. 2021). This is the forecast of Jin & Ren, "What Will My Model Forget?
+Forecasting Forgotten Examples in Language Model Refinement" (ICML 2024,
+arXiv:2402.01865): an upstream example's logits move by the online examples'
+logit changes times a kernel of their representations, and the examples
+forecast to be forgotten are the ones to replay; here the kernel is the
+unembedding's own (h_j . h_i), so the forecast needs no training. LESS (Xia et
+al. 2024, arXiv:2402.04333) likewise scores candidates by their gradient's
+inner product with a target's Adam-preconditioned gradient: U is T's mean G
+over a few batches, or its sign (`replay.grad_sign`: Adam's first step). <G_i, U> = (1/n_i) sum_t (h_t^T U) . e_t is taken
 without forming G_i: per token one D x V matmul, the size of the unembedding.
 
 FLOPs per token (2 per multiply-add, as model.flops_per_token): the forward,
