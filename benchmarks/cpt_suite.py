@@ -7,7 +7,7 @@ r"""Replay selection benchmark: forgetting vs replay size and selection cost.
   python benchmarks/cpt_suite.py ... --random-fractions pareto   # random 0.5-25%
   python benchmarks/cpt_suite.py ... --search 24        # choose on dev (suite_search.py)
   python benchmarks/cpt_suite.py ... --add-rows OUT.chosen.json   # the chosen config's row
-  python benchmarks/cpt_suite.py ... --preset gpu       # ~27M params, one GPU, ~10 min
+  python benchmarks/cpt_suite.py ... --preset gpu       # 34M params, one GPU, ~10 min
 
 Pretrains M on --old (cached in --cache, keyed by the pretrain settings), then
 continues pre-training on --new at equal T tokens for every row (see
@@ -58,7 +58,7 @@ def main(argv=None):
   p.add_argument("--corpora", default=os.environ.get("CPT_CORPORA", ""))
   p.add_argument("--json", required=True, help="output JSON path")
   p.add_argument("--preset", default="", choices=("", "gpu"),
-                 help="gpu: ~27M params, 2 seeds, the rows that matter (suite_lib.gpu_preset)")
+                 help="gpu: 34M params, 2 seeds, the rows that matter (suite_lib.gpu_preset)")
   p.add_argument("--quick", action="store_true",
                  help="small model, 1 seed, 5%% column only (with --preset: the preset's rows)")
   p.add_argument("--old", default=None, help="comma-separated pretraining domains")
