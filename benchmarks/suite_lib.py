@@ -137,8 +137,8 @@ def split_corpus(s: Settings) -> str:
     for split in ("train", "validation"):
       path = os.path.join(folder, f"{split}.jsonl")
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"cpt_suite: domain {d!r} has no {path} (the suite reads "
-                                "JSONL corpora)")
+        raise FileNotFoundError(f"cpt_suite: domain {d!r} has no {path}: the dev / test "
+                                "split reads JSONL corpora (--dev-share 0 turns it off)")
       st = os.stat(path)
       stamp.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
   key = hashlib.sha256(json.dumps([stamp, s.dev_share]).encode()).hexdigest()[:12]
