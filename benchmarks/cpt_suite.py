@@ -68,6 +68,8 @@ def main(argv=None):
   p.add_argument("--pretrain-steps", type=int, default=None)
   p.add_argument("--cpt-steps", type=int, default=None)
   p.add_argument("--strategies", default=None, help="comma-separated subset")
+  p.add_argument("--strategy-fractions", default=None,
+                 help="fractions of the strategy rows, comma-separated (default 0.01,0.05)")
   p.add_argument("--random-fractions", default=None,
                  help="random replay fractions, comma-separated, or 'pareto' (0.5-25%%)")
   p.add_argument("--extras", default="",
@@ -100,6 +102,7 @@ def main(argv=None):
           "cpt_steps": a.cpt_steps,
           "strategies": tuple(a.strategies.split(",")) if a.strategies else None,
           "random_fractions": _fractions(a.random_fractions),
+          "strategy_fractions": _fractions(a.strategy_fractions),
           "extras": tuple(x for x in a.extras.split(",") if x) or None, "only": a.only or None,
           "kd_strategies": tuple(a.kd_strategies.split(",")) if a.kd_strategies else None,
           "kd_weight": a.kd_weight, "dev_share": a.dev_share, "workers": a.workers}
