@@ -73,7 +73,7 @@ def t_direction(scorer, fns: Alignment, params: Any, batches: list[dict], sign: 
   total, rows, run_rows = None, 0, 0
   for local in batches:
     g_DxV, n = scorer.run_batch(fns.t_gradient, params, local)
-    g_DxV = np.asarray(jax.device_get(g_DxV), np.float64)
+    g_DxV = np.asarray(g_DxV, np.float64)
     total = g_DxV if total is None else total + g_DxV
     rows += int(n)
     run_rows += local["inputs"].shape[0] * jax.process_count()

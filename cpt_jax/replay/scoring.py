@@ -147,11 +147,13 @@ class Scorer:
     for chunk, (loss_B, pooled_BxD) in self.map(self._fwd, params, store, rows):
       yield chunk, loss_B.astype(np.float64), pooled_BxD
 
-  def run_batch(self, fn, params: Any, local: dict[str, np.ndarray], *args) -> Any:
-    """fn(params, global batch of this process's `local` rows, *args) on the mesh (jitted fn);
-    counts nothing (the caller adds its FLOPs to `extra_flops`)."""
+  def run_batch(self, fn, params: Any, local: dict[str, np.ndarray], *args
+                ) -> tuple[np.ndarray, ...]:
+    """fn(params, global batch of this process's `local` rows, *args) -> a tuple of arrays
+    (jitted fn), fetched to every process; counts nothing (the caller adds its FLOPs to
+    `extra_flops`)."""
     batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, self.mesh)
-    return self._run(fn, params, batch, *args)
+    return tuple(self._fetch(x) for x in self._run(fn, params, batch, *args))
 
   def losses(self, params: Any, store, rows: np.ndarray) -> np.ndarray:
     """Per-row mean loss of all `rows` (for small, bounded row sets)."""
