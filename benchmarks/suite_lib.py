@@ -11,6 +11,12 @@ the same number of T tokens (steps = cpt_steps x (1 + r) / T's share) and the
 same re-warmed cosine schedule shape. Each row is reported as mean and
 standard deviation over seeds.
 
+Dev / test: with `dev_share` > 0 each domain's validation documents are split
+deterministically (`split_corpus`: rank by sha256 of the document id) into a
+*dev* part, evaluated as the eval-only domain `<domain>__dev`, and a *test*
+part, the domain's own validation split. A row's `dev_*` columns are what a
+search may choose on (`search.py`); the other columns are test numbers.
+
 A finished run's row is cached in <work>/row.json under a key: the hash of the
 run's full config, its spec and seed, M's losses and the code version (the
 package's sources and the JAX version). A different key re-runs the row from
@@ -77,6 +83,9 @@ class Settings:
   kd_strategies: tuple[str, ...] = ("random",)
   kd_fraction: float = 0.01
   kd_weight: float = 4.0
+  # Share of each domain's validation documents moved to its dev part (0: no split; every
+  # column is then measured on the whole validation split).
+  dev_share: float = 0.5
 
   def pretrain_key(self) -> str:
     blob = json.dumps([os.path.abspath(self.corpora), sorted(self.old), self.new, self.d_model,
@@ -84,12 +93,103 @@ class Settings:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def quick(settings: Settings) -> Settings:
-  """--quick: a small model, short runs, one seed, the 5% column only."""
+DEV = "__dev"  # suffix of a domain's dev part (an eval-only domain)
+
+
+def suite_domains(s: Settings) -> list[str]:
+  return list(dict.fromkeys([*s.old, s.new]))
+
+
+def dev_domains(s: Settings) -> list[str]:
+  return [d + DEV for d in suite_domains(s)] if s.dev_share > 0 else []
+
+
+def _doc_id(line: str, i: int) -> str:
+  try:
+    return str(json.loads(line).get("id", i))
+  except (ValueError, AttributeError):
+    return str(i)
+
+
+def split_documents(lines: list[str], dev_share: float) -> tuple[list[str], list[str]]:
+  """(dev, test) lines: ranked by sha256('cpt-suite:dev:' + id), the first round(n x share)
+  go to dev (at least one to each part when n >= 2); each part keeps the file's order."""
+  n = len(lines)
+  rank = sorted(range(n), key=lambda i: hashlib.sha256(
+      ("cpt-suite:dev:" + _doc_id(lines[i], i)).encode()).hexdigest())
+  k = min(max(int(round(n * dev_share)), 1), n - 1) if n >= 2 else 0
+  dev = set(rank[:k])
+  return [l for i, l in enumerate(lines) if i in dev], [l for i, l in enumerate(lines)
+                                                         if i not in dev]
+
+
+def split_corpus(s: Settings) -> str:
+  """The suite's corpus with dev / test parts (built once under <cache>); s.corpora if none.
+
+  <d>/train.jsonl links to the original; <d>/validation.jsonl is the test part and
+  <d>__dev/validation.jsonl the dev part (eval-only: no train file).
+  """
+  if s.dev_share <= 0:
+    return s.corpora
+  src = {d: os.path.join(s.corpora, d) for d in suite_domains(s)}
+  stamp = []
+  for d, folder in sorted(src.items()):
+    for split in ("train", "validation"):
+      path = os.path.join(folder, f"{split}.jsonl")
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"cpt_suite: domain {d!r} has no {path}: the dev / test "
+                                "split reads JSONL corpora (--dev-share 0 turns it off)")
+      st = os.stat(path)
+      stamp.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+  key = hashlib.sha256(json.dumps([stamp, s.dev_share]).encode()).hexdigest()[:12]
+  out = os.path.join(s.cache, f"corpus-devtest-{key}")
+  if os.path.isdir(out):
+    return out
+  tmp = f"{out}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  for d, folder in src.items():
+    with open(os.path.join(folder, "validation.jsonl"), encoding="utf-8") as f:
+      lines = [l if l.endswith("\n") else l + "\n" for l in f if l.strip()]
+    dev, test = split_documents(lines, s.dev_share)
+    for name, part in ((d, test), (d + DEV, dev)):
+      os.makedirs(os.path.join(tmp, name), exist_ok=True)
+      with open(os.path.join(tmp, name, "validation.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(part)
+    os.symlink(os.path.abspath(os.path.join(folder, "train.jsonl")),
+               os.path.join(tmp, d, "train.jsonl"))
+  try:
+    os.rename(tmp, out)
+  except OSError:  # another process built it first
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
+def quick(settings: Settings, rows: bool = True) -> Settings:
+  """--quick: a small model, short runs, one seed; rows=True: the 5% column only."""
+  s = dataclasses.replace(settings, d_model=64, num_layers=1, seq_len=64, batch=16,
+                          pretrain_steps=200, cpt_steps=80, seeds=1, eval_batches=4)
+  if rows:
+    s = dataclasses.replace(s, random_fractions=(0.05,), strategy_fractions=(0.05,),
+                            kd_fraction=0.05)
+  return s
+
+
+# Random replay's fractions for the Pareto curve (--random-fractions pareto).
+PARETO_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
+
+
+def gpu_preset(settings: Settings) -> Settings:
+  """--preset gpu: 34M parameters (d 512, 8 layers, rows of 512 bytes), 2 seeds, the rows
+  that matter: no replay, random 1% / 5%, online 1% with and without replay KD.
+
+  Sized for about 10 minutes on one H100/H200 (runs one after another: workers 1).
+  """
   return dataclasses.replace(
-      settings, d_model=64, num_layers=1, seq_len=64, batch=16, pretrain_steps=200,
-      cpt_steps=80, seeds=1, random_fractions=(0.05,), strategy_fractions=(0.05,),
-      kd_fraction=0.05, eval_batches=4)
+      settings, d_model=512, num_layers=8, seq_len=512, batch=32, pretrain_steps=3000,
+      cpt_steps=800, lr=1e-3, cpt_lr=6e-4, seeds=2, random_fractions=(0.01, 0.05),
+      strategies=("online",), strategy_fractions=(0.01,), extras=("kd",),
+      kd_strategies=("online",), kd_fraction=0.01,
+      only="no_replay,random_0.01,random_0.05,online_0.01,online_0.01+kd*", workers=1)
 
 
 def base_config(s: Settings):
@@ -113,7 +213,7 @@ def pretrain(s: Settings) -> tuple[str, dict]:
     with open(done) as f:
       return os.path.join(work, "checkpoints"), json.load(f)
   c = base_config(s)
-  c.data.update(new=",".join(s.old), eval=s.new)
+  c.data.update(new=",".join(s.old), eval=",".join([s.new, *dev_domains(s)]))
   c.train.steps = s.pretrain_steps
   summary = stages.train(c, work, devices=jax.devices()[:1])
   losses = {d: v["loss"] for d, v in summary["eval"].items()}
@@ -249,7 +349,8 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
     group, name = key.split(".")
     c[group][name] = value
   trained = set((c.data.replay + "," + c.data.distill).split(","))
-  c.data.eval = ",".join(d for d in old if d not in trained)  # every old domain is evaluated
+  # Every old domain is evaluated (its test part), and every domain's dev part.
+  c.data.eval = ",".join([d for d in old if d not in trained] + dev_domains(s))
   steps = s.cpt_steps * (1 + (frac or 0.0) * t_share) / t_share
   c.train.steps = int(round(steps))
   return c
@@ -257,22 +358,40 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
 
 def _pool_rows(s: Settings) -> dict[str, int]:
   c = base_config(s)
-  c.data.update(new=s.new, replay=",".join(s.old), prefetch=0)
+  c.data.update(new=s.new, replay=",".join(s.old), prefetch=0, eval="")
   with data_lib.make_pipeline(c.data, global_batch_size=s.batch) as pipe:
     return {d: int(pipe.full_training_store(d).num_rows) for d in pipe.domains}
 
 
-def run_suite(s: Settings, log=print) -> dict[str, Any]:
-  """Runs (or reuses finished) runs; returns {'settings', 'm_loss', 'rows', 'table'}."""
+@dataclasses.dataclass
+class Bench:
+  """What every CPT run of a suite shares: settings (on the dev/test corpus), M, pools."""
+  s: Settings
+  ckpt: str
+  m_loss: dict
+  pools: dict
+  workdir: str
+  source: str  # the corpora as given (s.corpora is the dev/test copy)
+
+
+def prepare(s: Settings, log=print) -> Bench:
+  """Builds the dev/test corpus and M (both cached); the pools' row counts."""
   os.makedirs(s.cache, exist_ok=True)
+  source = s.corpora
+  s = dataclasses.replace(s, corpora=split_corpus(s))
   workdir = s.workdir or os.path.join(s.cache, f"cpt-{s.pretrain_key()}-{s.cpt_steps}")
   t0 = time.time()
   ckpt, m_loss = pretrain(s)
   log(f"M ready in {time.time() - t0:.0f}s: " + ", ".join(f"{d} {v:.3f}" for d, v in
                                                             m_loss.items()))
-  pools = _pool_rows(s)
-  jobs = [(spec, seed, os.path.join(workdir, f"{spec['name']}-s{seed}"))
-          for spec in select_specs(run_specs(s), s.only) for seed in range(s.seeds)]
+  return Bench(s, ckpt, m_loss, _pool_rows(s), workdir, source)
+
+
+def run_rows(b: Bench, jobs: list[tuple[dict, int]], log=print) -> list[dict]:
+  """The rows of (spec, seed) jobs, in order: cached ones reused, the others run."""
+  s, ckpt, m_loss, pools = b.s, b.ckpt, b.m_loss, b.pools
+  jobs = [(spec, seed, os.path.join(b.workdir, f"{spec['name']}-s{seed}"))
+          for spec, seed in jobs]
   done: dict[str, dict] = {}
   todo = []
   for spec, seed, work in jobs:
@@ -298,9 +417,19 @@ def run_suite(s: Settings, log=print) -> dict[str, Any]:
     done.update(_run_parallel(s, todo, ckpt, m_loss, pools, workers, report))
   log(f"{len(todo)} runs in {time.time() - t_runs:.0f}s with {min(workers, max(len(todo), 1))} "
       f"worker(s); {len(jobs) - len(todo)} reused")
-  rows = [done[work] for _, _, work in jobs]
-  return {"settings": dataclasses.asdict(s), "m_loss": m_loss, "rows": rows,
-          "table": aggregate(rows)}
+  return [done[work] for _, _, work in jobs]
+
+
+def run_suite(s: Settings, log=print, extra_specs: tuple[dict, ...] = ()) -> dict[str, Any]:
+  """Runs (or reuses finished) runs; returns {'settings', 'm_loss', 'rows', 'table'}.
+
+  extra_specs: rows beside the grid (e.g. a search's chosen configuration).
+  """
+  b = prepare(s, log)
+  specs = select_specs(run_specs(s), s.only) + list(extra_specs)
+  rows = run_rows(b, [(spec, seed) for spec in specs for seed in range(s.seeds)], log)
+  return {"settings": dict(dataclasses.asdict(b.s), source_corpora=b.source),
+          "m_loss": b.m_loss, "rows": rows, "table": aggregate(rows)}
 
 
 def run_one(s: Settings, spec: dict, seed: int, work: str, ckpt: str, m_loss: dict,
@@ -366,6 +495,12 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
   ev = {d: v["loss"] for d, v in summary["eval"].items()}
   old_loss = {d: ev[d] for d in s.old}
   forgetting = {d: ev[d] - m_loss[d] for d in s.old}
+  dev = {}
+  if s.dev_share > 0:  # the columns a search may choose on
+    dev_forgetting = {d: ev[d + DEV] - m_loss[d + DEV] for d in s.old}
+    dev = {"dev_forgetting": dev_forgetting,
+           "dev_mean_forgetting": float(np.mean(list(dev_forgetting.values()))),
+           "dev_new_gain": m_loss[s.new + DEV] - ev[s.new + DEV]}
   sel = summary.get("selection") or {}
   sel_tf = float(sel.get("tflops", 0.0))
   tok = summary["data"]["tokens_per_role"]
@@ -387,7 +522,8 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
           "buffer_rows": sel.get("buffer_rows"), "seconds": summary["seconds"],
           "seconds_per_step": summary["seconds"] / max(summary["steps_run"], 1),
           "trainable_params": summary.get("state_bytes", {}).get("trainable_params"),
-          "optimizer_bytes": sum(summary.get("state_bytes", {}).get("opt_state", {}).values())}
+          "optimizer_bytes": sum(summary.get("state_bytes", {}).get("opt_state", {}).values()),
+          **dev}
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -398,8 +534,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
            "buffer_rows": rs[0]["buffer_rows"]}
     agg["trainable_params"] = rs[0].get("trainable_params")
     agg["optimizer_bytes"] = rs[0].get("optimizer_bytes")
-    for k in ("mean_forgetting", "new_gain", "selection_tflops", "teacher_tflops", "total_tflops",
-              "selection_share", "seconds", "seconds_per_step"):
+    keys = ["mean_forgetting", "new_gain", "selection_tflops", "teacher_tflops", "total_tflops",
+            "selection_share", "seconds", "seconds_per_step", "replay_tokens"]
+    keys += [k for k in ("dev_mean_forgetting", "dev_new_gain") if k in rs[0]]
+    for k in keys:
       v = np.array([r.get(k, 0.0) for r in rs], np.float64)
       agg[k], agg[k + "_std"] = float(v.mean()), float(v.std(ddof=1) if v.size > 1 else 0.0)
     agg["old_loss"] = {d: float(np.mean([r["old_loss"][d] for r in rs]))
@@ -409,17 +547,26 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def format_table(table: list[dict]) -> str:
-  head = ("| run | replay | buffer rows | mean forgetting | gain on T | selection TF | "
-          "teacher TF | total TF | selection % | seconds | s/step | trainable params | "
-          "optimizer MB |")
-  lines = [head, "|" + "---|" * 13]
+  """The markdown table; forgetting and gain are test numbers, the dev columns follow."""
+  dev = any("dev_mean_forgetting" in r for r in table)
+  beats = any("beats_random_at" in r for r in table)  # set by suite_pareto.pareto
+  head = ("| run | replay | buffer rows | mean forgetting | gain on T | "
+          + ("dev forgetting | dev gain | " if dev else "")
+          + "selection TF | teacher TF | total TF | selection % | seconds | s/step | "
+          "trainable params | optimizer MB |" + (" beats random at |" if beats else ""))
+  lines = [head, "|" + "---|" * (13 + 2 * dev + beats)]
   for r in table:
     fr = r["replay_fraction"]
+    dev_cols = (f"{r.get('dev_mean_forgetting', float('nan')):.3f} | "
+                f"{r.get('dev_new_gain', float('nan')):.3f} | ") if dev else ""
     lines.append(
         f"| {r['name']} | {fr:.3g} | {r['buffer_rows'] or '-'} | "
         f"{r['mean_forgetting']:.3f} ± {r['mean_forgetting_std']:.3f} | "
-        f"{r['new_gain']:.3f} ± {r['new_gain_std']:.3f} | {r['selection_tflops']:.4f} | "
-        f"{r.get('teacher_tflops', 0.0):.4f} | {r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} | "
+        f"{r['new_gain']:.3f} ± {r['new_gain_std']:.3f} | {dev_cols}"
+        f"{r['selection_tflops']:.4f} | {r.get('teacher_tflops', 0.0):.4f} | "
+        f"{r['total_tflops']:.2f} | {100 * r['selection_share']:.2f} | {r['seconds']:.0f} | "
         f"{r.get('seconds_per_step', 0.0):.3f} | {r.get('trainable_params') or '-'} | "
-        f"{(r.get('optimizer_bytes') or 0) / 2**20:.1f} |")
+        f"{(r.get('optimizer_bytes') or 0) / 2**20:.1f} |"
+        + (f" {', '.join(f'{100 * b:g}%' for b in r.get('beats_random_at', [])) or '-'} |"
+           if beats else ""))
   return "\n".join(lines)

@@ -47,6 +47,24 @@ def train_one_device(config, workdir, **kw):
   return stages.train(config, str(workdir), devices=jax.devices()[:1], **kw)
 
 
+class Crash(Exception):
+  """Raised by `crash_then_resume`'s metrics callback."""
+
+
+def crash_then_resume(config, workdir, step: int):
+  """Trains until the metrics of `step` (then raises Crash), resumes to the end; the summary."""
+  def crash(s, record, pipeline):
+    if s == step:
+      raise Crash()
+  try:
+    train_one_device(config, workdir, on_metrics=crash)
+  except Crash:
+    pass
+  else:
+    raise AssertionError(f"the run never reached step {step}")
+  return train_one_device(config, workdir)
+
+
 WORDS = {
     "alpha": "the quick brown fox jumps over the lazy dog",
     "beta": "def f(x): return x * 2 + 1  # python code",

@@ -6,6 +6,8 @@ import sys
 
 from tests.conftest import REPO
 import suite_lib as suite  # benchmarks/ is on sys.path (conftest)
+import suite_pareto
+import suite_search
 from tests.helpers import write_corpus
 
 
@@ -64,6 +66,15 @@ def test_cpt_suite_quick_is_fair(tmp_path):
     assert r["selection_tflops"] <= 0.05 * r["total_tflops"] * (1 + 1e-9), n
   assert rows["random_0.05+kd"]["teacher_tflops"] > 0 == rows["random_0.05"]["teacher_tflops"]
   assert "| teacher_loss_0.05 |" in res.stdout
+  # Dev / test: every row carries both; M was evaluated on every domain's two parts.
+  assert {f"{d}__dev" for d in ("alpha", "beta", "gamma", "delta", "eps")} <= set(data["m_loss"])
+  for r in data["rows"]:
+    assert set(r["dev_forgetting"]) == {"alpha", "beta", "gamma", "delta"}
+    assert r["dev_mean_forgetting"] == sum(r["dev_forgetting"].values()) / 4
+  # The Pareto view: each table row flagged, the plot next to the JSON.
+  assert set(data["pareto"]["rows"]) == set(names)
+  assert all("beats_random_at" in r for r in data["table"])
+  assert (tmp_path / "out_pareto.png").stat().st_size > 1000
 
 
 def test_cpt_suite_kd_controller_and_decomposition_rows(tmp_path):
@@ -122,7 +133,7 @@ def _stub_suite(monkeypatch, tmp_path):
   monkeypatch.setattr(suite.stages, "train", train)
   s = suite.Settings(corpora=str(tmp_path), old=("a", "b"), new="t", unavailable="b",
                      cache=str(tmp_path / "cache"), only="no_replay,joint", seeds=1, workers=1,
-                     extras=())
+                     extras=(), dev_share=0.0)  # no corpus here: no dev / test split
   return suite, s, trained
 
 
@@ -166,3 +177,146 @@ def test_code_version_hashes_the_sources(tmp_path):
   (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
   assert suite.source_hash(str(tmp_path / "pkg")) != before
   assert suite.code_version() == suite.code_version()
+
+
+# ------------------------------------------------------------------ dev / test split
+def test_split_documents_is_deterministic_disjoint_and_balanced():
+  lines = [json.dumps({"id": f"doc{i}", "text": "x"}) + "\n" for i in range(10)]
+  dev, test = suite.split_documents(lines, 0.5)
+  assert len(dev) == 5 and len(test) == 5
+  assert sorted(dev + test) == sorted(lines)
+  assert [l for l in lines if l in dev] == dev  # file order kept
+  assert suite.split_documents(list(reversed(lines)), 0.5)[0] == list(reversed(dev))  # by id
+  # A document's part depends on its id only, not on its neighbours.
+  dev3, _ = suite.split_documents(lines[:3], 0.34)
+  assert len(dev3) == 1
+  assert suite.split_documents(lines[:1], 0.5) == ([], lines[:1])  # one doc: all test
+  assert len(suite.split_documents(lines[:2], 0.01)[0]) == 1  # each part gets one of two
+
+
+def test_split_corpus_writes_dev_and_test_parts(tmp_path):
+  corpus = write_corpus(tmp_path / "corpus", domains=("a", "b", "t"), docs=80)
+  s = suite.Settings(corpora=str(corpus), old=("a", "b"), new="t", unavailable="b",
+                     cache=str(tmp_path / "cache"))
+  out = suite.split_corpus(s)
+  assert suite.split_corpus(s) == out  # built once
+  for d in ("a", "b", "t"):
+    orig = (corpus / d / "validation.jsonl").read_text().splitlines()
+    test = (tmp_path / out / d / "validation.jsonl").read_text().splitlines()
+    dev = (tmp_path / out / f"{d}__dev" / "validation.jsonl").read_text().splitlines()
+    assert sorted(dev + test) == sorted(orig) and not set(dev) & set(test)
+    assert len(orig) == 10 and len(dev) == 5  # write_corpus: 80 // 8 validation docs
+    assert (tmp_path / out / d / "train.jsonl").read_text() == \
+        (corpus / d / "train.jsonl").read_text()
+    assert not (tmp_path / out / f"{d}__dev" / "train.jsonl").exists()  # eval-only
+  assert suite.split_corpus(suite.dataclasses.replace(s, dev_share=0)) == str(corpus)
+
+
+# ------------------------------------------------------------------ dev search
+def test_successive_halving_chooses_on_dev_within_the_run_budget():
+  """Four candidates; dev prefers a (test prefers d). Budget 8: rung 0 = 4 + ref, keeps 2;
+  rung 1 = 2 + ref, keeps 1; then it stops (8 runs)."""
+  # (dev forgetting, dev gain, test forgetting) per candidate; ref dev gain 1.00.
+  vals = {"a": (0.50, 1.00, 0.70), "b": (0.55, 1.00, 0.60), "c": (0.40, 0.95, 0.50),
+          "d": (0.60, 0.995, 0.10)}
+  grid = [{"name": n, "strategy": "online", "fraction": 0.01} for n in "abcd"]
+  ref = {"name": "random_0.05", "strategy": "random", "fraction": 0.05}
+  calls = []
+
+  def run(jobs):
+    calls.append([(sp["name"], seed) for sp, seed in jobs])
+    out = []
+    for sp, seed in jobs:
+      f, g, t = vals.get(sp["name"], (0.5, 1.0, 0.5))
+      out.append({"dev_mean_forgetting": f + 0.01 * seed, "dev_new_gain": g,
+                  "mean_forgetting": t})
+    return out
+
+  res = suite_search.successive_halving(grid, 8, 3, run, ref)
+  # Scores at rung 0: a 0.50, b 0.55, c 0.40 + 10 x (0.99 - 0.95) = 0.80, d 0.60 (gain
+  # 0.995 is within 0.01 of 1.00): kept a, b. Rung 1: a 0.505, b 0.555: a.
+  assert calls[0] == [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("random_0.05", 0)]
+  assert res["rungs"][0]["kept"] == ["a", "b"]
+  assert abs(res["rungs"][0]["dev_scores"]["c"] - 0.80) < 1e-9
+  assert calls[1] == [("a", 1), ("b", 1), ("random_0.05", 1)]
+  assert res["chosen"]["name"] == "a" and res["runs"] == 8 and len(calls) == 2
+  # A budget below rung 0 is refused before anything runs.
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="rung 0 needs 5"):
+    suite_search.successive_halving(grid, 4, 3, run, ref)
+  # Budget 6: rung 0 only (rung 1 would need 3 more); chosen = rung 0's best.
+  calls.clear()
+  assert suite_search.successive_halving(grid, 6, 3, run, ref)["chosen"]["name"] == "a"
+  assert len(calls) == 1
+
+
+def test_default_grid_names_are_unique_and_valid_overrides():
+  s = suite.Settings(corpora="x")
+  grid = suite_search.default_grid(s)
+  assert len({g["name"] for g in grid}) == len(grid) == 8
+  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  for g in grid:
+    for key in g["overrides"]:
+      group, name = key.split(".")
+      assert name in c[group], key
+
+
+# ------------------------------------------------------------------ Pareto view
+def _pt(name, frac, forget, gain, tf, tok):
+  return {"name": name, "replay_fraction": frac, "mean_forgetting": forget, "new_gain": gain,
+          "total_tflops": tf, "replay_tokens": tok}
+
+
+def test_pareto_frontier_and_beats_random_on_hand_made_points():
+  table = [_pt("random_0.005", 0.005, 0.95, 1.69, 10.05, 50),
+           _pt("random_0.01", 0.01, 0.90, 1.70, 10.1, 100),
+           _pt("random_0.05", 0.05, 0.50, 1.69, 10.5, 500),
+           _pt("random_0.25", 0.25, 0.30, 1.60, 12.5, 2500),
+           # 1%: forgets less than random 5% and gains within 0.01, cheaper: beats 5%.
+           _pt("x_0.01", 0.01, 0.48, 1.682, 10.4, 100),
+           # Same point but more FLOPs than random 5% (10.6 > 10.5): beats nothing.
+           _pt("y_0.01", 0.01, 0.48, 1.682, 10.6, 100),
+           # Gain 0.011 below random 5%'s: outside the margin.
+           _pt("z_0.01", 0.01, 0.45, 1.679, 10.4, 100),
+           _pt("no_replay", 0.0, 1.0, 1.70, 10.0, 0)]
+  out = suite_pareto.pareto(table)
+  assert [p["name"] for p in out["random_curve"]] == ["random_0.005", "random_0.01",
+                                                       "random_0.05", "random_0.25"]
+  # 0.005 is dominated by 0.01 (forgets more, gains less); the others trade off.
+  assert out["random_frontier"] == ["random_0.01", "random_0.05", "random_0.25"]
+  rows = out["rows"]
+  assert rows["x_0.01"]["beats_random_at"] == [0.05]
+  assert rows["y_0.01"]["beats_random_at"] == []
+  assert rows["z_0.01"]["beats_random_at"] == []
+  # random 1% beats random 0.5% (fewer tokens? no: 100 > 50): nothing.
+  assert rows["random_0.01"]["beats_random_at"] == []
+  # 0.7 lies halfway between 0.90 (1%) and 0.50 (5%): sqrt(0.01 x 0.05) = 0.02236.
+  assert abs(suite_pareto.equivalent_fraction(0.7, out["random_curve"]) - 0.0223607) < 1e-6
+  # 0.45 lies a quarter of the way from 0.50 (5%) to 0.30 (25%): 0.05 x 5^(1/4) = 0.074767.
+  assert abs(rows["z_0.01"]["random_equivalent_fraction"] - 0.0747674) < 1e-6
+  assert rows["no_replay"]["random_equivalent_fraction"] is None  # forgets more than 0.5%
+  # Overall frontier (forgetting, gain): x and y are the same point (neither dominates);
+  # z forgets less but gains less; random 0.5% is dominated.
+  assert out["frontier"] == ["random_0.01", "random_0.05", "random_0.25", "x_0.01", "y_0.01",
+                             "z_0.01"]
+
+
+def test_gpu_preset_quick_runs_its_rows_on_cpu(tmp_path):
+  """--preset gpu --quick: the preset's rows (no replay, random 1/5%, online 1% +-KD), small."""
+  import os  # pylint: disable=g-import-not-at-top
+  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
+  out = tmp_path / "gpu.json"
+  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--preset", "gpu",
+         "--quick", "--corpora", str(corpus), "--json", str(out),
+         "--cache", str(tmp_path / "cache"), "--old", "alpha,beta", "--new", "gamma",
+         "--unavailable", "beta", "--pretrain-steps", "6", "--cpt-steps", "12"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert [r["name"] for r in data["table"]] == ["no_replay", "random_0.01", "random_0.05",
+                                                "online_0.01", "online_0.01+kd"]
+  assert data["settings"]["workers"] == 1 and data["settings"]["d_model"] == 64
+  full = suite.gpu_preset(suite.Settings(corpora="x"))
+  assert (full.d_model, full.num_layers, full.seq_len, full.seeds) == (512, 8, 512, 2)

@@ -34,6 +34,7 @@ import numpy as np
 
 from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import planner as planner_lib
+from cpt_jax.replay import quota as quota_lib
 from cpt_jax.replay import scoring
 from cpt_jax.replay import strategies as strategies_lib
 
@@ -255,6 +256,7 @@ class OnlineBuffer:
     self.cursor = {d: int(v) for d, v in o.get("cursor", {}).items()}
     self.ref_loss = {d: np.asarray(v, np.float64) for d, v in o.get("ref_loss", {}).items()}
     self.refreshes, self.swaps = int(o.get("refreshes", 0)), int(o.get("swaps", 0))
+    self.forgetting = dict(o.get("forgetting", {}))  # per domain, at the last refresh
     self._timed = [0, 0.0]  # rows run and seconds of this invocation's refreshes
     if not self.ref_loss:
       rows = self.m.pipeline.replay_rows
@@ -306,31 +308,59 @@ class OnlineBuffer:
     t0, r0 = time.perf_counter(), self.m.scorer.rows_run
     rows = self.m.pipeline.replay_rows
     quotas = self._quotas()
-    new_rows = {}
+    scored = {}
     for d, buf in rows.items():
       cand, self.cursor[d] = self._candidates(d, self.cursor.get(d, 0), quotas.get(d, 0))
       cand = cand[~np.isin(cand, buf)]
-      buf_int = self._loss(params, d, buf) - self.ref_loss[d]
       cand_ref = self._loss(self.ref_params, d, cand)
-      cand_int = self._loss(params, d, cand) - cand_ref
+      scored[d] = (self._loss(params, d, buf) - self.ref_loss[d], cand, cand_ref,
+                   self._loss(params, d, cand) - cand_ref)
+    sizes = {d: int(np.size(b)) for d, b in rows.items()}
+    if self.m.rcfg.online_quota > 0:  # buffer rows move to the domains that forget most
+      # Each domain's mean buffer-row interference, averaged with the last refresh's
+      # estimate (an exponential average: a few buffer rows are a noisy measure).
+      now = {d: float(np.mean(v[0])) if v[0].size else 0.0 for d, v in scored.items()}
+      self.forgetting = {d: (now[d] + self.forgetting[d]) / 2 if d in self.forgetting
+                         else now[d] for d in now}
+      sizes = quota_lib.allocate(sum(sizes.values()),
+                                 {d: s.num_rows for d, s in self.m.stores.items()},
+                                 self.forgetting, self.m.rcfg.online_quota,
+                                 cap={d: sizes[d] + v[1].size for d, v in scored.items()})
+    new_rows = {}
+    for d, (buf_int, cand, cand_ref, cand_int) in scored.items():
+      buf, ref = rows[d].copy(), self.ref_loss[d].copy()
+      if sizes[d] < buf.size:  # keep the most interfered rows
+        keep = np.sort(np.argsort(-buf_int, kind="stable")[:sizes[d]])
+        buf, ref, buf_int = buf[keep], ref[keep], buf_int[keep]
+      elif sizes[d] > buf.size:  # add the most interfered candidates
+        add = np.argsort(-cand_int, kind="stable")[:sizes[d] - buf.size]
+        buf, ref = np.concatenate([buf, cand[add]]), np.concatenate([ref, cand_ref[add]])
+        buf_int = np.concatenate([buf_int, cand_int[add]])
+        rest = np.setdiff1d(np.arange(cand.size), add)
+        cand, cand_ref, cand_int = cand[rest], cand_ref[rest], cand_int[rest]
       s = min(int(self.m.rcfg.online_swap * buf.size), cand.size)
       out_pos = np.argsort(buf_int, kind="stable")[:s]
       in_pos = np.argsort(-cand_int, kind="stable")[:s]
       better = cand_int[in_pos] > buf_int[out_pos]
       out_pos, in_pos = out_pos[better], in_pos[better]
-      buf, ref = buf.copy(), self.ref_loss[d].copy()
       buf[out_pos], ref[out_pos] = cand[in_pos], cand_ref[in_pos]
       order_N = np.argsort(buf, kind="stable")
       new_rows[d], self.ref_loss[d] = buf[order_N], ref[order_N]
       self.swaps += int(out_pos.size)
     self.refreshes += 1
-    self.m.pipeline.set_replay_rows(new_rows)
+    weights = None
+    if self.m.rcfg.online_quota > 0:  # each buffer row still replayed equally often
+      weights = planner_lib.replay_weights(self.m.plan, self.m._configured_weights(),
+                                           self.m.roles, sizes)
+    self.m.pipeline.set_replay_rows(new_rows, weights)
     self._timed[0] += self.m.scorer.rows_run - r0
     self._timed[1] += time.perf_counter() - t0
-    _log(f"replay online refresh at step {step}: {self.swaps} swaps so far")
+    _log(f"replay online refresh at step {step}: {self.swaps} swaps so far"
+         + (f"; buffer rows per domain {sizes}" if self.m.rcfg.online_quota > 0 else ""))
 
   def state_dict(self) -> dict:
     return {"cursor": dict(self.cursor), "refreshes": self.refreshes, "swaps": self.swaps,
+            "forgetting": dict(self.forgetting),
             "ref_loss": {d: [float(x) for x in v] for d, v in self.ref_loss.items()}}
 
 

@@ -125,20 +125,35 @@ class Scorer:
     return packing.rows_to_batch(planes, np.zeros((per,), np.int32),
                                  np.full((per,), batch_lib.EVAL, np.int32), self.start_id)
 
-  def stream(self, params: Any, store, rows: np.ndarray
-             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (rows_B, loss_B, pooled_BxD) over `rows` of `store`, batch by batch."""
+  def map(self, fn, params: Any, store, rows: np.ndarray, *args
+          ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+    """Yields (rows_B, fn's outputs for those rows) over `rows` of `store`, batch by batch.
+
+    fn(params, batch, *args) -> a tuple of arrays with a leading row axis (jitted)."""
     rows = np.asarray(rows, np.int64)
     for start in range(0, rows.size, self.batch_rows):
       t0 = time.perf_counter()
       chunk = rows[start:start + self.batch_rows]
       batch = shd.global_batch(self._local_batch(store, chunk), self.mesh)
-      loss_B, pooled_BxD = self._run(self._fwd, params, batch)
-      loss_B, pooled_BxD = self._fetch(loss_B), self._fetch(pooled_BxD)
+      out = tuple(self._fetch(x)[:chunk.size] for x in self._run(fn, params, batch, *args))
       self.rows_scored += chunk.size
       self.rows_run += self.batch_rows
       self.seconds += time.perf_counter() - t0
-      yield chunk, loss_B[:chunk.size].astype(np.float64), pooled_BxD[:chunk.size]
+      yield chunk, out
+
+  def stream(self, params: Any, store, rows: np.ndarray
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (rows_B, loss_B, pooled_BxD) over `rows` of `store`, batch by batch."""
+    for chunk, (loss_B, pooled_BxD) in self.map(self._fwd, params, store, rows):
+      yield chunk, loss_B.astype(np.float64), pooled_BxD
+
+  def run_batch(self, fn, params: Any, local: dict[str, np.ndarray], *args
+                ) -> tuple[np.ndarray, ...]:
+    """fn(params, global batch of this process's `local` rows, *args) -> a tuple of arrays
+    (jitted fn), fetched to every process; counts nothing (the caller adds its FLOPs to
+    `extra_flops`)."""
+    batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, self.mesh)
+    return tuple(self._fetch(x) for x in self._run(fn, params, batch, *args))
 
   def losses(self, params: Any, store, rows: np.ndarray) -> np.ndarray:
     """Per-row mean loss of all `rows` (for small, bounded row sets)."""

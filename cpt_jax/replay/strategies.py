@@ -9,6 +9,8 @@ A strategy picks k packed rows from the replay domains' training stores:
                 where M' is M after `lookahead_steps` virtual sign-SGD steps on T batches,
                 computed once (not per example); top-k
   diversity     greedy k-center on pooled final hidden states of M, per domain
+  gradient      first-order interference from the unembedding's per-row gradient against
+                T's mean gradient (cpt_jax/replay/gradient.py); top-k
   online        starts from random/proportional; re-selection happens during training
                 (cpt_jax/replay/manager.py: OnlineBuffer)
 
@@ -27,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cpt_jax.replay import gradient as gradient_lib
 from cpt_jax.replay import streaming
 
 
@@ -224,6 +227,38 @@ class Diversity(_Scored):
       selector.add(streaming.pack_key(np.full(rows_B.size, dom), rows_B), x)
 
 
+class Gradient(_Scored):
+  """Top-k of -<G_i, U>: the rows whose loss a step along T's last-layer gradient U raises
+  most (see gradient.py). Cost: T's gradient on `grad_batches` batches (fixed), then per
+  candidate its forward plus a matmul the size of the unembedding (at most one more
+  forward: the planner counts 2; the Scorer counts what ran)."""
+  name = "gradient"
+  forwards_per_candidate = 2.0
+
+  def fixed_flops(self, cfg, batch_rows, seq_len, train_flops_tok):
+    # A forward plus the unembedding-sized h e^T per T token: at most 2 of training's 3.
+    return cfg.grad_batches * batch_rows * seq_len * train_flops_tok * 2 / 3
+
+  def make_selector(self, env, k, tag):
+    return streaming.TopK(k)
+
+  def prepare(self, env):
+    if env.new_batches is None:
+      raise ValueError("replay.strategy='gradient' needs T batches for T's gradient")
+    fns = gradient_lib.Alignment(env.scorer.model)
+    u_DxV = gradient_lib.t_direction(env.scorer, fns, env.params,
+                                     env.new_batches(env.cfg.grad_batches), env.cfg.grad_sign)
+    return fns, u_DxV
+
+  def feed(self, env, selector, dom, rows, store, extra):
+    fns, u_DxV = extra
+    for rows_B, (dot_B,) in env.scorer.map(fns.alignment, env.params, store, rows, u_DxV):
+      selector.add(streaming.pack_key(np.full(rows_B.size, dom), rows_B),
+                   -np.asarray(dot_B, np.float64))
+    env.scorer.extra_flops += (np.size(rows) * env.scorer.seq_len
+                               * gradient_lib.candidate_flops_per_token(u_DxV))
+
+
 class Online(Strategy):
   """The initial buffer; refreshes are done by manager.OnlineBuffer during training."""
   name = "online"
@@ -234,7 +269,8 @@ class Online(Strategy):
 
 
 REGISTRY: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Random, Proportional, TeacherLoss, Forgetting, Diversity, Online)}
+    cls.name: cls for cls in (Random, Proportional, TeacherLoss, Forgetting, Diversity, Gradient,
+                              Online)}
 
 
 def get(name: str) -> Strategy:

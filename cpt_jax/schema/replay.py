@@ -24,15 +24,16 @@ from ml_collections import config_dict
 
 from cpt_jax.schema import deprecated
 
-STRATEGIES = ("random", "proportional", "teacher_loss", "forgetting", "diversity", "online")
-SCORED = ("teacher_loss", "forgetting", "diversity")
+STRATEGIES = ("random", "proportional", "teacher_loss", "forgetting", "diversity", "gradient",
+              "online")
+SCORED = ("teacher_loss", "forgetting", "diversity", "gradient")
 
 
 def default_replay_config() -> ml_collections.ConfigDict:
   """All `replay.*` keys; strategy '' leaves replay as configured in `data`."""
   return config_dict.create(
       strategy="",  # '' (off), 'random', 'proportional', 'teacher_loss', 'forgetting',
-      # 'diversity' or 'online' (see cpt_jax/replay/strategies.py).
+      # 'diversity', 'gradient' or 'online' (see cpt_jax/replay/strategies.py).
       fraction=0.05,  # Replay tokens / T's tokens in the stage, in (0, 1] (unless tokens > 0).
       tokens=0.0,  # Replay tokens as a count (0: use fraction). A float, so 2e9 parses.
       budget=deprecated.UNSET,  # Deprecated (removed in the next release): fraction (<= 1)
@@ -53,10 +54,14 @@ def default_replay_config() -> ml_collections.ConfigDict:
       lookahead_steps=4,  # forgetting: virtual sign-SGD steps on T batches.
       lookahead_lr=0.0,  # forgetting: step size (0: optimizer.lr, Adam's first-step size).
       coreset_factor=4,  # diversity: streaming coreset holds factor * k embeddings.
+      grad_batches=4,  # gradient: T batches averaged into T's last-layer gradient.
+      grad_sign=True,  # gradient: align with sign(T's gradient) (Adam's first step), not it.
       online_every=100,  # online: steps between refreshes.
       online_pool=256,  # online: fresh candidates scored per refresh (rolling window).
       online_swap=0.25,  # online: most buffer rows swapped per refresh (fraction).
       online_init="proportional",  # online: the initial buffer ('random' or 'proportional').
+      online_quota=0.0,  # online: 0 keeps each domain's buffer rows; a in (0, 1] re-allocates
+      # them at each refresh, share a by each domain's measured forgetting (replay/quota.py).
   )
 
 
@@ -99,7 +104,11 @@ def validate_replay_config(c: ml_collections.ConfigDict) -> None:
   if not 0.0 <= c.band_low < c.band_high <= 1.0:
     raise ValueError(f"replay.band_low={c.band_low} / band_high={c.band_high}: need "
                      "0 <= low < high <= 1")
+  if c.grad_batches < 1:
+    raise ValueError(f"replay.grad_batches={c.grad_batches} must be >= 1")
   if c.online_every < 1 or c.online_pool < 0 or not 0 <= c.online_swap <= 1:
     raise ValueError("replay.online_every >= 1, online_pool >= 0, 0 <= online_swap <= 1")
+  if not 0.0 <= c.online_quota <= 1.0:
+    raise ValueError(f"replay.online_quota={c.online_quota} must be in [0, 1]")
   if c.online_init not in ("random", "proportional"):
     raise ValueError(f"replay.online_init={c.online_init!r}; 'random' or 'proportional'")
