@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cpt_jax import config as config_lib
 from cpt_jax import stages
@@ -121,3 +123,27 @@ def run_cli(config_file, workdir, *args, env=None, timeout=300) -> tuple[int, st
   p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=timeout, check=False)
   return p.returncode, p.stdout, p.stderr
+
+
+PARITY_WORKER = pathlib.Path(__file__).with_name("hf_parity_worker.py")
+
+
+def require_parity():
+  """Skips the calling test unless torch and transformers are installed (never imported here)."""
+  for dist in ("torch", "transformers"):
+    try:
+      importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pytest.skip(f"parity tests need torch and transformers (run in a subprocess by "
+                  f"{PARITY_WORKER.name}): pip install -e '.[dev,hf,parity]'")
+
+
+def parity_worker(*args):
+  """Runs hf_parity_worker.py (torch + transformers only); returns its JSON answer."""
+  env = {**os.environ, "USE_TF": "0", "USE_FLAX": "0", "USE_JAX": "0", "USE_TORCH": "1"}
+  res = subprocess.run([sys.executable, str(PARITY_WORKER), *map(str, args)],
+                       capture_output=True, text=True, timeout=900, env=env, check=False)
+  if res.returncode != 0:
+    pytest.fail(f"{PARITY_WORKER.name} {args[0]} exited {res.returncode}:\n"
+                f"{res.stderr[-6000:]}")
+  return json.loads(res.stdout.strip().splitlines()[-1])

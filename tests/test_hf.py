@@ -8,10 +8,8 @@ TensorFlow and JAX of this process (issue 21). They need the test-only `parity` 
 """
 
 import dataclasses
-import importlib.metadata
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -29,6 +27,7 @@ from cpt_jax.model import hf
 from cpt_jax.model import hf_weights
 from cpt_jax.model.transformer import ModelConfig, Transformer
 from cpt_jax.parallel import sharding as shd
+from tests import helpers
 
 CFG = ModelConfig(vocab_size=300, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, mlp_dim=128, norm_eps=1e-6)
@@ -246,30 +245,6 @@ def test_cli_exports_an_orbax_checkpoint(tmp_path):
 # ---------------------------------------------------------------- parity with transformers
 
 
-WORKER = pathlib.Path(__file__).with_name("hf_parity_worker.py")
-PARITY_WHY = ("parity tests need torch and transformers (run in a subprocess by "
-              f"{WORKER.name}): pip install -e '.[dev,hf,parity]'")
-
-
-def _installed(dist):
-  """Whether `dist` is installed, without importing it (torch never loads in this process)."""
-  try:
-    importlib.metadata.distribution(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return False
-  return True
-
-
-def _worker(*args):
-  """Runs hf_parity_worker.py (torch + transformers only); returns its JSON answer."""
-  env = {**os.environ, "USE_TF": "0", "USE_FLAX": "0", "USE_JAX": "0", "USE_TORCH": "1"}
-  res = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True,
-                       text=True, timeout=900, env=env, check=False)
-  if res.returncode != 0:
-    pytest.fail(f"{WORKER.name} {args[0]} exited {res.returncode}:\n{res.stderr[-6000:]}")
-  return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 FAMILIES = {
     "llama": ("LlamaConfig", {}),
     "llama3_rope": ("LlamaConfig", dict(rope_scaling=LLAMA3_ROPE, rope_theta=5e5)),
@@ -283,8 +258,7 @@ TOKENS_BxL = np.random.default_rng(0).integers(0, HF_KW["vocab_size"], (2, 48))
 @pytest.fixture(name="references", scope="module")
 def _references(tmp_path_factory):
   """Every family built by transformers in one worker run: {family: (folder, logits, class)}."""
-  if not (_installed("torch") and _installed("transformers")):
-    pytest.skip(PARITY_WHY)
+  helpers.require_parity()
   root = tmp_path_factory.mktemp("hf_ref")
   np.save(root / "tokens.npy", TOKENS_BxL)
   models = {name: {"config_class": cls, "kwargs": {**HF_KW, **extra}, "dir": str(root / name),
@@ -292,7 +266,7 @@ def _references(tmp_path_factory):
             for name, (cls, extra) in FAMILIES.items()}
   (root / "spec.json").write_text(json.dumps({"tokens": str(root / "tokens.npy"),
                                               "models": models}))
-  classes = _worker("build", root / "spec.json")
+  classes = helpers.parity_worker("build", root / "spec.json")
   return {name: (root / name, np.load(m["logits"]), classes[name]) for name, m in models.items()}
 
 
@@ -311,17 +285,16 @@ def test_logits_match_transformers(tmp_path, references, family):
   hf.save_hf(params, cfg, tmp_path / "out", like=str(folder),
              max_shard_bytes=100_000)  # sharded, with an index
   np.save(tmp_path / "tokens.npy", TOKENS_BxL)
-  back = _worker("load", tmp_path / "out", tmp_path / "tokens.npy", tmp_path / "again.npy")
+  back = helpers.parity_worker("load", tmp_path / "out", tmp_path / "tokens.npy", tmp_path / "again.npy")
   assert back["class"] == hf_class
   np.testing.assert_allclose(np.load(tmp_path / "again.npy"), want, atol=1e-5, rtol=0)
 
 
 def test_parity_worker_refuses_to_run_beside_tensorflow_or_jax(tmp_path):
   """The worker fails, rather than risk the crash, when JAX or TensorFlow is loaded with it."""
-  if not (_installed("torch") and _installed("transformers")):
-    pytest.skip(PARITY_WHY)
+  helpers.require_parity()
   code = (f"import runpy, sys, jax; sys.argv = ['w', 'load', {str(tmp_path)!r}, 'x', 'y']; "
-          f"runpy.run_path({str(WORKER)!r}, run_name='__main__')")
+          f"runpy.run_path({str(helpers.PARITY_WORKER)!r}, run_name='__main__')")
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=600, check=False)
   assert res.returncode != 0 and "['jax']" in res.stderr, res.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 from cpt_jax import export as export_lib
 from cpt_jax.model import hf
 from cpt_jax.model.transformer import ModelConfig, Transformer
-from tests import test_hf
+from tests import helpers
 from tests.conftest import REPO
 
 pytest.importorskip("safetensors", reason="safetensors not installed: pip install -e '.[hf]'")
@@ -100,8 +100,7 @@ def test_llama_recipe_cpu_smoke_imports_trains_with_replay_and_kd_and_exports(re
 def test_the_exported_folder_loads_in_transformers_with_the_projects_logits(recipe, tmp_path):
   """`transformers` (in tests/hf_parity_worker.py's process) reads the recipe's export and
   gives the logits this project computes from the same folder, in float32."""
-  if not (test_hf._installed("torch") and test_hf._installed("transformers")):
-    pytest.skip(test_hf.PARITY_WHY)
+  helpers.require_parity()
   _, _, out = recipe
   cfg = ModelConfig(**hf.hf_model_config(str(out)))  # float32 compute (the default)
   assert cfg.vocab_size == MODEL.vocab_size and cfg.num_layers == MODEL.num_layers
@@ -110,7 +109,7 @@ def test_the_exported_folder_loads_in_transformers_with_the_projects_logits(reci
   params = hf.load_hf_params(str(out), cfg)
   ours_BxLxV = np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, tokens_BxL))
   np.save(tmp_path / "tokens.npy", tokens_BxL)
-  answer = test_hf._worker("load", out, tmp_path / "tokens.npy", tmp_path / "theirs.npy")
+  answer = helpers.parity_worker("load", out, tmp_path / "tokens.npy", tmp_path / "theirs.npy")
   assert answer["class"] == "LlamaForCausalLM"
   theirs_BxLxV = np.load(tmp_path / "theirs.npy")
   assert theirs_BxLxV.shape == ours_BxLxV.shape == (2, 24, MODEL.vocab_size)
