@@ -10,6 +10,7 @@ JSON API with plain HTTP, a client of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -23,13 +24,20 @@ import time
 import urllib.parse
 import urllib.request
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from cpt_jax import export as export_lib
 from cpt_jax import paths
 from cpt_jax import run as run_lib
+from cpt_jax.model import hf
+from cpt_jax.model.transformer import ModelConfig, Transformer
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import workdir as workdir_lib
+from cpt_jax.train.state import TrainState
 from tests.helpers import tiny_config, write_corpus
 
 BUCKET = "cpt-test"
@@ -273,3 +281,35 @@ def test_publishes_and_appends_on_a_bucket(gcs):
   local = paths.local_copy(f"gs://{BUCKET}/files/tree")
   demo = (ROOT / "cpt_jax" / "configs" / "demo.py").read_bytes()
   assert pathlib.Path(local, "demo.py").read_bytes() == demo
+
+
+def test_export_to_and_import_from_a_bucket(gcs):
+  """A checkpoint on gs:// exported to a gs:// Hugging Face folder (written locally, then
+  uploaded), read back from there: config, weights, tokenizer."""
+  pytest.importorskip("safetensors", reason="safetensors not installed: pip install -e '.[hf]'")
+  tokenizers = pytest.importorskip("tokenizers", reason="tokenizers not installed (.[hf])")
+  cfg = ModelConfig(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=8, mlp_dim=64)
+  params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = nn.unbox(params)
+  work = f"gs://{BUCKET}/hfrun"
+  ckpt = ckpt_lib.Checkpointer(f"{work}/checkpoints", async_save=False)
+  ckpt.save(3, TrainState(step=jnp.int32(3), params=params, opt_state={}), {"note": "x"})
+  ckpt.close()
+  paths.write_atomic(f"{work}/config.json", json.dumps({"model": dataclasses.asdict(cfg)}))
+  export_lib.main(["--checkpoint", work, "--out", f"gs://{BUCKET}/hf"])
+  assert {"hf/config.json", "hf/model.safetensors"} <= set(gcs.objects("hf/"))
+  assert ModelConfig(**hf.hf_model_config(f"gs://{BUCKET}/hf")) == cfg
+  loaded = hf.load_hf_params(f"gs://{BUCKET}/hf", cfg)
+  for a, b in zip(jax.tree.leaves(loaded["layers_1"]), jax.tree.leaves(params["layers_1"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "</s>": 1, "fox": 2,
+                                                          "[UNK]": 3}, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  paths.write_atomic(f"gs://{BUCKET}/hf/tokenizer.json", tok.to_str())
+  paths.write_atomic(f"gs://{BUCKET}/hf/tokenizer_config.json", '{"eos_token": "</s>"}')
+  spec = hf.hf_vocab(f"gs://{BUCKET}/hf")
+  assert spec == f"gs://{BUCKET}/hf/tokenizer.json"
+  vocab = hf.TokenizerJsonVocab(spec)
+  assert (vocab.vocab_size, vocab.eos_id) == (4, 1)
+  np.testing.assert_array_equal(vocab.encode_batch(["fox fox"])[0], [2, 2])
