@@ -313,3 +313,16 @@ def test_export_to_and_import_from_a_bucket(gcs):
   vocab = hf.TokenizerJsonVocab(spec)
   assert (vocab.vocab_size, vocab.eos_id) == (4, 1)
   np.testing.assert_array_equal(vocab.encode_batch(["fox fox"])[0], [2, 2])
+
+
+def test_bucket_lock_of_another_host_is_stale_by_its_update_time(gcs):
+  other = {"pid": 12345, "host": "another-host", "started": "earlier", "token": "other"}
+  paths.as_path(f"gs://{BUCKET}/remote/run.lock").write_text(json.dumps(other))
+  with pytest.raises(workdir_lib.WorkdirLockedError, match="another-host"):
+    workdir_lib.WorkdirLock(f"gs://{BUCKET}/remote", stale_minutes=0).acquire()  # never
+  time.sleep(2.5)  # the object's update time (the heartbeat) is now older than 1.2 s
+  lock = workdir_lib.WorkdirLock(f"gs://{BUCKET}/remote", stale_minutes=0.02).acquire()
+  try:
+    assert json.loads(gcs.read("remote/run.lock"))["token"] == lock.info["token"]
+  finally:
+    lock.release()
