@@ -222,7 +222,8 @@ def test_staged_run_with_its_workdir_and_corpus_on_gcs(gcs, tmp_path, monkeypatc
     assert f"run/{name}" in names, name
   assert any(re.fullmatch(r"run/stages/cpt/tensorboard/events\.out\.tfevents\..*", n)
              for n in names), names
-  assert not any(n.endswith(("run.lock",)) or ".tmp" in n for n in names), names
+  assert not any(n.endswith("run.lock") or ".tmp" in n or n.startswith("run/baseline/")
+                 for n in names), names  # locks released, no temporary objects or scratch
   assert json.loads(gcs.read("run/report.json"))["domains"] == report["domains"]
   steps = [json.loads(l)["step"] for l in gcs.read("run/stages/cpt/metrics.jsonl").splitlines()]
   assert steps == [2, 4]  # the crashed window's record dropped, then written once
@@ -231,7 +232,7 @@ def test_staged_run_with_its_workdir_and_corpus_on_gcs(gcs, tmp_path, monkeypatc
   sel = [json.loads(l) for l in gcs.read("run/stages/cpt/replay_selection/selection.jsonl")
          .splitlines()]
   assert sel and {r["domain"] for r in sel} == {"alpha"}
-  # The last checkpoint restores from the bucket (Orbax / TensorStore through the server).
+  # Orbax lists the bucket's steps (the resume above restored step 2 from there).
   assert ckpt_lib.Checkpointer(f"{work}/stages/cpt/checkpoints").all_steps() == [2, 4]
   assert not any(p.name.startswith("gs:") for p in tmp_path.rglob("*"))
 
@@ -278,6 +279,9 @@ def test_publishes_and_appends_on_a_bucket(gcs):
   assert gcs.read("files/new") == b"x"
   paths.upload_tree(str(ROOT / "cpt_jax" / "configs"), f"gs://{BUCKET}/files/tree")
   assert "files/tree/demo.py" in gcs.objects("files/tree/")
+  paths.move(f"gs://{BUCKET}/files/tree", f"gs://{BUCKET}/files/moved")  # a folder
+  assert not gcs.objects("files/tree/") and "files/moved/demo.py" in gcs.objects("files/moved/")
+  paths.upload_tree(str(ROOT / "cpt_jax" / "configs"), f"gs://{BUCKET}/files/tree")
   local = paths.local_copy(f"gs://{BUCKET}/files/tree")
   demo = (ROOT / "cpt_jax" / "configs" / "demo.py").read_bytes()
   assert pathlib.Path(local, "demo.py").read_bytes() == demo
