@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from cpt_jax import paths
 from cpt_jax.model import hf
 from cpt_jax.model.transformer import ModelConfig, Transformer
 from cpt_jax.parallel import sharding as shd
@@ -28,14 +29,12 @@ from cpt_jax.train import state as state_lib
 def _run_config(checkpoint: str, config_path: str | None) -> dict:
   """The `model` group of the run's saved config.json."""
   if config_path is None:
-    ckpt = os.path.abspath(checkpoint)
-    candidates = [os.path.join(ckpt, "config.json"),
-                  os.path.join(os.path.dirname(ckpt), "config.json")]
-    config_path = next((p for p in candidates if os.path.isfile(p)), None)
+    ckpt = paths.as_path(checkpoint)
+    candidates = [os.fspath(ckpt / "config.json"), os.fspath(ckpt.parent / "config.json")]
+    config_path = next((p for p in candidates if paths.as_path(p).is_file()), None)
     if config_path is None:
       raise FileNotFoundError(f"no run config.json in {candidates}; pass --config")
-  with open(config_path, encoding="utf-8") as f:
-    run = json.load(f)
+  run = json.loads(paths.as_path(config_path).read_text())
   if "model" not in run:
     raise ValueError(f"{config_path}: no 'model' group")
   return run["model"]

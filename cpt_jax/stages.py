@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -44,6 +43,7 @@ import ml_collections
 
 from cpt_jax import config as config_lib
 from cpt_jax import features
+from cpt_jax import paths
 from cpt_jax.data import domain_stores
 from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
@@ -126,10 +126,7 @@ def _write_json(path: str, obj: Any) -> None:
   """Writes a shared file atomically, from process 0 only."""
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  paths.write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _baseline_key(cfg: ml_collections.ConfigDict) -> dict:
@@ -151,17 +148,16 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
   path = os.path.join(workdir, BASELINE)
   first = config_lib.stage_names(config)[0]
   key = _baseline_key(config_lib.stage_config(config, first))
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      cached = json.load(f)
+  if paths.as_path(path).exists():
+    cached = json.loads(paths.as_path(path).read_text())
     if cached.get("key") == key and all(d in cached["eval"] for d in all_domains):
       return {d: cached["eval"][d] for d in all_domains}
   cfg = _with_all_domains_evaluated(config_lib.stage_config(config, first), all_domains)
   with cfg.unlocked():
     cfg.decomposition = config_lib.default_config().decomposition
-    if not cfg.data.cache_dir:  # share the first stage's packed rows
+    if not cfg.data.cache_dir:  # share the first stage's packed rows (stores are local)
       cfg.data.cache_dir = pipeline_lib.default_cache_dir(
-          cfg.data, os.path.abspath(os.path.join(workdir, "stages", first)))
+          cfg.data, None if paths.is_remote(workdir) else os.path.join(workdir, "stages", first))
   scratch = os.path.join(workdir, "baseline")
   trainer = trainer_lib.Trainer(cfg, scratch, devices=devices)
   try:
@@ -172,7 +168,8 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
   finally:
     trainer.close()
   if jax.process_index() == 0:
-    shutil.rmtree(scratch, ignore_errors=True)
+    if paths.as_path(scratch).exists():
+      paths.as_path(scratch).rmtree()
   _write_json(path, {"key": key, "eval": evals})
   return evals
 
@@ -181,7 +178,8 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs
   """Runs (or skips, when finished and unchanged) every stage, holding the workdir's lock
   (process 0); writes and returns the report."""
   config_lib.validate_stages(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)  # a gs:// workdir stays a URI
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   lock = (workdir_lib.WorkdirLock(workdir, config.train.lock_stale_minutes)
           if jax.process_index() == 0 else contextlib.nullcontext())
   with lock:
@@ -211,10 +209,9 @@ def _finished(workdir: str, names: list[str]) -> dict[str, dict]:
   """{stage: its summary} of the stages finished earlier."""
   out = {}
   for name in names:
-    path = os.path.join(workdir, "stages", name, SUMMARY)
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        out[name] = json.load(f)
+    path = paths.as_path(workdir, "stages", name, SUMMARY)
+    if path.exists():
+      out[name] = json.loads(path.read_text())
   return out
 
 

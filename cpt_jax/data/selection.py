@@ -18,6 +18,8 @@ from typing import Mapping
 
 import numpy as np
 
+from cpt_jax import paths
+
 SELECTION_FILE = "selection.jsonl"
 META_FILE = "meta.json"
 
@@ -29,40 +31,36 @@ def selection_dir(workdir: str) -> str:
 def write_selection(out_dir: str, rows: Mapping[str, np.ndarray],
                     scores: Mapping[str, np.ndarray] | None, meta: dict) -> str:
   """Writes selection.jsonl (rows sorted per domain) and meta.json atomically; returns out_dir."""
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, SELECTION_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    for d in sorted(rows):
-      r = np.asarray(rows[d], np.int64)
-      s = np.asarray(scores[d], np.float64) if scores and d in scores else np.full(r.size, np.nan)
-      order = np.argsort(r, kind="stable")
-      for i in order:
-        f.write(json.dumps({"domain": d, "row": int(r[i]),
-                            "score": None if not np.isfinite(s[i]) else float(s[i])}) + "\n")
-  os.replace(tmp, os.path.join(out_dir, SELECTION_FILE))
+  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  lines = []
+  for d in sorted(rows):
+    r = np.asarray(rows[d], np.int64)
+    s = np.asarray(scores[d], np.float64) if scores and d in scores else np.full(r.size, np.nan)
+    order = np.argsort(r, kind="stable")
+    for i in order:
+      lines.append(json.dumps({"domain": d, "row": int(r[i]),
+                               "score": None if not np.isfinite(s[i]) else float(s[i])}) + "\n")
+  paths.write_atomic(os.path.join(out_dir, SELECTION_FILE), "".join(lines))
   meta = dict(meta, rows_per_domain={d: int(np.size(rows[d])) for d in sorted(rows)})
-  with open(os.path.join(out_dir, META_FILE + ".tmp"), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
-  os.replace(os.path.join(out_dir, META_FILE + ".tmp"), os.path.join(out_dir, META_FILE))
+  paths.write_atomic(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=2))
   return out_dir
 
 
 def read_selection(path: str) -> tuple[dict[str, np.ndarray], dict]:
   """({domain: sorted row ids}, meta) from a selection folder or its selection.jsonl."""
-  folder = path if os.path.isdir(path) else os.path.dirname(path)
-  file = os.path.join(path, SELECTION_FILE) if os.path.isdir(path) else path
-  if not os.path.isfile(file):
+  given = paths.as_path(path)
+  folder = given if given.is_dir() else given.parent
+  file = given / SELECTION_FILE if given.is_dir() else given
+  if not file.is_file():
     raise FileNotFoundError(f"data.replay_selection={path!r}: no {SELECTION_FILE} there")
   rows: dict[str, list[int]] = {}
-  with open(file, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        rec = json.loads(line)
-        rows.setdefault(rec["domain"], []).append(int(rec["row"]))
+  for line in file.read_text().splitlines():
+    if line.strip():
+      rec = json.loads(line)
+      rows.setdefault(rec["domain"], []).append(int(rec["row"]))
   meta = {}
-  if os.path.isfile(os.path.join(folder, META_FILE)):
-    with open(os.path.join(folder, META_FILE), encoding="utf-8") as f:
-      meta = json.load(f)
+  if (folder / META_FILE).is_file():
+    meta = json.loads((folder / META_FILE).read_text())
   return {d: np.unique(np.asarray(r, np.int64)) for d, r in rows.items()}, meta
 
 

@@ -1,19 +1,21 @@
 """Document sources: JSONL, plain text, TFRecord and TFDS, with bad-input checks.
 
 A source yields the texts of one (domain, split) in a fixed order. TensorFlow
-is imported only by the TFRecord and TFDS readers.
+is imported only by the TFRecord and TFDS readers. A corpus folder may be a bucket
+(gs://...): JSONL and text files are read through `paths` (etils.epath); TFRecord and TFDS
+files are read by TensorFlow, which has its own GCS client.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import sys
 import tempfile
 from typing import Iterator
 
+from cpt_jax import paths
 from cpt_jax.data import builtin_corpus
 
 SPLITS = ("train", "validation")
@@ -49,8 +51,12 @@ class Source:
       return [self.kind, self.tfds_name, self.tfds_split, self.tfds_data_dir, self.text_feature]
     out = [self.kind, self.text_feature]
     for f in self.files:
-      st = os.stat(f)
-      out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+      if paths.is_remote(f):
+        st = paths.as_path(f).stat()
+        out.append([f, st.length, st.mtime])
+      else:
+        st = os.stat(f)
+        out.append([paths.absolute(f), st.st_size, st.st_mtime_ns])
     return out
 
 
@@ -61,13 +67,11 @@ def list_domains(corpus_dir: str, kind: str) -> list[str] | None:
   """Sorted domain folders of a corpus (None for tfds, which cannot list)."""
   if kind == "tfds":
     return None
-  if not os.path.isdir(corpus_dir):
+  root = paths.as_path(corpus_dir)
+  if not root.is_dir():
     raise DataError(f"corpus directory {corpus_dir!r} does not exist")
   ext = _EXT[kind]
-  return sorted(
-      d for d in os.listdir(corpus_dir)
-      if os.path.isdir(os.path.join(corpus_dir, d))
-      and glob.glob(os.path.join(corpus_dir, d, f"*{ext}*")))
+  return sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.glob(f"*{ext}*")))
 
 
 def make_source(cfg, corpus_dir: str, domain: str, split: str) -> Source:
@@ -77,15 +81,16 @@ def make_source(cfg, corpus_dir: str, domain: str, split: str) -> Source:
     return Source("tfds", domain, split, text_feature=cfg.text_feature, tfds_name=domain,
                   tfds_split=tsplit, tfds_data_dir=cfg.tfds_data_dir)
   ddir = os.path.join(corpus_dir, domain)
-  if not os.path.isdir(ddir):
+  if not paths.as_path(ddir).is_dir():
     raise DataError(f"domain {domain!r}: missing domain folder {ddir}")
   if cfg.source == "tfrecord":
-    files = sorted(glob.glob(os.path.join(ddir, f"{split}.tfrecord*")))
+    files = sorted(os.path.join(ddir, f.name)
+                   for f in paths.as_path(ddir).glob(f"{split}.tfrecord*"))
     if not files:
       raise DataError(f"domain {domain!r}: missing split {split!r}: no {ddir}/{split}.tfrecord*")
     return Source("tfrecord", domain, split, tuple(files), text_feature=cfg.text_feature)
   path = os.path.join(ddir, split + _EXT[cfg.source])
-  if not os.path.isfile(path):
+  if not paths.as_path(path).is_file():
     raise DataError(f"domain {domain!r}: missing split {split!r}: no file {path}")
   return Source(cfg.source, domain, split, (path,))
 
@@ -95,7 +100,7 @@ def check_readable(src: Source) -> None:
   (no permission, a folder, an I/O error) or an empty one."""
   for path in src.files:
     try:
-      with open(path, "rb") as f:
+      with paths.as_path(path).open("rb") as f:
         first = f.read(1)
     except OSError as e:
       raise DataError(f"domain {src.domain!r}: split {src.split!r}: cannot read {path}: "
@@ -136,7 +141,7 @@ def _check_text(text, where, stats, on_bad_line) -> bool:
 
 def _read_jsonl(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
   for path in src.files:
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
       for lineno, raw in enumerate(f, 1):
         where = f"{path}:{lineno}"
         try:
@@ -160,7 +165,7 @@ def _read_jsonl(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str
 
 def _read_text(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
   for path in src.files:
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
       for lineno, raw in enumerate(f, 1):
         try:
           line = raw.decode("utf-8")

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cpt_jax import paths
 from cpt_jax.model.hf_vocab import TokenizerJsonVocab, read_json
 from cpt_jax.schema.data import ADD_BOS
 
@@ -37,20 +38,20 @@ class Vocab:
       self.bos_id = None  # seqio's byte vocabulary has none: rows start with pad (0)
       self._sp = None
     else:
-      if not os.path.isfile(spec):
+      if not paths.as_path(spec).is_file():
         raise ValueError(f"data.vocab: SentencePiece model file {spec!r} not found")
       import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-      self._sp = spm.SentencePieceProcessor(model_file=spec)
+      proto = paths.as_path(spec).read_bytes()
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
       self.vocab_size = self._sp.get_piece_size()
       self.eos_id = self._sp.eos_id()
       self.pad_id = max(self._sp.pad_id(), 0)
       # HF's Llama-style SentencePiece tokenizers add the model's BOS unless
       # tokenizer_config.json says add_bos_token: false.
-      add = read_json(os.path.join(os.path.dirname(os.path.abspath(spec)),
-                                   "tokenizer_config.json")).get("add_bos_token", True)
+      add = read_json(os.fspath(paths.as_path(spec).parent / "tokenizer_config.json")).get(
+          "add_bos_token", True)
       self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 and add else None
-      with open(spec, "rb") as f:
-        self.key = "spm:" + hashlib.sha256(f.read()).hexdigest()[:16]
+      self.key = "spm:" + hashlib.sha256(proto).hexdigest()[:16]
 
   def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Encodes documents; returns (flat tokens_T int32, lengths_O int64)."""

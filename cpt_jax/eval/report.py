@@ -11,6 +11,7 @@ of a randomly initialised model of the run's shape, evaluated once per run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cpt_jax import paths
 from cpt_jax.eval.transfer import transfer_metrics
 from cpt_jax.train import metrics as metrics_lib
 
@@ -116,11 +118,9 @@ def build_report(config, names: list[str], summaries: dict[str, dict], domains: 
           for d, v in summaries[n]["eval_without_tau"].items()}
       for n in names if summaries[n].get("eval_without_tau")}
   if jax.process_index() == 0:  # shared files: one writer; every process returns the report
-    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
+    paths.write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
     plots = write_plots(names, domains, workdir)
-    with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-      f.write(markdown(report, plots))
+    paths.write_atomic(os.path.join(workdir, "report.md"), markdown(report, plots))
   return report
 
 
@@ -198,6 +198,13 @@ def markdown(report: dict, plots: list[str]) -> str:
   return "\n".join(parts)
 
 
+def _save(fig, path: str) -> None:
+  """Writes a figure as PNG to a local or bucket path."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
+  paths.write_atomic(path, buf.getvalue())
+
+
 def write_plots(names: list[str], domains: list[str], workdir: str) -> list[str]:
   """domain_loss.png and mixture_weights.png, one panel per stage; returns file names."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -224,7 +231,7 @@ def write_plots(names: list[str], domains: list[str], workdir: str) -> list[str]
   axes[0][0].set_ylabel("loss (solid: validation, dashed: train)")
   axes[0][-1].legend(fontsize=7, loc="upper right")
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "domain_loss.png"), dpi=90)
+  _save(fig, os.path.join(workdir, "domain_loss.png"))
   plt.close(fig)
   out.append("domain_loss.png")
 
@@ -243,7 +250,7 @@ def write_plots(names: list[str], domains: list[str], workdir: str) -> list[str]
   axes[0][0].set_ylabel("mixture weight")
   axes[0][-1].legend(fontsize=7, loc="lower right")
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "mixture_weights.png"), dpi=90)
+  _save(fig, os.path.join(workdir, "mixture_weights.png"))
   plt.close(fig)
   out.append("mixture_weights.png")
   return out

@@ -16,10 +16,12 @@ import copy
 import json
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import jax
 
+from cpt_jax import paths
 from cpt_jax.model.hf_config import default_architecture, export_config, read_config_json
 from cpt_jax.model.hf_config import hf_model_config  # pylint: disable=unused-import
 from cpt_jax.model.hf_vocab import TokenizerJsonVocab, hf_vocab  # pylint: disable=unused-import
@@ -50,6 +52,9 @@ def save_hf(params: Any, model_cfg: ModelConfig, out_dir: str, *, dtype: str = "
     archs = (base or {}).get("architectures") or [default_architecture(model_cfg)]
     architecture = archs[0]
   hf = export_config(model_cfg, architecture, dtype, base)
+  target = out_dir  # a bucket folder: written locally, then uploaded
+  if paths.is_remote(target):
+    out_dir = tempfile.mkdtemp(prefix="cpt_jax-export-")
   os.makedirs(out_dir, exist_ok=True)
   save_weights(params, model_cfg, out_dir, dtype, max_shard_bytes)
   if jax.process_index() != 0:
@@ -57,8 +62,12 @@ def save_hf(params: Any, model_cfg: ModelConfig, out_dir: str, *, dtype: str = "
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
   for name in TOKENIZER_FILES if like else ():
-    if os.path.isfile(os.path.join(like, name)):
-      shutil.copyfile(os.path.join(like, name), os.path.join(out_dir, name))
+    if paths.as_path(like, name).is_file():
+      with open(os.path.join(out_dir, name), "wb") as f:
+        f.write(paths.as_path(like, name).read_bytes())
+  if target != out_dir:
+    paths.upload_tree(out_dir, target)
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def apply_hf_config(cfg: Any) -> Any:

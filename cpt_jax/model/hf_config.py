@@ -16,6 +16,8 @@ import json
 import os
 from typing import Any
 
+from cpt_jax import paths
+
 FAMILIES = {  # model_type -> architecture
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -27,11 +29,10 @@ ROPE_TYPES = {"default": "", "linear": "linear", "llama3": "llama3"}
 
 def read_config_json(path: str) -> dict[str, Any]:
   """The parsed `config.json` of a model folder (or the file itself)."""
-  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-  if not os.path.isfile(file):
+  file = os.path.join(path, "config.json") if paths.as_path(path).is_dir() else path
+  if not paths.as_path(file).is_file():
     raise FileNotFoundError(f"init_from_hf: no config.json at {file}")
-  with open(file, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.as_path(file).read_text())
 
 
 def model_type(hf: dict[str, Any], where: str = "config.json") -> str:
@@ -93,7 +94,7 @@ def hf_model_config(path: str, seq_len: int | None = None) -> dict[str, Any]:
   attention pass when the window never binds; without it a window is accepted.
   """
   hf = read_config_json(path)
-  where = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  where = os.path.join(path, "config.json") if paths.as_path(path).is_dir() else path
   mt = model_type(hf, where)
 
   def require(field, ok, expected):

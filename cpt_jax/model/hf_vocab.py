@@ -19,21 +19,22 @@ from typing import Sequence
 
 import numpy as np
 
+from cpt_jax import paths
+
 
 def hf_vocab(path: str) -> str:
   """A `data.vocab` spec for the model folder: its tokenizer.model, else tokenizer.json."""
   for name in ("tokenizer.model", "tokenizer.json"):
     file = os.path.join(path, name)
-    if os.path.isfile(file):
+    if paths.as_path(file).is_file():
       return file
   raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json")
 
 
 def read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not paths.as_path(path).is_file():
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.as_path(path).read_text())
 
 
 def _first(x):
@@ -83,7 +84,7 @@ class TokenizerJsonVocab:
   """A `tokenizer.json` (HF `tokenizers`) vocabulary with `Vocab`'s interface."""
 
   def __init__(self, spec: str):
-    if not os.path.isfile(spec):
+    if not paths.as_path(spec).is_file():
       raise ValueError(f"data.vocab: tokenizer file {spec!r} not found")
     try:
       import tokenizers  # pylint: disable=g-import-not-at-top
@@ -91,8 +92,9 @@ class TokenizerJsonVocab:
       raise ImportError(f"data.vocab={spec!r} needs the 'tokenizers' package: "
                         f"pip install 'cpt_jax[hf]'") from e
     self.spec = spec
-    self._tok = tokenizers.Tokenizer.from_file(spec)
-    folder = os.path.dirname(os.path.abspath(spec))
+    data = paths.as_path(spec).read_bytes()
+    self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    folder = os.fspath(paths.as_path(spec).parent)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     eos = _special_id(self._tok, folder, "eos")
     if eos is None:
@@ -102,8 +104,7 @@ class TokenizerJsonVocab:
     pad = _special_id(self._tok, folder, "pad")
     self.pad_id = 0 if pad is None else pad
     self.bos_id = _bos_id(self._tok, folder)
-    with open(spec, "rb") as f:
-      self.key = "hftok:" + hashlib.sha256(f.read()).hexdigest()[:16]
+    self.key = "hftok:" + hashlib.sha256(data).hexdigest()[:16]
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids

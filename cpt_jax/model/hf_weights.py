@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from cpt_jax import paths
 from cpt_jax.model.transformer import ModelConfig, Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -152,7 +153,9 @@ class SafetensorsFolder:
   def __init__(self, path: str):
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     self._safe_open = safe_open
-    self.path = path
+    if paths.is_remote(path) and not paths.as_path(path).is_dir():
+      raise FileNotFoundError(f"init_from_hf: {path} is not a folder")
+    self.path = paths.local_copy(path)  # safetensors maps local files: a bucket's is copied
     self._handles: dict[str, Any] = {}
     self.files = self._weight_map()
 

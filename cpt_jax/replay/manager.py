@@ -22,7 +22,6 @@ stage budget's look-ahead.
 
 from __future__ import annotations
 
-import os
 import time
 import zlib
 from typing import Any, Callable
@@ -32,6 +31,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from cpt_jax import paths
 from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import planner as planner_lib
 from cpt_jax.replay import quota as quota_lib
@@ -128,8 +128,8 @@ class ReplayManager:
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
     w0 = self._configured_weights()
-    if resume and host.get("rows") is None and os.path.isfile(
-        os.path.join(self.dir, selection_lib.SELECTION_FILE)):
+    if resume and host.get("rows") is None and paths.as_path(
+        self.dir, selection_lib.SELECTION_FILE).is_file():
       host = dict(host, rows=selection_lib.read_selection(self.dir)[0])
     if resume and host.get("rows") is not None:  # reuse what the fresh start selected
       rows = {d: np.asarray(v, np.int64) for d, v in host["rows"].items()}

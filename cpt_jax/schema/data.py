@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 from typing import Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
 from cpt_jax import batch as batch_lib
+from cpt_jax import paths
 
 SOURCES = ("jsonl", "text", "tfrecord", "tfds")
 ON_BAD_LINE = ("error", "skip")
@@ -102,7 +102,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise _err("eval_holdout", f"must be in [0, 1), got {cfg.eval_holdout!r}")
   if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
     raise _err("max_docs", f"must be an int >= 0, got {cfg.max_docs!r}")
-  if cfg.vocab != "byte" and not os.path.isfile(cfg.vocab):
+  if cfg.vocab != "byte" and not paths.as_path(cfg.vocab).is_file():
     raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
   if cfg.get("add_bos", "auto") not in ADD_BOS:
     raise _err("add_bos", f"{cfg.add_bos!r} is not one of {ADD_BOS}")

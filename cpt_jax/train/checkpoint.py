@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from cpt_jax import config as config_lib
+from cpt_jax import paths
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.train import tau as tau_lib
 from cpt_jax.train.state import TrainState
@@ -57,21 +58,21 @@ def diagnose(step_dir: str, error: BaseException) -> tuple[str, str]:
   missing or non-JSON metadata file, no array database), then for the array the
   error chain could not read; else the error's first line.
   """
-  if not os.path.isdir(step_dir):
+  folder = paths.as_path(step_dir)
+  if not folder.is_dir():
     return "missing", f"the step folder {step_dir} is missing"
-  if not os.listdir(step_dir):
+  if not any(True for _ in folder.iterdir()):
     return "empty", f"the step folder {step_dir} is empty"
   for item in ("state", "host"):
-    if not os.path.isdir(os.path.join(step_dir, item)):
+    if not (folder / item).is_dir():
       return f"no-{item}", f"its item '{item}' is missing: no folder {step_dir}/{item}"
   for name in ("host/metadata", "state/_METADATA", "state/manifest.ocdbt"):
     path = os.path.join(step_dir, name)
-    if not os.path.isfile(path):
+    if not (folder / name).is_file():
       return "missing-file", f"{path} is missing"
     if not name.endswith(".ocdbt"):
       try:
-        with open(path, encoding="utf-8") as f:
-          json.load(f)
+        json.loads((folder / name).read_text())
       except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         return "bad-json", f"{path} is not valid JSON ({e})"
   cause, seen = error, 0
@@ -80,7 +81,7 @@ def diagnose(step_dir: str, error: BaseException) -> tuple[str, str]:
     if m:
       size = re.search(r"value of size (\d+)", m["why"])  # a truncated data file: which one
       files = [p for p in glob.glob(os.path.join(m["db"], "**", "d", "*"), recursive=True)
-               if size and os.path.getsize(p) == int(size[1])]
+               if size and os.path.getsize(p) == int(size[1])]  # a local database
       where = f" (data file {files[0]})" if len(files) == 1 else ""
       return "bad-array", (f"array {m['key']} in the database {m['db']} does not read: "
                            f"{m['why'].strip()}{where}")
@@ -93,7 +94,7 @@ class Checkpointer:
   """Saves every N steps and at the end, keeps the last k, restores the newest intact."""
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a gs:// folder stays a URI
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -154,14 +155,13 @@ class Checkpointer:
     lists it), with `why` in `<step>-<tag>.txt` beside it; returns the new path."""
     base = os.path.join(self.directory, DAMAGED, f"{step}-{tag}")
     dst, n = base, 1
-    while os.path.exists(dst):
+    while paths.as_path(dst).exists():
       n += 1
       dst = f"{base}.{n}"
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      os.rename(self.step_dir(step), dst)
-      with open(dst + ".txt", "w", encoding="utf-8") as f:
-        f.write(f"step {step}: {why}\n")
+      paths.as_path(dst).parent.mkdir(parents=True, exist_ok=True)
+      paths.move(self.step_dir(step), dst)
+      paths.write_atomic(dst + ".txt", f"step {step}: {why}\n")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"cpt_jax set aside {step}")
     self._mngr.reload()
@@ -184,10 +184,10 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   optimizer state is never read. Their tree and shapes are checked first
   (`check_params_fit`, naming paths and the `model_config` keys that disagree).
   """
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
+  directory = paths.absolute(directory)
+  if paths.as_path(directory, "checkpoints").is_dir():
     directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
+  if not paths.as_path(directory).is_dir():
     raise FileNotFoundError(f"train.init_checkpoint: no checkpoint folder at {directory}")
   mngr = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(
@@ -234,13 +234,11 @@ def stored_param_shapes(step_dir: str) -> dict[str, tuple[int, ...]]:
 
 def _source_config(directory: str) -> dict | None:
   """The config.json of the run that wrote `directory` (workdir or its checkpoints/)."""
-  directory = os.path.abspath(directory)
-  for cand in (os.path.join(directory, "config.json"),
-               os.path.join(os.path.dirname(directory), "config.json")):
-    if os.path.isfile(cand):
+  directory = paths.as_path(directory)
+  for cand in (directory / "config.json", directory.parent / "config.json"):
+    if cand.is_file():
       try:
-        with open(cand, encoding="utf-8") as f:
-          return json.load(f)
+        return json.loads(cand.read_text())
       except ValueError:
         return None
   return None

@@ -28,11 +28,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from cpt_jax import paths
 
 
 @dataclasses.dataclass
@@ -178,13 +181,15 @@ class ProgressLog(Hook):
 
 class Profile(Hook):
   """A jax.profiler trace of steps a+1..b (`train.profile_steps='a:b'`) in <workdir>/profile,
-  for TensorBoard's profile plugin."""
+  for TensorBoard's profile plugin (a bucket workdir: traced locally, then uploaded)."""
 
   summary_key = "profile"
 
   def __init__(self, steps: tuple[int, int], workdir: str):
     self.first, self.last = steps
     self.dir = os.path.join(workdir, "profile")
+    self._trace_dir = tempfile.mkdtemp(prefix="cpt_jax-profile-") if paths.is_remote(
+        workdir) else self.dir
     self.active = False
 
   def start(self, state, saved):
@@ -195,17 +200,21 @@ class Profile(Hook):
 
   def _toggle(self, done, state):
     if not self.active and self.first <= done < self.last:
-      jax.profiler.start_trace(self.dir)
+      jax.profiler.start_trace(self._trace_dir)
       self.active = True
     elif self.active and done >= self.last:
       jax.block_until_ready(state.params)
-      jax.profiler.stop_trace()
-      self.active = False
+      self._stop()
+
+  def _stop(self):
+    jax.profiler.stop_trace()
+    self.active = False
+    if self._trace_dir != self.dir:
+      paths.upload_tree(self._trace_dir, self.dir)
 
   def summary(self, summary, state):
     if self.active:  # the run ended inside the window
-      jax.profiler.stop_trace()
-      self.active = False
+      self._stop()
     return {"profile_dir": self.dir}
 
 

@@ -1,5 +1,10 @@
 """Metric sinks (JSONL + TensorBoard event files; on a resume the records past its step are
-dropped) and a matmul peak probe for MFU."""
+dropped) and a matmul peak probe for MFU.
+
+In a bucket folder (gs://) a file cannot be appended to: each sink keeps its file's bytes
+and uploads the whole object (readers see the previous upload or this one, never a part) at
+most every `REMOTE_SYNC_SECONDS` and when it closes, as tf.io.gfile's GCS writer does.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import math
 import os
 import socket
 import struct
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -18,7 +24,9 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from cpt_jax import batch as batch_lib
-from cpt_jax.train import workdir as workdir_lib
+from cpt_jax import paths
+
+REMOTE_SYNC_SECONDS = 30.0
 
 
 def _jsonable(v: Any) -> Any:
@@ -47,17 +55,65 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
   return out
 
 
+class SyncedFile:
+  """A file opened for appending: a local file as it is; for a bucket path, a local
+  temporary file whose whole content is uploaded by `sync` (rate-limited) and `close`."""
+
+  def __init__(self, path: str, binary: bool = False):
+    self.path = path
+    self.remote = paths.is_remote(path)
+    mode = "ab" if binary else "a"
+    kw = {} if binary else {"encoding": "utf-8"}
+    if not self.remote:
+      paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+      self.file = open(path, mode, **kw)
+      return
+    self._local = tempfile.NamedTemporaryFile(prefix="cpt_jax-", delete=False).name
+    remote = paths.as_path(path)
+    with open(self._local, "wb") as f:
+      f.write(remote.read_bytes() if remote.exists() else b"")
+    self.file = open(self._local, mode, **kw)
+    self._synced = time.monotonic()
+
+  def write(self, data) -> None:
+    self.file.write(data)
+
+  def flush(self) -> None:
+    self.file.flush()
+    self.sync(force=False)
+
+  def sync(self, force: bool = True) -> None:
+    """Uploads the whole file (a bucket path; at most every REMOTE_SYNC_SECONDS unless forced)."""
+    if not self.remote or (not force and time.monotonic() - self._synced < REMOTE_SYNC_SECONDS):
+      return
+    self.file.flush()
+    with open(self._local, "rb") as f:
+      paths.write_atomic(self.path, f.read())
+    self._synced = time.monotonic()
+
+  def close(self) -> None:
+    if self.file.closed:
+      return
+    self.file.flush()
+    self.sync()
+    self.file.close()
+    if self.remote:
+      os.remove(self._local)
+
+
 class LocalEventFile:
-  """TensorBoard scalars in a local event file, without TensorFlow.
+  """TensorBoard scalars in an event file, without TensorFlow.
 
   tensorboard's own EventFileWriter and clu's writer both go through tf.io.gfile and so
-  load TensorFlow when it is installed; this writes the same records with plain file I/O.
+  load TensorFlow when it is installed (and tf's GCS client has no endpoint override); this
+  writes the same records with plain file I/O, into a bucket folder through `SyncedFile`.
   """
 
   def __init__(self, folder: str):
-    os.makedirs(folder, exist_ok=True)
+    paths.as_path(folder).mkdir(parents=True, exist_ok=True)
     name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
-    self._records = RecordWriter(open(os.path.join(folder, name), "wb"))
+    self._file = SyncedFile(os.path.join(folder, name), binary=True)
+    self._records = RecordWriter(self._file)
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def _write(self, event) -> None:
@@ -68,10 +124,10 @@ class LocalEventFile:
         value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])))
 
   def flush(self) -> None:
-    self._records.flush()
+    self._file.flush()
 
   def close(self) -> None:
-    self._records.close()
+    self._file.close()
 
 
 class MetricsWriter:
@@ -95,26 +151,24 @@ class MetricsWriter:
     if not self.enabled:
       return {}
     dropped = {p: truncate_jsonl(p, step) for p in (self.path, self.eval_path)}
-    if self.tb_dir is not None and os.path.isdir(self.tb_dir):
-      for root, _, files in os.walk(self.tb_dir):
-        for name in files:
-          if "tfevents" in name:
-            dropped[os.path.join(root, name)] = truncate_events(os.path.join(root, name), step)
+    tb = paths.as_path(self.tb_dir) if self.tb_dir is not None else None
+    if tb is not None and tb.is_dir():
+      for f in paths.files_under(tb):
+        if "tfevents" in f.name:
+          dropped[os.fspath(f)] = truncate_events(os.fspath(f), step)
     self._open()
-    return {os.path.relpath(p, os.path.dirname(self.path)): n for p, n in dropped.items() if n}
+    top = os.fspath(paths.as_path(self.path).parent)
+    return {os.fspath(paths.as_path(p))[len(top):].lstrip("/"): n
+            for p, n in dropped.items() if n}
 
   def _open(self) -> None:
     if self._file is not None:
       return
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    self._file = open(self.path, "a", encoding="utf-8")
-    self._eval_file = open(self.eval_path, "a", encoding="utf-8")
-    if self.tb_dir is not None and "://" not in self.tb_dir:
+    paths.as_path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    self._file = SyncedFile(self.path)
+    self._eval_file = SyncedFile(self.eval_path)
+    if self.tb_dir is not None:
       self._tb = LocalEventFile(self.tb_dir)
-    elif self.tb_dir is not None:  # gs:// and other remote folders: TensorFlow's gfile, via clu
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._tb = metric_writers.create_default_writer(self.tb_dir, just_logging=False,
-                                                      asynchronous=True)
 
   def write(self, step: int, metrics: Mapping[str, Any], kind: str = "train") -> None:
     """kind 'train' goes to metrics.jsonl, 'eval' to eval.jsonl (and TensorBoard 'eval/')."""
@@ -127,6 +181,7 @@ class MetricsWriter:
     f.flush()
     if self._tb is not None:
       self._tb.write_scalars(int(step), flatten(metrics, "" if kind == "train" else kind + "/"))
+      self._tb.flush()
 
   def close(self) -> None:
     if not self.enabled or self._file is None:
@@ -141,10 +196,10 @@ class MetricsWriter:
 def truncate_jsonl(path: str, step: int) -> int:
   """Drops the records of a JSONL metrics file past `step`, and a line cut by a crash;
   rewrites it atomically if any went. Returns how many lines went."""
-  if not os.path.exists(path):
+  p = paths.as_path(path)
+  if not p.exists():
     return 0
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.read().splitlines(keepends=True)
+  lines = p.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -154,7 +209,7 @@ def truncate_jsonl(path: str, step: int) -> int:
     if ok:
       keep.append(line)
   if len(keep) < len(lines):
-    workdir_lib.write_atomic(path, "".join(keep).encode("utf-8"))
+    paths.write_atomic(path, "".join(keep).encode("utf-8"))
   return len(lines) - len(keep)
 
 
@@ -162,8 +217,7 @@ def truncate_events(path: str, step: int) -> int:
   """Drops the events of a TensorBoard event file past `step`, and a record cut by a crash
   (TFRecord framing: length, its CRC, the Event, its CRC; kept records are copied as they
   are); rewrites it atomically if any went. Returns how many records went."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.as_path(path).read_bytes()
   keep, pos, total = [], 0, 0
   while pos < len(data):
     total += 1
@@ -181,17 +235,16 @@ def truncate_events(path: str, step: int) -> int:
       keep.append(data[pos:end])
     pos = end
   if len(keep) < total:
-    workdir_lib.write_atomic(path, b"".join(keep))
+    paths.write_atomic(path, b"".join(keep))
   return total - len(keep)
 
 
 def read_metrics(workdir: str, kind: str = "train") -> list[dict]:
   """All records of DIR/metrics.jsonl (kind 'train') or DIR/eval.jsonl ('eval')."""
-  path = os.path.join(workdir, "metrics.jsonl" if kind == "train" else "eval.jsonl")
-  if not os.path.exists(path):
+  path = paths.as_path(workdir) / ("metrics.jsonl" if kind == "train" else "eval.jsonl")
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

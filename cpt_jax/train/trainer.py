@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from cpt_jax import batch as batch_lib
 from cpt_jax import data as data_lib
+from cpt_jax import paths
 from cpt_jax.eval import evaluate as eval_lib
 from cpt_jax.model import hf
 from cpt_jax.model.transformer import flops_per_token
@@ -93,10 +94,10 @@ class Trainer:
     distributed.maybe_initialize(config.distributed)
     config = hf.apply_hf_config(config)
     self.config = config
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.absolute(workdir)  # a gs:// workdir stays a URI
     self.ctx = context_lib.build_context(config, devices)
     self.is_lead = jax.process_index() == 0
-    os.makedirs(self.workdir, exist_ok=True)
+    paths.as_path(self.workdir).mkdir(parents=True, exist_ok=True)
     # One writer per workdir (workdir.py): process 0 holds the lock from here to `close`.
     self.lock = workdir_lib.WorkdirLock(
         self.workdir, config.train.lock_stale_minutes).acquire() if self.is_lead else None
@@ -112,7 +113,7 @@ class Trainer:
       pipeline = data_lib.make_pipeline(
           config.data, global_batch_size=config.train.global_batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          workdir=self.workdir)
+          workdir=None if paths.is_remote(self.workdir) else self.workdir)  # stores: local
     self.pipeline = pipeline
     self.frozen_fn = frozen_fn
     self.on_metrics = on_metrics

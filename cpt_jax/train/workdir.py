@@ -9,6 +9,12 @@ stale, and taken over with a log line, when its holder's pid is not running on t
 heartbeat is older than `train.lock_stale_minutes` (default 30; 0: never take over another
 host's lock: remove the file by hand).
 
+On a bucket (gs://) the lock is an object created with the store's create-only precondition
+(GCS `ifGenerationMatch=0`: of two runs starting at once exactly one creates it), read back
+to confirm the token, and its update time is the heartbeat (the object is rewritten). There
+is no atomic rename there: taking over a stale lock deletes it after reading the same
+holder twice, so two runs taking over one stale lock in the same second could both start.
+
 Identity: `config.json` is the config the workdir's run was started with, written once;
 `config_history.jsonl` has one line per invocation (time, the step it starts from, how it
 started, what it changed). The recorded settings are config.json with every line's changes
@@ -35,6 +41,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from cpt_jax import config as config_lib
+from cpt_jax import paths
 
 LOCK_FILE = "run.lock"
 CONFIG_FILE = "config.json"
@@ -104,8 +111,9 @@ class WorkdirLock:
   """`<workdir>/run.lock`, held from `acquire` to `release` (also a context manager)."""
 
   def __init__(self, workdir: str, stale_minutes: float = 30.0):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.absolute(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.remote = paths.is_remote(self.workdir)
     self.stale_minutes = float(stale_minutes)
     self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
                  "pid_start": _pid_start(os.getpid()), "token": secrets.token_hex(8)}
@@ -120,11 +128,9 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock (a stale one is taken over); raises WorkdirLockedError if held."""
-    os.makedirs(self.workdir, exist_ok=True)
+    paths.as_path(self.workdir).mkdir(parents=True, exist_ok=True)
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not self._create():
         holder, age = self._read()
         if holder.get("released"):
           continue
@@ -140,10 +146,6 @@ class WorkdirLock:
         log(f"{self.workdir}: taking over a stale lock of {describe(holder)}: {why}")
         self._take_over(holder)
         continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(self.info, f)
-        f.flush()
-        os.fsync(f.fileno())
       self._thread = threading.Thread(target=self._heartbeat, name="cpt-workdir-lock",
                                       daemon=True)
       self._thread.start()
@@ -151,13 +153,20 @@ class WorkdirLock:
     raise WorkdirLockedError(f"{self.workdir}: another run took the lock {self.path} while "
                              "this one took over a stale one")
 
+  def _create(self) -> bool:
+    """Creates the lock file with this run's record; False if one exists."""
+    if self.remote:  # check first: a store without preconditions would overwrite
+      if paths.as_path(self.path).exists():
+        return False
+      return paths.create_new(self.path, json.dumps(self.info)) and self.held()
+    return paths.create_new(self.path, json.dumps(self.info))
+
   def _read(self) -> tuple[dict, float]:
     """(the holder's record, {} if unreadable; seconds since its heartbeat)."""
     age = 0.0
     try:
-      age = time.time() - os.stat(self.path).st_mtime
-      with open(self.path, encoding="utf-8") as f:
-        holder = json.load(f)
+      age = time.time() - paths.mtime(self.path)
+      holder = json.loads(paths.as_path(self.path).read_text())
       valid = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and holder["pid"] > 0
       return (holder if valid else {}), age
     except FileNotFoundError:
@@ -184,7 +193,16 @@ class WorkdirLock:
 
   def _take_over(self, holder: Mapping[str, Any]) -> None:
     """Moves the stale file aside (atomic); if a concurrent taker's fresh lock was moved
-    instead, it is put back and the next attempt sees it."""
+    instead, it is put back and the next attempt sees it. On a bucket: deleted if it still
+    holds the same record."""
+    if self.remote:
+      again, _ = self._read()
+      if again.get("token") == holder.get("token"):
+        try:
+          paths.as_path(self.path).unlink()
+        except FileNotFoundError:
+          pass
+      return
     aside = f"{self.path}.stale-{self.info['token']}"
     try:
       os.rename(self.path, aside)
@@ -213,7 +231,10 @@ class WorkdirLock:
         log(f"{self.workdir}: lost the workdir lock {self.path} (removed or taken over)")
         return
       try:
-        os.utime(self.path)
+        if self.remote:  # the object's update time is the heartbeat
+          paths.as_path(self.path).write_text(json.dumps(self.info))
+        else:
+          os.utime(self.path)
       except OSError:
         pass
 
@@ -224,7 +245,7 @@ class WorkdirLock:
       self._thread.join(timeout=5)
       self._thread = None
       if self.held():
-        os.remove(self.path)
+        paths.as_path(self.path).unlink()
 
 
 def describe(holder: Mapping[str, Any]) -> str:
@@ -269,10 +290,10 @@ def fmt(v: Any) -> str:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     return []
   out = []
-  with open(path, encoding="utf-8") as f:
+  with paths.as_path(path).open("r") as f:
     for i, line in enumerate(f):
       if line.strip():
         try:
@@ -287,7 +308,7 @@ class RunIdentity:
   of this invocation (`record`, process 0)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = paths.absolute(workdir)
     self.config_json = config.to_json_best_effort(indent=2)
     self.new = flatten(json.loads(self.config_json))
     self.policy = str(config.train.get("on_config_change", "stop"))
@@ -306,9 +327,9 @@ class RunIdentity:
   def _recorded(self) -> dict[str, Any] | None:
     """config.json with the changes of the history lines since it was written."""
     path = os.path.join(self.workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not paths.as_path(path).exists():
       return None
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open("r") as f:
       try:
         flat = flatten(json.load(f))
       except ValueError as e:
@@ -348,7 +369,7 @@ class RunIdentity:
       if self.recorded is not None:
         log(f"{self.workdir}: no checkpoint to resume; config.json replaced by this run's "
             f"({len(self.changes)} keys differ; see {HISTORY_FILE})")
-      write_atomic(os.path.join(self.workdir, CONFIG_FILE), self.config_json)
+      paths.write_atomic(os.path.join(self.workdir, CONFIG_FILE), self.config_json)
       line["started"] = True
     if self.changes and line.get("started"):  # informational: the old run is gone
       line["replaced"] = {k: {"old": o, "new": n} for k, (o, n) in self.changes.items()}
@@ -358,8 +379,7 @@ class RunIdentity:
                          for k, (o, n) in self.changes.items()}
       log(f"{self.workdir}: settings changed from step {step}: " + "; ".join(
           f"{k}: {fmt(o)} -> {fmt(n)}" for k, (o, n) in self.changes.items()))
-    with open(os.path.join(self.workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
-      f.write(json.dumps(line) + "\n")
+    paths.append_text(os.path.join(self.workdir, HISTORY_FILE), json.dumps(line) + "\n")
     self.history.append(line)
 
   def changes_made(self) -> list[dict]:
@@ -368,12 +388,3 @@ class RunIdentity:
     return [{"step": h["step"], "time": h["time"], "changes": h["changes"]}
             for h in self._since_started() if h.get("changes")]
 
-
-def write_atomic(path: str, content: str | bytes) -> None:
-  """Replaces `path` with `content` in one step (a crash leaves the old file or the new)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(content.encode("utf-8") if isinstance(content, str) else content)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
