@@ -9,6 +9,7 @@ import pytest
 
 from cpt_jax import config as config_lib
 from cpt_jax.parallel import distributed
+from tests import helpers
 
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
          "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
@@ -99,3 +100,13 @@ def test_a_half_configured_launch_is_an_error(env, kw, missing):
 def test_bad_values_name_their_source(env, kw, match):
   with pytest.raises(ValueError, match=match):
     _args(env, **kw)
+
+
+def test_the_command_line_refuses_a_half_configured_launch(tmp_path):
+  """NUM_PROCESSES=2 alone: one `error:` line and status 2 before anything runs, not two
+  independent runs in one workdir."""
+  config = helpers.write_cli_config(tmp_path, tmp_path / "no-corpus-needed")
+  status, _, err = helpers.run_cli(config, tmp_path / "run", env={"NUM_PROCESSES": "2"})
+  assert status == 2, err[-2000:]
+  assert err.startswith("error: a half-configured multi-process launch: NUM_PROCESSES=2")
+  assert not (tmp_path / "run").exists()
