@@ -41,8 +41,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(port: int, i: int) -> dict:
+def _env(port: int, i: int, cache: pathlib.Path) -> dict:
+  """A launcher's variables for process i; the launches share compiled programs (cache)."""
   return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+          "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
           "PYTHONPATH": str(helpers.REPO), "COORDINATOR": f"localhost:{port}",
           "NUM_PROCESSES": "2", "PROCESS_ID": str(i)}
@@ -53,18 +56,17 @@ def _launch(argvs: list[list[str]], logs: pathlib.Path) -> list[tuple[int, str]]
   port, procs = _free_port(), []
   for i, argv in enumerate(argvs):
     out = open(logs / f"p{i}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
-    procs.append((subprocess.Popen(argv, cwd=helpers.REPO, env=_env(port, i), stdout=out,
+    env = _env(port, i, logs.parent / "jax_cache")
+    procs.append((subprocess.Popen(argv, cwd=helpers.REPO, env=env, stdout=out,
                                    stderr=subprocess.STDOUT), out))
-  result = []
-  for p, out in procs:
-    try:
-      rc = p.wait(timeout=300)
-    finally:
-      if p.poll() is None:
+  try:
+    status = [p.wait(timeout=600) for p, _ in procs]
+  finally:
+    for p, out in procs:
+      if p.poll() is None:  # one hung or failed: end the others too
         p.kill()
       out.close()
-    result.append((rc, (logs / f"p{len(result)}.log").read_text(encoding="utf-8")))
-  return result
+  return [(rc, (logs / f"p{i}.log").read_text(encoding="utf-8")) for i, rc in enumerate(status)]
 
 
 @pytest.fixture(scope="module")
