@@ -21,6 +21,7 @@ checkpoint at the next step boundary all processes agree on and exits 0; the sam
 command resumes it (train/preemption.py).
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -128,9 +129,9 @@ def main(argv):
     fail(f"--config: {e}")
   try:
     distributed.maybe_initialize(config.distributed)  # first: before any JAX call
-    if not distributed.is_initialized():  # else JAX's own notifier catches SIGTERM
-      preemption.install_handler()
-    run.run(config, _WORKDIR.value)
+    with (contextlib.nullcontext() if distributed.is_initialized()  # JAX's notifier has it
+          else preemption.sigterm_requests()):
+      run.run(config, _WORKDIR.value)
   except preemption.Preempted as e:  # saved: the launcher restarts the same command
     print(f"[cpt_jax] {e}", flush=True)
   except Exception as e:  # pylint: disable=broad-except  # user errors: one line

@@ -4,25 +4,29 @@ The run stops at a step boundary every process agrees on, saves its checkpoint t
 and raises `Preempted`; the command line (main.py) exits 0, so the launcher restarts
 the same command, which resumes from that checkpoint.
 
-  one process      `install_handler()` (main.py calls it) turns SIGTERM into a flag;
+  one process      `sigterm_requests()` (main.py runs in it) turns SIGTERM into a flag;
                    the hook reads it after each step
   several          JAX's coordination service catches SIGTERM on whichever process
   (jax.distributed) gets it and tells the others; `multihost_utils.
                    reached_preemption_sync_point(n)` is then True on every process at
                    the same call n (after the furthest one's current step). It talks to
-                   no other process until a notice has come, so the step does not slow
+                   no other process until a notice has come: 0.1 us a call, the step
+                   does not slow (benchmarks/per_host.py)
   several, no      (a runtime JAX did not start) the flags are all-gathered after each
   jax.distributed  step
 
 Calls are counted per process over the whole invocation (every stage, rollbacks
 included): every process makes the same calls in the same order, so the counts agree
-where the step numbers of successive stages would repeat.
+where the step numbers of successive stages would repeat. A SIGTERM before a stage's
+first step (store building, the baseline) takes effect after that step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -43,10 +47,16 @@ class Preempted(Exception):
     self.step, self.workdir = step, workdir
 
 
-def install_handler() -> None:
-  """SIGTERM -> a preemption request, for a process without jax.distributed (whose own
-  notifier catches SIGTERM: a handler here would replace it). Main thread only."""
-  signal.signal(signal.SIGTERM, lambda signum, frame: request())
+@contextlib.contextmanager
+def sigterm_requests() -> Iterator[None]:
+  """Within: SIGTERM -> a preemption request; the previous handler comes back after. For
+  a process without jax.distributed (whose own notifier catches SIGTERM: a handler here
+  would replace it). Main thread only."""
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: request())
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def request() -> None:
