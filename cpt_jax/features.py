@@ -6,6 +6,7 @@
   eval without tau   train/hooks.py      (decomposition.eval_without_tau, sigma / tau runs)
   metric writer      train/hooks.py
   user callback      train/hooks.py      (`on_metrics`)
+  preemption         train/preemption.py (SIGTERM: save at an agreed step, then stop)
 
 `make_hooks` is the one place this order is written; `cpt_jax.run.train` passes it
 to the trainer. A new feature is a Hook built here from its config group and the
@@ -18,6 +19,7 @@ from cpt_jax.mixing import hook as mixing_hook
 from cpt_jax.replay import hook as replay_hook
 from cpt_jax.schema import train as train_schema
 from cpt_jax.train import hooks as hooks_lib
+from cpt_jax.train import preemption
 
 
 def make_hooks(env: hooks_lib.Env) -> list[hooks_lib.Hook]:
@@ -39,4 +41,5 @@ def make_hooks(env: hooks_lib.Env) -> list[hooks_lib.Hook]:
     out.append(hooks_lib.ProgressLog(env.config.train.steps))
   if env.on_metrics is not None:
     out.append(hooks_lib.Callback(env.on_metrics, env.pipeline))
+  out.append(preemption.Preemption(env.workdir))  # asked after every step, apart from the rest
   return out

@@ -14,8 +14,14 @@ validation rejects, missing or unreadable data, a warm start that does not fit, 
 changed config on a resume, a workdir another run holds) prints one line,
 `error: ...`, and exits with status 2. Errors the project did not raise itself keep
 their traceback (a bug); `--traceback` or CPT_JAX_TRACEBACK=1 shows it for every error.
+
+A multi-process launch is detected and `jax.distributed.initialize` called before
+anything else touches JAX (parallel/distributed.py). On SIGTERM the run saves a
+checkpoint at the next step boundary all processes agree on and exits 0; the same
+command resumes it (train/preemption.py).
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -27,7 +33,9 @@ from ml_collections import config_flags
 
 from cpt_jax import configs
 from cpt_jax import run
+from cpt_jax.parallel import distributed
 from cpt_jax.train import checkpoint as ckpt_lib
+from cpt_jax.train import preemption
 from cpt_jax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -120,7 +128,12 @@ def main(argv):
       raise
     fail(f"--config: {e}")
   try:
-    run.run(config, _WORKDIR.value)
+    distributed.maybe_initialize(config.distributed)  # first: before any JAX call
+    with (contextlib.nullcontext() if distributed.is_initialized()  # JAX's notifier has it
+          else preemption.sigterm_requests()):
+      run.run(config, _WORKDIR.value)
+  except preemption.Preempted as e:  # saved: the launcher restarts the same command
+    print(f"[cpt_jax] {e}", flush=True)
   except Exception as e:  # pylint: disable=broad-except  # user errors: one line
     if _want_traceback() or not is_user_error(e):
       raise

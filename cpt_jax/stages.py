@@ -49,6 +49,7 @@ from cpt_jax.data import pipeline as pipeline_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.eval import report as report_lib
 from cpt_jax.model import hf
+from cpt_jax.parallel import distributed
 from cpt_jax.schema import data as data_config
 from cpt_jax.schema import train as train_schema
 from cpt_jax.train import state as state_lib
@@ -177,6 +178,7 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
 def run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwargs) -> dict:
   """Runs (or skips, when finished and unchanged) every stage, holding the workdir's lock
   (process 0); writes and returns the report."""
+  distributed.maybe_initialize(config.distributed)  # before the first JAX call below
   config_lib.validate_stages(config)
   workdir = paths.absolute(workdir)  # a gs:// workdir stays a URI
   paths.as_path(workdir).mkdir(parents=True, exist_ok=True)

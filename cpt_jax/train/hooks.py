@@ -8,6 +8,9 @@ The loop (train/trainer.py `Trainer.run`) calls, for every hook in its list:
                                   data position)
   after_step(done, state)         right after step `done` is dispatched (replay refresh)
   should_stop(done, next_steps)   at a log boundary: '' to go on, else why the stage ends
+  preempted(done)                 after each step: True to save at `done` and stop the
+                                  invocation (train/preemption.py; the same answer on
+                                  every process)
   on_log(done, record)            with the log record of the window ending at `done`;
                                   may add entries (controller metrics) or write it
   cost(step)                      a `Cost`: TFLOPs / seconds the hook spent for the stage
@@ -89,6 +92,9 @@ class Hook:
 
   def should_stop(self, done: int, next_steps: int) -> str:
     return ""
+
+  def preempted(self, done: int) -> bool:
+    return False
 
   def on_log(self, done: int, record: dict[str, Any]) -> None:
     pass

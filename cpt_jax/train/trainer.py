@@ -17,7 +17,9 @@ checkpoint boundary, before the save) or a loss spike is a divergence
 (divergence.py): the run stops naming the newest good checkpoint
 (`DivergenceError`) or rolls back to it (`train.on_divergence`). With
 `replay.max_tflops` / `replay.max_seconds` set, the stage ends early at the log
-boundary before a cap would be passed (budget.py).
+boundary before a cap would be passed (budget.py). A hook that reports `preempted`
+after a step (train/preemption.py: SIGTERM, agreed across processes) makes the loop
+save that step and raise `preemption.Preempted`.
 
 The workdir (workdir.py): process 0 holds its lock (`run.lock`) from `__init__`
 to `close`; `prepare` compares the settings with the recorded ones (config.json +
@@ -62,6 +64,7 @@ from cpt_jax.train import hooks as hooks_lib
 from cpt_jax.train import layout as layout_lib
 from cpt_jax.train import metrics as metrics_lib
 from cpt_jax.train import objective as objective_lib
+from cpt_jax.train import preemption
 from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
 from cpt_jax.train import step as step_lib
@@ -321,9 +324,10 @@ class Trainer:
         done, is_last = step + 1, step + 1 == t.steps
         for h in self.hooks:
           h.after_step(done, self.state)
+        preempted = any([h.preempted(done) for h in self.hooks])  # SIGTERM: save, stop
         logs, saves = done % t.log_every == 0, done % t.checkpoint_every == 0
         try:  # NaN / Inf loss or params, or a loss spike: stop, or roll back and go on
-          self._fetch(done, metrics, now=logs or saves or is_last)  # one step late otherwise
+          self._fetch(done, metrics, now=logs or saves or is_last or preempted)  # else late
           if logs:
             self.guard.check_window(done, self._window.mean("loss"), self._window.steps)
         except divergence_lib.Diverged as d:
@@ -339,8 +343,11 @@ class Trainer:
             h.on_log(done, last)
           if bar is not None:
             bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
-        if saves or is_last:  # before the evaluation: a failing one never costs the checkpoint
-          self.save(done)
+        if saves or is_last or preempted:  # before the evaluation: a failing one never costs
+          self.save(done)  # the checkpoint
+        if preempted and not is_last:
+          log(f"{os.path.basename(self.workdir)}: preempted at step {done}: saved")
+          raise preemption.Preempted(done, self.workdir)
         if (t.eval_every and done % t.eval_every == 0) or is_last:
           last_eval = self.evaluate()
           writer.write(done, last_eval, kind="eval")
