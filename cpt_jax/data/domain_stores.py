@@ -163,7 +163,8 @@ class DomainStores:
             self.cfg, self.corpus_dir, domain, split)
         self._stores[key] = store_lib.build_or_load(
             src, self.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
-            on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs)
+            on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs,
+            shard_rows=self.cfg.shard_rows, buffer_tokens=self.cfg.build_buffer_tokens)
       return self._stores[key]
 
 
@@ -174,8 +175,7 @@ class IndexedStore:
     self.base, self.idx_N = base, np.asarray(idx_N, np.int64)
     self.path = base.path
     self.meta = dict(base.meta, selected_rows=int(self.idx_N.size))
-    self.rows_3xRxL = base.rows_3xRxL  # the mixer reads only its row length
-    self.row_tokens_R = np.asarray(base.row_tokens_R)[self.idx_N]
+    self.seq_len = base.seq_len
 
   @property
   def num_rows(self) -> int:
@@ -183,3 +183,6 @@ class IndexedStore:
 
   def gather(self, idx_B: np.ndarray) -> np.ndarray:
     return self.base.gather(self.idx_N[np.asarray(idx_B, np.int64)])
+
+  def row_tokens(self, idx_B: np.ndarray) -> np.ndarray:
+    return self.base.row_tokens(self.idx_N[np.asarray(idx_B, np.int64)])

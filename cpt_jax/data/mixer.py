@@ -134,9 +134,9 @@ class Mixer:
     np.add.at(new.consumed_C, dom_B, 1)
     for d in np.unique(dom_B):
       m = dom_B == d
-      new.tokens_C[d] += int(self.stores[d].row_tokens_R[row_B[m]].sum())
+      new.tokens_C[d] += int(self.stores[d].row_tokens(row_B[m]).sum())
     local_dom_B, local_row_B = dom_B[self.local], row_B[self.local]
-    L = self.stores[int(local_dom_B[0])].rows_3xRxL.shape[2]
+    L = self.stores[int(local_dom_B[0])].seq_len
     planes = np.empty((3, local_dom_B.size, L), np.int32)
     for d in np.unique(local_dom_B):
       m = local_dom_B == d

@@ -61,6 +61,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.on_bad_line = "error"
   # Packed-row cache; '' -> <workdir>/data_cache, else <tmp>/cpt_jax_data_cache.
   c.cache_dir = ""
+  # Rows per store shard (a file of rows_Rx3xL int32 plus its row token counts);
+  # part of the cache key.
+  c.shard_rows = 16384
+  # Tokens packed at once while building a store: bounds the builder's memory
+  # (about 60 bytes per token) whatever the corpus size; the rows do not depend on it.
+  c.build_buffer_tokens = 1 << 22
   # Fraction of each domain's validation rows (the tail) kept for evaluation
   # only; distill-role training uses the rest, so distilled domains are never
   # evaluated on rows they were distilled on. 0 = evaluate on every row.
@@ -102,6 +108,9 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise _err("eval_holdout", f"must be in [0, 1), got {cfg.eval_holdout!r}")
   if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
     raise _err("max_docs", f"must be an int >= 0, got {cfg.max_docs!r}")
+  for key in ("shard_rows", "build_buffer_tokens"):
+    if not isinstance(cfg.get(key, 1), int) or cfg.get(key, 1) < 1:
+      raise _err(key, f"must be a positive int, got {cfg.get(key)!r}")
   if cfg.vocab != "byte" and not os.path.isfile(cfg.vocab):
     raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
   if cfg.get("add_bos", "auto") not in ADD_BOS:
