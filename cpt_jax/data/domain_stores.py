@@ -69,8 +69,12 @@ def check_splits(cfg: ml_collections.ConfigDict) -> None:
 class DomainStores:
   """The packed stores of a run's domains, built lazily; the base of `pipeline.Pipeline`."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None,
+               process_index: int = 0):
+    """process_index: this process; only process 0 builds stores (unless
+    data.build_on_every_process), the others wait for them to be published."""
     self.cfg = cfg
+    self.process_index = process_index
     self.seq_len = cfg.seq_len
     self.corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
     available = sources_lib.list_domains(self.corpus_dir, cfg.source)
@@ -155,16 +159,29 @@ class DomainStores:
     store = self._store(domain, "validation")
     return store.slice(start, n) if self.cfg.eval_holdout > 0 else store
 
+  def build_job(self, domain: str, split: str) -> store_lib.BuildJob:
+    """What building the store of (domain, split) takes (data/build.py runs these)."""
+    src = self._sources.get((domain, split)) or sources_lib.make_source(
+        self.cfg, self.corpus_dir, domain, split)
+    return store_lib.BuildJob(
+        src, self.cfg.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
+        on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs,
+        shard_rows=self.cfg.shard_rows, buffer_tokens=self.cfg.build_buffer_tokens)
+
+  def build_jobs(self) -> list[store_lib.BuildJob]:
+    """The build jobs of every store the run reads (`run_splits`)."""
+    return [self.build_job(d, s) for d, s in self.run_splits()]
+
   def _store(self, domain: str, split: str) -> store_lib.PackedStore:
     with self._store_lock:
       key = (domain, split)
       if key not in self._stores:
-        src = self._sources.get(key) or sources_lib.make_source(
-            self.cfg, self.corpus_dir, domain, split)
-        self._stores[key] = store_lib.build_or_load(
-            src, self.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
-            on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs,
-            shard_rows=self.cfg.shard_rows, buffer_tokens=self.cfg.build_buffer_tokens)
+        job = self.build_job(domain, split)
+        if self.process_index == 0 or self.cfg.build_on_every_process:
+          self._stores[key] = job.run(self.vocab)
+        else:  # process 0 builds it into the shared cache_dir
+          self._stores[key] = store_lib.wait_for(job.src, job.cache_dir, job.key(self.vocab),
+                                                 self.cfg.store_wait_seconds)
       return self._stores[key]
 
 

@@ -42,7 +42,7 @@ class Pipeline(stores_lib.DomainStores):
     if global_batch_size < process_count or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
                        f"of process_count {process_count}")
-    super().__init__(cfg, workdir)
+    super().__init__(cfg, workdir, process_index)
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = process_index, process_count
     self.batch_size = global_batch_size // process_count

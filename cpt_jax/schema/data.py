@@ -67,6 +67,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Tokens packed at once while building a store: bounds the builder's memory
   # (about 60 bytes per token) whatever the corpus size; the rows do not depend on it.
   c.build_buffer_tokens = 1 << 22
+  # With several processes, process 0 builds every store into cache_dir (which
+  # every process must see: a shared folder or bucket) and the others wait for
+  # it to be published; True = every process builds its own copy (a host-local
+  # cache_dir).
+  c.build_on_every_process = False
+  # How long a process other than 0 waits for a store to be published (seconds).
+  c.store_wait_seconds = 3600.0
   # Fraction of each domain's validation rows (the tail) kept for evaluation
   # only; distill-role training uses the rest, so distilled domains are never
   # evaluated on rows they were distilled on. 0 = evaluate on every row.
@@ -111,6 +118,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   for key in ("shard_rows", "build_buffer_tokens"):
     if not isinstance(cfg.get(key, 1), int) or cfg.get(key, 1) < 1:
       raise _err(key, f"must be a positive int, got {cfg.get(key)!r}")
+  if not float(cfg.get("store_wait_seconds", 1.0)) > 0:
+    raise _err("store_wait_seconds", f"must be > 0, got {cfg.store_wait_seconds!r}")
   if cfg.vocab != "byte" and not os.path.isfile(cfg.vocab):
     raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
   if cfg.get("add_bos", "auto") not in ADD_BOS:
