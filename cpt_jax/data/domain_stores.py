@@ -24,6 +24,7 @@ from cpt_jax.schema import data as config_lib
 from cpt_jax.data import selection as selection_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data import store as store_lib
+from cpt_jax.data import tasks as tasks_lib
 from cpt_jax.data import vocab as vocab_lib
 
 
@@ -47,12 +48,41 @@ def run_splits(domains, roles) -> list[tuple[str, str]]:
           for s in dict.fromkeys((training_split(r), "validation")) if s]
 
 
-def run_sources(cfg, corpus_dir: str, domains, roles) -> dict[tuple[str, str], sources_lib.Source]:
+def resolve_domains(cfg) -> tuple[str, dict[str, str], frozenset]:
+  """(corpus_dir, {domain: role}, the domains that are seqio Tasks) of a data config.
+
+  The available domains are the corpus folders (none when only seqio Tasks are
+  used and there is no corpus) plus the Tasks of data.seqio_tasks / seqio_mixture.
+  """
+  corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
+  seqio_tasks, mixture_tasks = tasks_lib.seqio_domains(cfg)
+  seqio_names = frozenset(seqio_tasks) | frozenset(mixture_tasks)
+  try:
+    available = sources_lib.list_domains(corpus_dir, cfg.source)
+  except sources_lib.DataError:
+    if not seqio_names or cfg.corpus_dir:
+      raise
+    available = []
+  if available is not None:
+    available = sorted(set(available) | seqio_names)
+  return corpus_dir, config_lib.resolve_roles(cfg, available, mixture_tasks), seqio_names
+
+
+def make_source(cfg, corpus_dir: str, domain: str, split: str,
+                seqio_names: frozenset = frozenset()) -> sources_lib.Source:
+  """The Source of (domain, split): a registered seqio Task's or the corpus's."""
+  if domain in seqio_names:
+    return tasks_lib.seqio_source(domain, split, vocab_lib.make_vocab(cfg.vocab).key)
+  return sources_lib.make_source(cfg, corpus_dir, domain, split)
+
+
+def run_sources(cfg, corpus_dir: str, domains, roles, seqio_names: frozenset = frozenset()
+                ) -> dict[tuple[str, str], sources_lib.Source]:
   """{(domain, split): Source} of `run_splits`, each file checked readable and non-empty;
   DataError naming the first missing or unreadable file."""
   out = {}
   for d, s in run_splits(domains, roles):
-    src = out[(d, s)] = sources_lib.make_source(cfg, corpus_dir, d, s)
+    src = out[(d, s)] = make_source(cfg, corpus_dir, d, s, seqio_names)
     sources_lib.check_readable(src)
   return out
 
@@ -60,10 +90,9 @@ def run_sources(cfg, corpus_dir: str, domains, roles) -> dict[tuple[str, str], s
 def check_splits(cfg: ml_collections.ConfigDict) -> None:
   """The checks `DomainStores` makes at its start, without building it: every split the data
   config `cfg` reads exists and is readable (e.g. every stage's, before the first runs)."""
-  corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
-  role_of = config_lib.resolve_roles(cfg, sources_lib.list_domains(corpus_dir, cfg.source))
+  corpus_dir, role_of, seqio_names = resolve_domains(cfg)
   domains = sorted(role_of)
-  run_sources(cfg, corpus_dir, domains, [role_of[d] for d in domains])
+  run_sources(cfg, corpus_dir, domains, [role_of[d] for d in domains], seqio_names)
 
 
 class DomainStores:
@@ -76,9 +105,7 @@ class DomainStores:
     self.cfg = cfg
     self.process_index = process_index
     self.seq_len = cfg.seq_len
-    self.corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
-    available = sources_lib.list_domains(self.corpus_dir, cfg.source)
-    role_of = config_lib.resolve_roles(cfg, available)
+    self.corpus_dir, role_of, self.seqio_names = resolve_domains(cfg)
     self.domains: list[str] = sorted(role_of)
     self.roles: list[str] = [role_of[d] for d in self.domains]
     self.role_ids = np.array([batch_lib.role_id(r) for r in self.roles], np.int32)
@@ -87,7 +114,8 @@ class DomainStores:
     self.cache_dir = default_cache_dir(cfg, workdir)
     # Every split the run reads (training, and validation for evaluation) exists and is
     # readable before anything is built or trained.
-    self._sources = run_sources(cfg, self.corpus_dir, self.domains, self.roles)
+    self._sources = run_sources(cfg, self.corpus_dir, self.domains, self.roles,
+                                self.seqio_names)
     self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
     self._store_lock = threading.Lock()
     # --- replay selection: replay domains restricted to selected rows (cpt_jax/replay) ---
@@ -161,8 +189,8 @@ class DomainStores:
 
   def build_job(self, domain: str, split: str) -> store_lib.BuildJob:
     """What building the store of (domain, split) takes (data/build.py runs these)."""
-    src = self._sources.get((domain, split)) or sources_lib.make_source(
-        self.cfg, self.corpus_dir, domain, split)
+    src = self._sources.get((domain, split)) or make_source(
+        self.cfg, self.corpus_dir, domain, split, self.seqio_names)
     return store_lib.BuildJob(
         src, self.cfg.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
         on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs,

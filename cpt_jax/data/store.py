@@ -41,12 +41,13 @@ import numpy as np
 
 from cpt_jax.data import packing
 from cpt_jax.data import sources as sources_lib
+from cpt_jax.data import tasks as tasks_lib
 from cpt_jax.data import vocab as vocab_lib
 
 FORMAT_VERSION = 2
 INDEX = "index.json"
 SHARD_ROWS = 16384  # rows per shard (data.shard_rows)
-BUFFER_TOKENS = 1 << 22  # tokens packed at once while building (data.build_buffer_tokens)
+BUFFER_TOKENS = 1 << 20  # tokens packed at once while building (data.build_buffer_tokens)
 _ENCODE_CHUNK = 512  # documents tokenised per call
 _PLANES = 3
 
@@ -305,6 +306,8 @@ def build_into(src: sources_lib.Source, vocab: vocab_lib.Vocab, seq_len: int, ou
   """
   t0 = time.time()
   stats = sources_lib.ReadStats()
+  if documents is None and src.kind == tasks_lib.SEQIO:
+    documents = tasks_lib.seqio_documents(src, max_docs)
   if documents is None:
     documents = text_documents(src, vocab, append_eos, on_bad_line, max_docs, stats)
   else:

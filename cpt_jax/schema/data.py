@@ -66,7 +66,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.shard_rows = 16384
   # Tokens packed at once while building a store: bounds the builder's memory
   # (about 60 bytes per token) whatever the corpus size; the rows do not depend on it.
-  c.build_buffer_tokens = 1 << 22
+  c.build_buffer_tokens = 1 << 20
   # With several processes, process 0 builds every store into cache_dir (which
   # every process must see: a shared folder or bucket) and the others wait for
   # it to be published; True = every process builds its own copy (a host-local
@@ -83,6 +83,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Replay selection (cpt_jax/replay): a selection folder or selection.jsonl;
   # replay domains then train only on the selected rows ('' = all rows).
   c.replay_selection = ""
+  # Registered seqio Tasks as domains: comma-separated names or regexes (full
+  # match); each matching Task is a domain named after it, its tokenised
+  # 'targets' packed into a store. Roles come from data.new/replay/... as for
+  # any domain (names or globs).
+  c.seqio_tasks = ""
+  # A registered seqio Mixture: its Tasks are domains (role 'new' unless a role
+  # field names them) and its rates their initial weights (data.weights entries
+  # come first and override); the rate controllers then update them.
+  c.seqio_mixture = ""
   # tf.Example / TFDS feature holding the document text.
   c.text_feature = "text"
   c.tfds_data_dir = ""  # TFDS only: data_dir ('' = TFDS default).
@@ -124,7 +133,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
   if cfg.get("add_bos", "auto") not in ADD_BOS:
     raise _err("add_bos", f"{cfg.add_bos!r} is not one of {ADD_BOS}")
-  if not any(split_list(cfg[r]) for r in ("new", "replay", "distill")):
+  if (not any(split_list(cfg[r]) for r in ("new", "replay", "distill"))
+      and not cfg.get("seqio_mixture", "")):
     raise _err("new", "no training domain: set data.new, data.replay or data.distill")
   parse_weights(cfg.weights)  # syntax only
 
@@ -138,14 +148,16 @@ def is_pattern(name: str) -> bool:
   return any(ch in name for ch in "*?[")
 
 
-def resolve_roles(cfg: ml_collections.ConfigDict,
-                  available: Sequence[str] | None) -> dict[str, str]:
+def resolve_roles(cfg: ml_collections.ConfigDict, available: Sequence[str] | None,
+                  default_new: Sequence[str] = ()) -> dict[str, str]:
   """Maps every domain of the run to its role.
 
   Args:
     cfg: the data config.
     available: domain names in the corpus (None when the source cannot list
       them, e.g. tfds: then patterns are an error).
+    default_new: domains that take role 'new' when no role field claims them
+      (a seqio Mixture's Tasks).
   Returns:
     {domain: role}; explicit names first, then patterns in role order.
   """
@@ -166,6 +178,8 @@ def resolve_roles(cfg: ml_collections.ConfigDict,
       for name in available:
         if name not in out and fnmatch.fnmatchcase(name, pat):
           out[name] = role
+  for name in default_new:
+    out.setdefault(name, "new")
   if not out:
     raise _err("new", "no domain selected by data.new/replay/distill/eval")
   return out
