@@ -83,15 +83,27 @@ class Mixer:
     self.local = slice(process_index * per, (process_index + 1) * per)
     self.rows_C = np.array([s.num_rows if s is not None else 0 for s in self.stores], np.int64)
     self._name_seed = [zlib.crc32(d.encode("utf-8")) for d in self.domains]
+    self._round_keys: dict[tuple[int, int], np.ndarray] = {}
 
   def initial_state(self) -> MixerState:
     n = len(self.domains)
     return MixerState(0, np.zeros(n, np.int64), np.zeros(n, np.int64))
 
-  def rows_at(self, d: int, epoch: int, pos_N: np.ndarray) -> np.ndarray:
-    """Rows at positions pos_N of domain d's order in epoch `epoch`."""
-    keys = shuffle_lib.round_keys([self.seed, self._name_seed[d], epoch, _PERM_TAG])
-    return shuffle_lib.permute(pos_N, int(self.rows_C[d]), keys)
+  def _keys(self, d: int, epoch: int) -> np.ndarray:
+    """The shuffle keys of (domain d, epoch): 64 bytes, kept for the few pairs in use."""
+    k = self._round_keys.get((d, epoch))
+    if k is None:
+      if len(self._round_keys) > 4 * len(self.domains) + 16:
+        self._round_keys.clear()
+      k = self._round_keys[(d, epoch)] = shuffle_lib.round_keys(
+          [self.seed, self._name_seed[d], epoch, _PERM_TAG])
+    return k
+
+  def rows_at(self, dom_N: np.ndarray, epoch_N: np.ndarray, pos_N: np.ndarray) -> np.ndarray:
+    """Rows at positions pos_N of each domain's order in its epoch (one call for all)."""
+    keys_NxK = np.stack([self._keys(int(d), int(e)) for d, e in zip(dom_N, epoch_N)]
+                        ) if len(pos_N) else np.zeros((0, shuffle_lib.ROUNDS), np.uint64)
+    return shuffle_lib.permute(pos_N, self.rows_C[dom_N], keys_NxK)
 
   def plan(self, state: MixerState, weights_C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(domain_B, row_B) of the global batch at state.step."""
@@ -107,11 +119,7 @@ class Mixer:
     c_B = state.consumed_C[dom_B] + rank_B
     n_B = self.rows_C[dom_B]
     epoch_B, pos_B = c_B // n_B, c_B % n_B
-    row_B = np.empty_like(dom_B)
-    for d, e in set(zip(dom_B.tolist(), epoch_B.tolist())):
-      m = (dom_B == d) & (epoch_B == e)
-      row_B[m] = self.rows_at(d, e, pos_B[m])
-    return dom_B, row_B
+    return dom_B, self.rows_at(dom_B, epoch_B, pos_B)
 
   def produce(self, state: MixerState, weights_C: np.ndarray) -> tuple[dict, MixerState]:
     """This process's slice of the batch at state.step, and the next state."""

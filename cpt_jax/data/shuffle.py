@@ -33,27 +33,41 @@ def _mix(x: np.ndarray) -> np.ndarray:
   return x ^ (x >> np.uint64(31))
 
 
-def _feistel(x: np.ndarray, half: int, keys: np.ndarray) -> np.ndarray:
-  mask = np.uint64((1 << half) - 1)
-  sh = np.uint64(half)
-  left, right = x >> sh, x & mask
-  for k in keys:
-    left, right = right, left ^ (_mix(right ^ k) & mask)
-  return (left << sh) | right
+def _feistel(x: np.ndarray, half: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """One pass of the network; x, half: N; keys: NxROUNDS (all uint64)."""
+  mask = (np.uint64(1) << half) - np.uint64(1)
+  left, right = x >> half, x & mask
+  for r in range(keys.shape[1]):
+    left, right = right, left ^ (_mix(right ^ keys[:, r]) & mask)
+  return (left << half) | right
 
 
-def permute(pos_N: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
-  """Positions pos_N (each in [0, n)) -> their items under the permutation of [0, n)."""
-  pos_N = np.asarray(pos_N, np.int64)
-  if n <= 1:
-    return pos_N.copy()
-  if pos_N.size and (pos_N.min() < 0 or pos_N.max() >= n):
-    raise IndexError(f"positions outside [0, {n})")
-  bits = max(2, int(n - 1).bit_length())
-  half = (bits + 1) // 2
-  x = pos_N.astype(np.uint64)
-  todo = np.ones(x.shape, bool)
-  while todo.any():  # cycle walking: at most a few rounds on average (domain < 4n)
-    x[todo] = _feistel(x[todo], half, keys)
-    todo = x >= np.uint64(n)
-  return x.astype(np.int64)
+def permute(pos_N: np.ndarray, n, keys) -> np.ndarray:
+  """Positions pos_N -> their items under the permutation of [0, n) keyed by `keys`.
+
+  n and keys may differ per position (n_N, keys_NxROUNDS), so the positions of several
+  domains and epochs go through in one call; or be one n and one key vector for all.
+  """
+  pos_N = np.asarray(pos_N, np.int64).reshape(-1)
+  n_N = np.broadcast_to(np.asarray(n, np.int64), pos_N.shape)
+  keys = np.asarray(keys, np.uint64)
+  keys_NxK = np.broadcast_to(keys, pos_N.shape + keys.shape[-1:])
+  if pos_N.size and ((pos_N < 0) | (pos_N >= np.maximum(n_N, 1))).any():
+    raise IndexError("positions outside [0, n)")
+  out = pos_N.copy()
+  big = n_N > 1  # n <= 1: the identity
+  if not big.any():
+    return out
+  n_M = n_N[big].astype(np.uint64)
+  # bits: the smallest count covering [0, n) (at least 2), split into two equal halves.
+  n_U, inv = np.unique(n_M, return_inverse=True)  # few distinct n: one per domain
+  bits = np.array([max(2, int(v - 1).bit_length()) for v in n_U], np.int64)[inv.reshape(-1)]
+  half = ((bits + 1) // 2).astype(np.uint64)
+  x = pos_N[big].astype(np.uint64)
+  keys_M = keys_NxK[big]
+  todo = np.arange(x.size)
+  while todo.size:  # cycle walking: a few passes on average (domain < 4n)
+    x[todo] = _feistel(x[todo], half[todo], keys_M[todo])
+    todo = todo[x[todo] >= n_M[todo]]
+  out[big] = x.astype(np.int64)
+  return out

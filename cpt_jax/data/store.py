@@ -88,30 +88,34 @@ class _Shard:
     return m
 
   def _ranged(self, path: str, idx: np.ndarray, item_bytes: int, shape) -> np.ndarray:
-    """Items idx (sorted ascending) of a fixed-width file: one read per run of neighbours."""
-    out = np.empty((idx.size,) + shape, np.int32)
-    breaks = np.nonzero(np.diff(idx) != 1)[0] + 1
+    """Items idx of a fixed-width file: one seek and read per run of neighbouring items."""
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    got = np.empty((idx.size,) + shape, np.int32)
+    breaks = np.nonzero(np.diff(sorted_idx) > 1)[0] + 1  # repeats join their run
     with self._lock:
       f = self._files.get(path)
       if f is None:
         f = self._files[path] = _open(path, "rb")
       for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, idx.size]):
-        f.seek(int(idx[lo]) * item_bytes)
-        n = (hi - lo) * item_bytes
+        f.seek(int(sorted_idx[lo]) * item_bytes)
+        n = (sorted_idx[hi - 1] - sorted_idx[lo] + 1) * item_bytes
         buf = f.read(n)
         if len(buf) != n:
-          raise IOError(f"{path}: short read at item {idx[lo]} ({len(buf)} of {n} bytes)")
-        out[lo:hi] = np.frombuffer(buf, np.int32).reshape((hi - lo,) + shape)
+          raise IOError(f"{path}: short read at item {sorted_idx[lo]} ({len(buf)} of {n} bytes)")
+        items = np.frombuffer(buf, np.int32).reshape((-1,) + shape)
+        got[lo:hi] = items[sorted_idx[lo:hi] - sorted_idx[lo]]  # repeats read once
+    out = np.empty_like(got)
+    out[order] = got
     return out
 
-  def rows_of(self, idx: np.ndarray) -> np.ndarray:
-    """Rows idx (sorted) -> rows_Nx3xL."""
-    shape = (_PLANES, self.seq_len)
-    if self.mmap:
-      return self._map(self.rows_path, (self.rows,) + shape)[idx]
-    return self._ranged(self.rows_path, idx, self._row_bytes, shape)
-
-  def tokens_of(self, idx: np.ndarray) -> np.ndarray:
+  def read(self, idx: np.ndarray, what: str) -> np.ndarray:
+    """Rows (rows_Nx3xL) or token counts (N) of local rows idx, in idx's order."""
+    if what == "rows":
+      shape = (_PLANES, self.seq_len)
+      if self.mmap:
+        return self._map(self.rows_path, (self.rows,) + shape)[idx]
+      return self._ranged(self.rows_path, idx, self._row_bytes, shape)
     if self.mmap:
       return self._map(self.tokens_path, (self.rows,))[idx]
     return self._ranged(self.tokens_path, idx, 4, ())
@@ -144,18 +148,14 @@ class PackedStore:
     if g_B.size and (g_B.min() < 0 or g_B.max() >= self._n):
       raise IndexError(f"{self.path}: row ids outside [0, {self._n})")
     g_B = g_B + self._lo
-    order = np.argsort(g_B, kind="stable")
-    sorted_g = g_B[order]
-    shard_B = np.searchsorted(self._first_S, sorted_g, side="right") - 1
-    parts = []
-    for s in np.unique(shard_B):
-      local = sorted_g[shard_B == s] - self._first_S[s]
-      sh = self._shards[s]
-      parts.append(sh.rows_of(local) if what == "rows" else sh.tokens_of(local))
+    if len(self._shards) == 1:
+      return self._shards[0].read(g_B, what)
+    shard_B = np.searchsorted(self._first_S, g_B, side="right") - 1
     tail = (_PLANES, self.seq_len) if what == "rows" else ()
     out = np.empty((g_B.size,) + tail, np.int32)
-    if parts:
-      out[order] = np.concatenate(parts)
+    for s in np.unique(shard_B):
+      m = shard_B == s
+      out[m] = self._shards[s].read(g_B[m] - self._first_S[s], what)
     return out
 
   def gather(self, idx_B: np.ndarray) -> np.ndarray:
