@@ -145,3 +145,31 @@ def test_memory_is_bounded_by_the_buffer(tmp_path, monkeypatch):
   index = store_lib.write_store(_chunks(docs, 10), out, 16, shard_rows=64, buffer_tokens=500)
   assert index["tokens"] == 20000 and max(seen) < 500 + 100 + 16
   assert len(index["shards"]) > 1
+
+
+def test_remote_path_is_written_in_place_index_last_and_read_by_ranges(tmp_path, monkeypatch):
+  """A bucket path goes through etils.epath: shards in place, index.json last, ranged reads."""
+  monkeypatch.setattr(store_lib, "is_remote", lambda p: True)  # the code path of gs:// paths
+  path = str(tmp_path / "c" / "dom" / "train.jsonl")
+  _jsonl(path, [f"document {i} " * (i % 7 + 1) for i in range(200)])
+  src = sources_lib.Source("jsonl", "dom", "train", (path,))
+  vocab = vocab_lib.Vocab("byte")
+  cache = str(tmp_path / "bucket")
+  key = store_lib.cache_key(src, vocab, 16, True, "error", 0, 8)
+  real = store_lib.ShardWriter.close
+
+  def fail_after_shards(self):
+    real(self)
+    raise RuntimeError("preempted")
+
+  monkeypatch.setattr(store_lib.ShardWriter, "close", fail_after_shards)
+  with pytest.raises(RuntimeError):
+    store_lib.build_or_load(src, vocab, 16, cache, shard_rows=8)
+  folder = os.path.join(cache, store_lib.store_name(src, key))
+  assert any(f.startswith("rows-") for f in os.listdir(folder))  # shards written in place
+  assert store_lib.find(src, cache, key) is None  # but no index: not published
+  monkeypatch.setattr(store_lib.ShardWriter, "close", real)
+  st = store_lib.build_or_load(src, vocab, 16, cache, shard_rows=8)
+  assert st.path == folder and not st._shards[0].mmap  # pylint: disable=protected-access
+  want = _old_in_ram_rows(src, vocab, 16)
+  np.testing.assert_array_equal(st.gather(np.arange(st.num_rows)[::-1]), want[:, ::-1])
