@@ -4,7 +4,7 @@
   /tmp/beam-venv/bin/python benchmarks/store_build.py    # + beam_tokens_per_sec
 
 Writes a synthetic JSONL corpus (4 domains of random words, train and validation
-splits) under --workdir, builds its stores (python -m cpt_jax.data.build, byte
+splits) under --workdir, builds its stores (cpt_jax.data.build.build, byte
 vocabulary, seq_len 1024) in a fresh process per build, and deletes everything
 after. Prints one JSON object:
   local_tokens_per_sec   tokens / second of the in-process build (--workers=0) of the
@@ -48,14 +48,14 @@ def get_config():
   return c
 """
 CHILD = """
-import json, resource, sys, time
-sys.argv = [sys.argv[0]] + {argv!r}
-from absl import flags
+import importlib.util, json, resource, time
+spec = importlib.util.spec_from_file_location("bench_config", {config!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
 from cpt_jax.data import build
-flags.FLAGS(sys.argv)
 t0 = time.perf_counter()
-out = build.build(build._CONFIG.value, build._RUNNER.value, cache_dir=build._CACHE_DIR.value,
-                  workers=build._WORKERS.value, pipeline_args={pipeline_args!r})
+out = build.build(mod.get_config(), {runner!r}, cache_dir={cache!r}, workers={workers!r},
+                  pipeline_args={pipeline_args!r})
 secs = time.perf_counter() - t0
 print(json.dumps({{"seconds": secs, "tokens": sum(r["tokens"] for r in out),
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
@@ -93,11 +93,10 @@ def build(corpus: str, cache: str, runner: str, workers: int, pipeline_args=(),
   cfg = os.path.join(os.path.dirname(cache), "config.py")
   with open(cfg, "w") as f:
     f.write(CONFIG.format(corpus=corpus, buffer=buffer))
-  argv = [f"--config={cfg}", f"--cache_dir={cache}", f"--runner={runner}",
-          f"--workers={workers}"]
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  p = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv,
-                                                         pipeline_args=list(pipeline_args))],
+  child = CHILD.format(config=cfg, runner=runner, cache=cache, workers=workers,
+                       pipeline_args=list(pipeline_args))
+  p = subprocess.run([sys.executable, "-c", child],
                      env=env, capture_output=True, text=True, check=False)
   if p.returncode:
     raise RuntimeError(p.stderr[-3000:])

@@ -136,23 +136,27 @@ def build(config: ml_collections.ConfigDict, runner: str = "local", *, cache_dir
   return run_beam(jobs, runner, pipeline_args)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file.")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Store cache (default: data.cache_dir, "
-                                 "else <workdir>/data_cache).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (for its default cache).")
-_RUNNER = flags.DEFINE_string("runner", "local", "local | ray | an Apache Beam runner name.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "local / ray: processes (0 = in this process).")
-_RAY_ADDRESS = flags.DEFINE_string("ray_address", None, "ray: the cluster (None = local).")
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program: importing this module
+  next to another command line's flags must not clash)."""
+  config_flags.DEFINE_config_file("config", None, "An ml_collections config file.")
+  flags.DEFINE_string("cache_dir", "", "Store cache (default: data.cache_dir, else "
+                      "<workdir>/data_cache).")
+  flags.DEFINE_string("workdir", None, "The run's workdir (for its default cache).")
+  flags.DEFINE_string("runner", "local", "local | ray | an Apache Beam runner name.")
+  flags.DEFINE_integer("workers", 2, "local / ray: processes (0 = in this process).")
+  flags.DEFINE_string("ray_address", None, "ray: the cluster (None = a local one).")
+  flags.mark_flags_as_required(["config"])
 
 
 def main(argv: Sequence[str]) -> None:
-  results = build(_CONFIG.value, _RUNNER.value, cache_dir=_CACHE_DIR.value,
-                  workdir=_WORKDIR.value, workers=_WORKERS.value,
-                  ray_address=_RAY_ADDRESS.value, pipeline_args=argv[1:])
+  f = flags.FLAGS
+  results = build(f.config, f.runner, cache_dir=f.cache_dir, workdir=f.workdir,
+                  workers=f.workers, ray_address=f.ray_address, pipeline_args=argv[1:])
   for r in results:
     sys.stdout.write(json.dumps(r, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  _define_flags()
   app.run(main)
