@@ -65,7 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # part of the cache key.
   c.shard_rows = 16384
   # Tokens packed at once while building a store: bounds the builder's memory
-  # (about 60 bytes per token) whatever the corpus size; the rows do not depend on it.
+  # (about 110 bytes per token) whatever the corpus size; the rows do not depend on it.
   c.build_buffer_tokens = 1 << 20
   # With several processes, process 0 builds every store into cache_dir (which
   # every process must see: a shared folder or bucket) and the others wait for
