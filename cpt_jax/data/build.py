@@ -142,7 +142,9 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "An ml_collections config file.")
   flags.DEFINE_string("cache_dir", "", "Store cache (default: data.cache_dir, else "
                       "<workdir>/data_cache).")
-  flags.DEFINE_string("workdir", None, "The run's workdir (for its default cache).")
+  flags.DEFINE_string("workdir", None, "A single run's workdir: its default cache "
+                      "<workdir>/data_cache (a staged run keeps one per stage: give its "
+                      "stages the same data.cache_dir and pass it as --cache_dir).")
   flags.DEFINE_string("runner", "local", "local | ray | an Apache Beam runner name.")
   flags.DEFINE_integer("workers", 2, "local / ray: processes (0 = in this process).")
   flags.DEFINE_string("ray_address", None, "ray: the cluster (None = a local one).")
