@@ -10,7 +10,8 @@ from tests.conftest import REPO
 
 # Optional heavy dependencies may load inside functions (only where they are used).
 LAZY_OK = ("tensorflow", "tensorflow_datasets", "seqio", "torch", "transformers",
-           "safetensors", "sentencepiece", "tokenizers", "clu", "matplotlib", "pydoc_data")
+           "safetensors", "sentencepiece", "tokenizers", "clu", "matplotlib", "pydoc_data",
+           "ray", "apache_beam")
 
 
 def test_import_contracts_hold():
