@@ -11,7 +11,8 @@ Every (domain, split) that the config's run, or any of its stages, reads is one
 job (`store.BuildJob`): the same streaming build (`store.build_or_load`: bounded
 memory, atomic publish, content-keyed cache) whichever engine runs it, so
 the stores are byte-identical. Runners:
-  local         in this process (--workers=0) or a local process pool (default).
+  local         in this process (--workers=0) or a local pool of spawned processes
+                (default; seqio Task jobs stay in this process, where they are registered).
   ray           one Ray task per job on the cluster at --ray_address (`pip install
                 ".[ray]"`), a fresh local one by default.
   <Beam runner> (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...) an
@@ -19,7 +20,9 @@ the stores are byte-identical. Runners:
                 Beam pipeline options. apache-beam is not an extra of this project:
                 its releases require protobuf < 7, pyarrow < 26 and pillow < 13, which
                 the pinned stack is past, so it runs from a separate environment.
-Workers must see --cache_dir (a shared folder or a bucket) and the corpus. A run
+Workers must see --cache_dir (a shared folder or a bucket) and the corpus; Ray and
+Beam workers see registered seqio Tasks only if their code registers them (build seqio
+domains with --runner=local otherwise). A run
 then finds the stores by their keys when its data.cache_dir is the same folder.
 A job whose store is already published returns at once.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import multiprocessing
 import sys
 from typing import Sequence
 
@@ -40,6 +44,7 @@ from cpt_jax import config as config_lib
 from cpt_jax.data import domain_stores
 from cpt_jax.schema import data as data_schema
 from cpt_jax.data import store as store_lib
+from cpt_jax.data import tasks as tasks_lib
 
 RUNNERS = ("local", "ray")  # anything else names an Apache Beam runner
 
@@ -73,11 +78,17 @@ def _summary(job: store_lib.BuildJob, st: store_lib.PackedStore) -> dict:
 
 
 def run_local(jobs: Sequence[store_lib.BuildJob], workers: int = 2) -> list[dict]:
-  """Runs the jobs in this process (workers=0) or a pool of `workers` processes."""
-  if workers <= 0:
-    return [_run_job(j) for j in jobs]
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-    return list(pool.map(_run_job, jobs))
+  """Runs the jobs in this process (workers=0) or a pool of `workers` fresh (spawned)
+  processes; seqio Task jobs run here, where the Tasks are registered."""
+  here = [workers <= 0 or j.src.kind == tasks_lib.SEQIO for j in jobs]
+  out: list[dict | None] = [_run_job(j) if h else None for j, h in zip(jobs, here)]
+  rest = [j for j, h in zip(jobs, here) if not h]
+  if rest:
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process running JAX threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      done = iter(pool.map(_run_job, rest))
+    out = [r if r is not None else next(done) for r in out]
+  return out
 
 
 def run_ray(jobs: Sequence[store_lib.BuildJob], address: str | None = None,
