@@ -46,7 +46,6 @@ from cpt_jax import features
 from cpt_jax import paths
 from cpt_jax.data import domain_stores
 from cpt_jax.data import pipeline as pipeline_lib
-from cpt_jax.data import sources as sources_lib
 from cpt_jax.eval import report as report_lib
 from cpt_jax.model import hf
 from cpt_jax.parallel import distributed
@@ -74,16 +73,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, **kwargs) -> dict[str
   return trainer_lib.train(train_schema.resolve_progress_bar(config), workdir, **kwargs)
 
 
-def trained_domains(cfg: ml_collections.ConfigDict, available: list[str] | None) -> dict:
-  """{domain: role} of a stage's data config (patterns resolved)."""
-  return data_config.resolve_roles(cfg.data, available)
-
-
-def _available(cfg) -> list[str] | None:
-  if cfg.data.source == "tfds":
-    return None
-  return sources_lib.list_domains(sources_lib.find_corpus_dir(cfg.data.corpus_dir),
-                                  cfg.data.source)
+def trained_domains(cfg: ml_collections.ConfigDict) -> dict:
+  """{domain: role} of a stage's data config (patterns, seqio Tasks and Mixtures resolved)."""
+  return domain_stores.resolve_domains(cfg.data)[1]
 
 
 def run_domains(config: ml_collections.ConfigDict) -> list[str]:
@@ -91,12 +83,12 @@ def run_domains(config: ml_collections.ConfigDict) -> list[str]:
   out = set()
   for name in config_lib.stage_names(config):
     cfg = config_lib.stage_config(config, name)
-    out |= set(trained_domains(cfg, _available(cfg)))
+    out |= set(trained_domains(cfg))
   return sorted(out)
 
 
 def _with_all_domains_evaluated(cfg, all_domains: list[str]):
-  roles = trained_domains(cfg, _available(cfg))
+  roles = trained_domains(cfg)
   extra = [d for d in all_domains if d not in roles]
   with cfg.unlocked():
     cfg.data.eval = ",".join(data_config.split_list(cfg.data.eval) + extra)
@@ -156,9 +148,9 @@ def baseline_evals(config: ml_collections.ConfigDict, all_domains: list[str], wo
   cfg = _with_all_domains_evaluated(config_lib.stage_config(config, first), all_domains)
   with cfg.unlocked():
     cfg.decomposition = config_lib.default_config().decomposition
-    if not cfg.data.cache_dir:  # share the first stage's packed rows (stores are local)
+    if not cfg.data.cache_dir:  # share the first stage's packed rows
       cfg.data.cache_dir = pipeline_lib.default_cache_dir(
-          cfg.data, None if paths.is_remote(workdir) else os.path.join(workdir, "stages", first))
+          cfg.data, os.path.join(workdir, "stages", first))
   scratch = os.path.join(workdir, "baseline")
   trainer = trainer_lib.Trainer(cfg, scratch, devices=devices)
   try:

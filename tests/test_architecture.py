@@ -11,7 +11,7 @@ from tests.conftest import REPO
 # Optional heavy dependencies may load inside functions (only where they are used).
 LAZY_OK = ("tensorflow", "tensorflow_datasets", "seqio", "torch", "transformers",
            "safetensors", "sentencepiece", "tokenizers", "clu", "matplotlib", "pydoc_data",
-           "datasets")
+           "datasets", "ray", "apache_beam")
 
 
 def test_import_contracts_hold():

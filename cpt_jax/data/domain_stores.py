@@ -24,6 +24,7 @@ from cpt_jax.schema import data as config_lib
 from cpt_jax.data import selection as selection_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data import store as store_lib
+from cpt_jax.data import tasks as tasks_lib
 from cpt_jax.data import vocab as vocab_lib
 
 
@@ -47,12 +48,41 @@ def run_splits(domains, roles) -> list[tuple[str, str]]:
           for s in dict.fromkeys((training_split(r), "validation")) if s]
 
 
-def run_sources(cfg, corpus_dir: str, domains, roles) -> dict[tuple[str, str], sources_lib.Source]:
+def resolve_domains(cfg) -> tuple[str, dict[str, str], frozenset]:
+  """(corpus_dir, {domain: role}, the domains that are seqio Tasks) of a data config.
+
+  The available domains are the corpus folders (none when only seqio Tasks are
+  used and there is no corpus) plus the Tasks of data.seqio_tasks / seqio_mixture.
+  """
+  corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
+  seqio_tasks, mixture_tasks = tasks_lib.seqio_domains(cfg)
+  seqio_names = frozenset(seqio_tasks) | frozenset(mixture_tasks)
+  try:
+    available = sources_lib.list_domains(corpus_dir, cfg.source)
+  except sources_lib.DataError:
+    if not seqio_names or cfg.corpus_dir:
+      raise
+    available = []
+  if available is not None:
+    available = sorted(set(available) | seqio_names)
+  return corpus_dir, config_lib.resolve_roles(cfg, available, mixture_tasks), seqio_names
+
+
+def make_source(cfg, corpus_dir: str, domain: str, split: str,
+                seqio_names: frozenset = frozenset()) -> sources_lib.Source:
+  """The Source of (domain, split): a registered seqio Task's or the corpus's."""
+  if domain in seqio_names:
+    return tasks_lib.seqio_source(domain, split, vocab_lib.make_vocab(cfg.vocab).key)
+  return sources_lib.make_source(cfg, corpus_dir, domain, split)
+
+
+def run_sources(cfg, corpus_dir: str, domains, roles, seqio_names: frozenset = frozenset()
+                ) -> dict[tuple[str, str], sources_lib.Source]:
   """{(domain, split): Source} of `run_splits`, each file checked readable and non-empty;
   DataError naming the first missing or unreadable file."""
   out = {}
   for d, s in run_splits(domains, roles):
-    src = out[(d, s)] = sources_lib.make_source(cfg, corpus_dir, d, s)
+    src = out[(d, s)] = make_source(cfg, corpus_dir, d, s, seqio_names)
     sources_lib.check_readable(src)
   return out
 
@@ -60,21 +90,22 @@ def run_sources(cfg, corpus_dir: str, domains, roles) -> dict[tuple[str, str], s
 def check_splits(cfg: ml_collections.ConfigDict) -> None:
   """The checks `DomainStores` makes at its start, without building it: every split the data
   config `cfg` reads exists and is readable (e.g. every stage's, before the first runs)."""
-  corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
-  role_of = config_lib.resolve_roles(cfg, sources_lib.list_domains(corpus_dir, cfg.source))
+  corpus_dir, role_of, seqio_names = resolve_domains(cfg)
   domains = sorted(role_of)
-  run_sources(cfg, corpus_dir, domains, [role_of[d] for d in domains])
+  run_sources(cfg, corpus_dir, domains, [role_of[d] for d in domains], seqio_names)
 
 
 class DomainStores:
   """The packed stores of a run's domains, built lazily; the base of `pipeline.Pipeline`."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None):
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | None = None,
+               process_index: int = 0):
+    """process_index: this process; only process 0 builds stores (unless
+    data.build_on_every_process), the others wait for them to be published."""
     self.cfg = cfg
+    self.process_index = process_index
     self.seq_len = cfg.seq_len
-    self.corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
-    available = sources_lib.list_domains(self.corpus_dir, cfg.source)
-    role_of = config_lib.resolve_roles(cfg, available)
+    self.corpus_dir, role_of, self.seqio_names = resolve_domains(cfg)
     self.domains: list[str] = sorted(role_of)
     self.roles: list[str] = [role_of[d] for d in self.domains]
     self.role_ids = np.array([batch_lib.role_id(r) for r in self.roles], np.int32)
@@ -83,7 +114,8 @@ class DomainStores:
     self.cache_dir = default_cache_dir(cfg, workdir)
     # Every split the run reads (training, and validation for evaluation) exists and is
     # readable before anything is built or trained.
-    self._sources = run_sources(cfg, self.corpus_dir, self.domains, self.roles)
+    self._sources = run_sources(cfg, self.corpus_dir, self.domains, self.roles,
+                                self.seqio_names)
     self._stores: dict[tuple[str, str], store_lib.PackedStore] = {}
     self._store_lock = threading.Lock()
     # --- replay selection: replay domains restricted to selected rows (cpt_jax/replay) ---
@@ -155,15 +187,29 @@ class DomainStores:
     store = self._store(domain, "validation")
     return store.slice(start, n) if self.cfg.eval_holdout > 0 else store
 
+  def build_job(self, domain: str, split: str) -> store_lib.BuildJob:
+    """What building the store of (domain, split) takes (data/build.py runs these)."""
+    src = self._sources.get((domain, split)) or make_source(
+        self.cfg, self.corpus_dir, domain, split, self.seqio_names)
+    return store_lib.BuildJob(
+        src, self.cfg.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
+        on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs,
+        shard_rows=self.cfg.shard_rows, buffer_tokens=self.cfg.build_buffer_tokens)
+
+  def build_jobs(self) -> list[store_lib.BuildJob]:
+    """The build jobs of every store the run reads (`run_splits`)."""
+    return [self.build_job(d, s) for d, s in self.run_splits()]
+
   def _store(self, domain: str, split: str) -> store_lib.PackedStore:
     with self._store_lock:
       key = (domain, split)
       if key not in self._stores:
-        src = self._sources.get(key) or sources_lib.make_source(
-            self.cfg, self.corpus_dir, domain, split)
-        self._stores[key] = store_lib.build_or_load(
-            src, self.vocab, self.seq_len, self.cache_dir, append_eos=self.cfg.append_eos,
-            on_bad_line=self.cfg.on_bad_line, max_docs=self.cfg.max_docs)
+        job = self.build_job(domain, split)
+        if self.process_index == 0 or self.cfg.build_on_every_process:
+          self._stores[key] = job.run(self.vocab)
+        else:  # process 0 builds it into the shared cache_dir
+          self._stores[key] = store_lib.wait_for(job.src, job.cache_dir, job.key(self.vocab),
+                                                 self.cfg.store_wait_seconds)
       return self._stores[key]
 
 
@@ -174,8 +220,7 @@ class IndexedStore:
     self.base, self.idx_N = base, np.asarray(idx_N, np.int64)
     self.path = base.path
     self.meta = dict(base.meta, selected_rows=int(self.idx_N.size))
-    self.rows_3xRxL = base.rows_3xRxL  # the mixer reads only its row length
-    self.row_tokens_R = np.asarray(base.row_tokens_R)[self.idx_N]
+    self.seq_len = base.seq_len
 
   @property
   def num_rows(self) -> int:
@@ -183,3 +228,6 @@ class IndexedStore:
 
   def gather(self, idx_B: np.ndarray) -> np.ndarray:
     return self.base.gather(self.idx_N[np.asarray(idx_B, np.int64)])
+
+  def row_tokens(self, idx_B: np.ndarray) -> np.ndarray:
+    return self.base.row_tokens(self.idx_N[np.asarray(idx_B, np.int64)])

@@ -9,20 +9,21 @@ replaying the same weights from a checkpointed state gives the same batches.
 Row choice at step s: `default_rng([seed, s])` places B systematic-sampling
 points on the cumulative weights (each domain gets floor or ceil of B*p_d rows,
 a zero-weight domain none) and shuffles the slots. Domain d's stream is epoch
-after epoch of permutations of its rows, epoch e seeded by (seed, crc32(d), e).
+after epoch of permutations of its rows, epoch e keyed by (seed, crc32(d), e):
+a Feistel index shuffle (shuffle.py) evaluated at the cursor's positions only,
+so no permutation is ever materialised (O(1) memory per domain and epoch).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import threading
 import zlib
 from typing import Sequence
 
 import numpy as np
 
 from cpt_jax.data import packing
+from cpt_jax.data import shuffle as shuffle_lib
 from cpt_jax.data import store as store_lib
 
 _MIX_TAG = 0x6D6978  # 'mix'
@@ -82,29 +83,27 @@ class Mixer:
     self.local = slice(process_index * per, (process_index + 1) * per)
     self.rows_C = np.array([s.num_rows if s is not None else 0 for s in self.stores], np.int64)
     self._name_seed = [zlib.crc32(d.encode("utf-8")) for d in self.domains]
-    self._perms: collections.OrderedDict = collections.OrderedDict()
-    self._perm_lock = threading.Lock()
-    self._max_perms = 2 * len(self.domains) + 8
+    self._round_keys: dict[tuple[int, int], np.ndarray] = {}
 
   def initial_state(self) -> MixerState:
     n = len(self.domains)
     return MixerState(0, np.zeros(n, np.int64), np.zeros(n, np.int64))
 
-  def perm(self, d: int, epoch: int) -> np.ndarray:
-    """Row order of epoch `epoch` of domain d."""
-    key = (d, epoch)
-    with self._perm_lock:
-      p = self._perms.get(key)
-      if p is not None:
-        self._perms.move_to_end(key)
-        return p
-    p = np.random.default_rng([self.seed, self._name_seed[d], epoch, _PERM_TAG]).permutation(
-        self.rows_C[d])
-    with self._perm_lock:
-      self._perms[key] = p
-      while len(self._perms) > self._max_perms:
-        self._perms.popitem(last=False)
-    return p
+  def _keys(self, d: int, epoch: int) -> np.ndarray:
+    """The shuffle keys of (domain d, epoch): 64 bytes, kept for the few pairs in use."""
+    k = self._round_keys.get((d, epoch))
+    if k is None:
+      if len(self._round_keys) > 4 * len(self.domains) + 16:
+        self._round_keys.clear()
+      k = self._round_keys[(d, epoch)] = shuffle_lib.round_keys(
+          [self.seed, self._name_seed[d], epoch, _PERM_TAG])
+    return k
+
+  def rows_at(self, dom_N: np.ndarray, epoch_N: np.ndarray, pos_N: np.ndarray) -> np.ndarray:
+    """Rows at positions pos_N of each domain's order in its epoch (one call for all)."""
+    keys_NxK = np.stack([self._keys(int(d), int(e)) for d, e in zip(dom_N, epoch_N)]
+                        ) if len(pos_N) else np.zeros((0, shuffle_lib.ROUNDS), np.uint64)
+    return shuffle_lib.permute(pos_N, self.rows_C[dom_N], keys_NxK)
 
   def plan(self, state: MixerState, weights_C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(domain_B, row_B) of the global batch at state.step."""
@@ -120,11 +119,7 @@ class Mixer:
     c_B = state.consumed_C[dom_B] + rank_B
     n_B = self.rows_C[dom_B]
     epoch_B, pos_B = c_B // n_B, c_B % n_B
-    row_B = np.empty_like(dom_B)
-    for d, e in set(zip(dom_B.tolist(), epoch_B.tolist())):
-      m = (dom_B == d) & (epoch_B == e)
-      row_B[m] = self.perm(d, e)[pos_B[m]]
-    return dom_B, row_B
+    return dom_B, self.rows_at(dom_B, epoch_B, pos_B)
 
   def produce(self, state: MixerState, weights_C: np.ndarray) -> tuple[dict, MixerState]:
     """This process's slice of the batch at state.step, and the next state."""
@@ -134,9 +129,9 @@ class Mixer:
     np.add.at(new.consumed_C, dom_B, 1)
     for d in np.unique(dom_B):
       m = dom_B == d
-      new.tokens_C[d] += int(self.stores[d].row_tokens_R[row_B[m]].sum())
+      new.tokens_C[d] += int(self.stores[d].row_tokens(row_B[m]).sum())
     local_dom_B, local_row_B = dom_B[self.local], row_B[self.local]
-    L = self.stores[int(local_dom_B[0])].rows_3xRxL.shape[2]
+    L = self.stores[int(local_dom_B[0])].seq_len
     planes = np.empty((3, local_dom_B.size, L), np.int32)
     for d in np.unique(local_dom_B):
       m = local_dom_B == d

@@ -98,3 +98,50 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int, domain_id: int = 0,
   planes = pack_flat(flat_T, lengths_O, seq_len)
   n = planes.shape[1]
   return rows_to_batch(planes, np.full((n,), domain_id), np.full((n,), role))
+
+
+class StreamPacker:
+  """`pack_flat` over a stream of documents with a bounded buffer; same rows.
+
+  Documents go in with `add`; `take` packs the buffered tokens and returns
+  every row that can no longer change (all but the last, whose space later
+  documents may fill), keeping the last row's pieces buffered for the next
+  call; `take(final=True)` returns the rest. The rows of all calls, in order,
+  equal `pack_flat` of the whole stream: greedy packing decides a row's end
+  from the pieces up to the first that does not fit, and a carried piece
+  starts at a multiple of L inside its document, so it splits the same way.
+  """
+
+  def __init__(self, seq_len: int):
+    self.seq_len = int(seq_len)
+    self._flats: list[np.ndarray] = []
+    self._lens: list[np.ndarray] = []
+    self.pending_tokens = 0
+
+  def add(self, flat_T: np.ndarray, lengths_O: np.ndarray) -> None:
+    """Buffers O documents (their tokens concatenated in flat_T)."""
+    self._flats.append(np.asarray(flat_T, np.int32))
+    self._lens.append(np.asarray(lengths_O, np.int64))
+    self.pending_tokens += int(flat_T.size)
+
+  def take(self, final: bool = False) -> np.ndarray:
+    """Packed rows_Rx3xL (int32) that are complete; all of them when `final`."""
+    if not self._flats:
+      return np.zeros((0, 3, self.seq_len), np.int32)
+    flat_T = np.concatenate(self._flats)
+    lengths_O = np.concatenate(self._lens)
+    self._flats, self._lens, self.pending_tokens = [], [], 0
+    planes = pack_flat(flat_T, lengths_O, self.seq_len)
+    if not final and planes.shape[1]:
+      # Carry the last row's tokens: the tail of one document (from a piece
+      # boundary) and the documents after it.
+      t = int((planes[SEGMENT_IDS, -1] > 0).sum())
+      start = flat_T.size - t
+      ends_O = np.cumsum(lengths_O)
+      j = int(np.searchsorted(ends_O, start, side="right"))
+      lens = lengths_O[j:].copy()
+      if lens.size:
+        lens[0] = ends_O[j] - start
+      self.add(flat_T[start:], lens)
+      planes = planes[:, :-1]
+    return np.ascontiguousarray(planes.transpose(1, 0, 2))

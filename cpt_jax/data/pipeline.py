@@ -24,6 +24,7 @@ from cpt_jax.schema import data as config_lib
 from cpt_jax.data import domain_stores as stores_lib
 from cpt_jax.data import mixer as mixer_lib
 from cpt_jax.data import packing
+from cpt_jax.data import tasks as tasks_lib
 
 # Re-exported: callers import these from here (stages.py: default_cache_dir).
 IndexedStore = stores_lib.IndexedStore
@@ -42,13 +43,14 @@ class Pipeline(stores_lib.DomainStores):
     if global_batch_size < process_count or global_batch_size % process_count:
       raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple "
                        f"of process_count {process_count}")
-    super().__init__(cfg, workdir)
+    super().__init__(cfg, workdir, process_index)
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = process_index, process_count
     self.batch_size = global_batch_size // process_count
     train_stores = [self._training_store(d, r) for d, r in zip(self.domains, self.roles)]
     rows = [s.num_rows if s is not None else 0 for s in train_stores]
-    self._weights = config_lib.weights_from_spec(cfg.weights, self.domains, self.roles, rows)
+    self._weights = config_lib.weights_from_spec(tasks_lib.mixture_weights(cfg), self.domains,
+                                                 self.roles, rows)
     self.mixer = mixer_lib.Mixer(train_stores, self.domains, self.role_ids, cfg.seed,
                                  global_batch_size, process_index, process_count,
                                  self.start_id)

@@ -61,6 +61,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.on_bad_line = "error"
   # Packed-row cache; '' -> <workdir>/data_cache, else <tmp>/cpt_jax_data_cache.
   c.cache_dir = ""
+  # Rows per store shard (a file of rows_Rx3xL int32 plus its row token counts);
+  # part of the cache key.
+  c.shard_rows = 16384
+  # Tokens packed at once while building a store: bounds the builder's memory
+  # (about 110 bytes per token) whatever the corpus size; the rows do not depend on it.
+  c.build_buffer_tokens = 1 << 20
+  # With several processes, process 0 builds every store into cache_dir (which
+  # every process must see: a shared folder or bucket) and the others wait for
+  # it to be published; True = every process builds its own copy (a host-local
+  # cache_dir).
+  c.build_on_every_process = False
+  # How long a process other than 0 waits for a store to be published (seconds).
+  c.store_wait_seconds = 3600.0
   # Fraction of each domain's validation rows (the tail) kept for evaluation
   # only; distill-role training uses the rest, so distilled domains are never
   # evaluated on rows they were distilled on. 0 = evaluate on every row.
@@ -70,6 +83,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Replay selection (cpt_jax/replay): a selection folder or selection.jsonl;
   # replay domains then train only on the selected rows ('' = all rows).
   c.replay_selection = ""
+  # Registered seqio Tasks as domains: comma-separated names or regexes (full
+  # match); each matching Task is a domain named after it, its tokenised
+  # 'targets' packed into a store. Roles come from data.new/replay/... as for
+  # any domain (names or globs).
+  c.seqio_tasks = ""
+  # A registered seqio Mixture: its Tasks are domains (role 'new' unless a role
+  # field names them) and its rates their initial weights (data.weights entries
+  # come first and override); the rate controllers then update them.
+  c.seqio_mixture = ""
   # tf.Example / TFDS feature holding the document text.
   c.text_feature = "text"
   c.tfds_data_dir = ""  # TFDS only: data_dir ('' = TFDS default).
@@ -102,11 +124,17 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise _err("eval_holdout", f"must be in [0, 1), got {cfg.eval_holdout!r}")
   if not isinstance(cfg.max_docs, int) or cfg.max_docs < 0:
     raise _err("max_docs", f"must be an int >= 0, got {cfg.max_docs!r}")
+  for key in ("shard_rows", "build_buffer_tokens"):
+    if not isinstance(cfg.get(key, 1), int) or cfg.get(key, 1) < 1:
+      raise _err(key, f"must be a positive int, got {cfg.get(key)!r}")
+  if not float(cfg.get("store_wait_seconds", 1.0)) > 0:
+    raise _err("store_wait_seconds", f"must be > 0, got {cfg.store_wait_seconds!r}")
   if cfg.vocab != "byte" and not paths.as_path(cfg.vocab).is_file():
     raise _err("vocab", f"'byte' or an existing SentencePiece model file, got {cfg.vocab!r}")
   if cfg.get("add_bos", "auto") not in ADD_BOS:
     raise _err("add_bos", f"{cfg.add_bos!r} is not one of {ADD_BOS}")
-  if not any(split_list(cfg[r]) for r in ("new", "replay", "distill")):
+  if (not any(split_list(cfg[r]) for r in ("new", "replay", "distill"))
+      and not cfg.get("seqio_mixture", "")):
     raise _err("new", "no training domain: set data.new, data.replay or data.distill")
   parse_weights(cfg.weights)  # syntax only
 
@@ -120,14 +148,16 @@ def is_pattern(name: str) -> bool:
   return any(ch in name for ch in "*?[")
 
 
-def resolve_roles(cfg: ml_collections.ConfigDict,
-                  available: Sequence[str] | None) -> dict[str, str]:
+def resolve_roles(cfg: ml_collections.ConfigDict, available: Sequence[str] | None,
+                  default_new: Sequence[str] = ()) -> dict[str, str]:
   """Maps every domain of the run to its role.
 
   Args:
     cfg: the data config.
     available: domain names in the corpus (None when the source cannot list
       them, e.g. tfds: then patterns are an error).
+    default_new: domains that take role 'new' when no role field claims them
+      (a seqio Mixture's Tasks).
   Returns:
     {domain: role}; explicit names first, then patterns in role order.
   """
@@ -148,6 +178,8 @@ def resolve_roles(cfg: ml_collections.ConfigDict,
       for name in available:
         if name not in out and fnmatch.fnmatchcase(name, pat):
           out[name] = role
+  for name in default_new:
+    out.setdefault(name, "new")
   if not out:
     raise _err("new", "no domain selected by data.new/replay/distill/eval")
   return out

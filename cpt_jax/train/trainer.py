@@ -116,7 +116,7 @@ class Trainer:
       pipeline = data_lib.make_pipeline(
           config.data, global_batch_size=config.train.global_batch_size,
           process_index=jax.process_index(), process_count=jax.process_count(),
-          workdir=None if paths.is_remote(self.workdir) else self.workdir)  # stores: local
+          workdir=self.workdir)
     self.pipeline = pipeline
     self.frozen_fn = frozen_fn
     self.on_metrics = on_metrics
