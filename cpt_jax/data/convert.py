@@ -15,13 +15,14 @@ import json
 import os
 import sys
 
+from cpt_jax import tensorflow_cpu
 from cpt_jax.data import sources as sources_lib
 
 
 def convert_domain(domain_dir: str, out_dir: str, shards: int = 1,
                    on_bad_line: str = "error") -> list[str]:
   """Converts every split of a JSONL domain folder; returns the files written."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tensorflow_cpu.tensorflow()
   if shards < 1:
     raise ValueError(f"--shards must be >= 1, got {shards}")
   if not os.path.isdir(domain_dir):
@@ -65,7 +66,7 @@ def _ids(path: str) -> list[str]:
 
 
 def _bytes(b: bytes):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tensorflow_cpu.tensorflow()
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
 
 

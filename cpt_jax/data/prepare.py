@@ -34,6 +34,7 @@ import sys
 import tempfile
 from typing import Any, Iterable, Iterator
 
+from cpt_jax import tensorflow_cpu
 from cpt_jax.data import sources as sources_lib
 
 SPLIT_SALT = b"cpt-jax-prepare-v1:"
@@ -259,6 +260,7 @@ def _load(datasets, o: Options, path: str, **kwargs):
 
 def _tfds_records(o: Options, split: str) -> tuple[Iterable[dict], str]:
   """The examples of one split of a TFDS dataset built in data_dir, as numpy dicts."""
+  tensorflow_cpu.tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(o.tfds, data_dir=o.data_dir)

@@ -16,6 +16,7 @@ import tempfile
 from typing import Iterator
 
 from cpt_jax import paths
+from cpt_jax import tensorflow_cpu
 from cpt_jax.data import builtin_corpus
 
 SPLITS = ("train", "validation")
@@ -186,7 +187,7 @@ def _decode(value: bytes, where: str, stats: ReadStats, on_bad_line: str) -> str
 
 
 def _read_tfrecord(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tensorflow_cpu.tensorflow()
   for path in src.files:
     for i, rec in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):
       where = f"{path}:record {i}"
@@ -201,6 +202,7 @@ def _read_tfrecord(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[
 
 
 def _read_tfds(src: Source, on_bad_line: str, stats: ReadStats) -> Iterator[str]:
+  tensorflow_cpu.tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   ds = tfds.load(src.tfds_name, split=src.tfds_split, data_dir=src.tfds_data_dir or None,
                  shuffle_files=False)

@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from cpt_jax import tensorflow_cpu
 from cpt_jax.schema import data as config_lib
 from cpt_jax.data import sources as sources_lib
 from cpt_jax.data import vocab as vocab_lib
@@ -41,8 +42,8 @@ def register_tasks(cfg, splits=sources_lib.SPLITS, prefix: str = "cpt") -> dict:
   Returns:
     {(domain, split): task name}. A Task's only source split is `split`.
   """
+  tf = tensorflow_cpu.tensorflow()
   import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   corpus_dir = sources_lib.find_corpus_dir(cfg.corpus_dir) if cfg.source != "tfds" else ""
   role_of = config_lib.resolve_roles(cfg, sources_lib.list_domains(corpus_dir, cfg.source))
   vocab = vocab_lib.make_vocab(cfg.vocab).seqio_vocabulary()
@@ -79,6 +80,7 @@ SEQIO = "seqio"  # Source.kind of a registered seqio Task
 
 
 def _seqio():
+  tensorflow_cpu.tensorflow()
   import seqio  # pylint: disable=g-import-not-at-top
   return seqio
 

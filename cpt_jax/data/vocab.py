@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from cpt_jax import paths
+from cpt_jax import tensorflow_cpu
 from cpt_jax.model.hf_vocab import TokenizerJsonVocab, read_json
 from cpt_jax.schema.data import ADD_BOS
 
@@ -67,6 +68,7 @@ class Vocab:
 
   def seqio_vocabulary(self):
     """The equivalent seqio vocabulary (imports seqio)."""
+    tensorflow_cpu.tensorflow()
     import seqio  # pylint: disable=g-import-not-at-top
     if self._sp is None:
       return seqio.ByteVocabulary()

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from cpt_jax import paths
+from cpt_jax import tensorflow_cpu
 
 
 def hf_vocab(path: str) -> str:
@@ -125,8 +126,8 @@ class TokenizerJsonVocab:
 
 
 def _seqio_vocabulary(vocab: TokenizerJsonVocab):
+  tf = tensorflow_cpu.tensorflow()
   import seqio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   class _Vocabulary(seqio.Vocabulary):
     """seqio view of a TokenizerJsonVocab (TF ops via tf.py_function)."""
