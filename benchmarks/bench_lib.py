@@ -156,11 +156,15 @@ def interleaved_times(benches: dict[str, Bench], steps: int, rounds: int) -> dic
 
 
 def time_train_step(config: ml_collections.ConfigDict, steps: int = 10, repeats: int = 3,
-                    devices=None) -> dict:
-  """Median seconds per step of the real jitted step on random packed batches."""
+                    devices=None, trace_dir: str = "") -> dict:
+  """Median seconds per step of the real jitted step on random packed batches; with
+  `trace_dir` two more steps under a `jax.profiler` trace written there (untimed)."""
   bench = build_bench(config, devices=devices)
   bench.run(1)
   times = [bench.run(steps) for _ in range(repeats)]
+  if trace_dir:
+    with jax.profiler.trace(trace_dir):
+      bench.run(2)
   sec = float(np.median(times))
   return {"seconds_per_step": sec, "tokens_per_sec": bench.tokens / sec,
           "compile_seconds": bench.compile_seconds, "model_flops_per_step": bench.model_flops,
