@@ -12,8 +12,12 @@ act on sigma alone, anchored at the stage's starting model). One forward is trac
 `jax.vjp` on [loss_new, loss_old]; its vjp function is called twice, with cotangents
 [1, 0] (kept: tau's gradient) and [0, 1] (kept: sigma's gradient). Each call is a
 backward pass, but XLA drops what is not kept: the new pass computes the activation
-cotangents and tau's (small) weight gradients only, never sigma's weight gradients, so
-the cost is about fwd + bwd + activation-bwd (~1.33x a plain step), not 2x. Rows never
+cotangents and the gradients of the tau-targeted kernels only, never sigma's other weight
+gradients. Because tau is merged into the weights (W = sigma + delta(tau)), tau's gradient
+passes through the full-size dW of each targeted kernel before its projection onto A and
+B, so the price is one activation backward plus those weight gradients: XLA's FLOP count
+of the step is 1.61x a plain step with LoRA on q, v and the MLP, 1.39x on q and v (README,
+"Performance"). The forward is traced once and not recomputed. Rows never
 interact in the forward (attention is within a row), so this is exactly
 grad_sigma = d loss_old / d sigma and grad_tau = d loss_new / d tau. With `freeze_sigma`
 only the new pass (or, without routing, the full loss) is taken, and sigma gets neither a
