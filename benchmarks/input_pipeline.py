@@ -1,6 +1,6 @@
 """Input pipeline throughput: 5 domains mixed into packed [16, 256] batches.
 
-  python benchmarks/input_pipeline.py [--corpora DIR] [--no_spm]
+  python benchmarks/input_pipeline.py [--corpora DIR] [--no_spm] [--no_gcs]
 
 Prints one JSON object: tokens_per_sec (batch slots B*L per second through
 `next_batch` with prefetch, byte vocabulary, warm cache), ratio_to_train_step
@@ -8,6 +8,12 @@ Prints one JSON object: tokens_per_sec (batch slots B*L per second through
 when that is not importable), cold build time, and the same figures for a
 SentencePiece vocabulary trained on the fly. Without a corpus directory it
 falls back to the builtin stdlib corpus.
+
+`gcs`: the byte pipeline with data.cache_dir=gs://<bucket>/cache on a local
+gcp-storage-emulator (tests/gcs_server.py; on when it and gcsfs are installed):
+the stores are written to the bucket and read with ranged reads over loopback
+HTTP to a single-threaded Python server, so these are emulator figures, not
+GCS latency or bandwidth.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,20 +33,31 @@ from cpt_jax.data import builtin_corpus  # pylint: disable=wrong-import-position
 from cpt_jax.data import pipeline as pipeline_lib  # pylint: disable=wrong-import-position
 from cpt_jax.data import sources as sources_lib  # pylint: disable=wrong-import-position
 from cpt_jax.schema import data as config_lib  # pylint: disable=wrong-import-position
+from tests import gcs_server  # pylint: disable=wrong-import-position
+
+BUCKET = "cpt-bench"
 
 
-def measure(cfg, batch: int, steps: int) -> dict:
+def byte_config(corpus: str, domains: list[str], seq_len: int, prefetch: int, cache_dir: str):
+  """data config: domains[0] new, the rest replay, byte vocabulary."""
+  cfg = config_lib.default_data_config()
+  cfg.update(corpus_dir=corpus, new=domains[0], replay=",".join(domains[1:]), seq_len=seq_len,
+             prefetch=prefetch, cache_dir=cache_dir)
+  return cfg
+
+
+def measure(cfg, batch: int, steps: int, warmup: int = 20) -> dict:
   t0 = time.perf_counter()
   p = pipeline_lib.make_pipeline(cfg, global_batch_size=batch)
   build_s = time.perf_counter() - t0
   p.close()
-  out = {"build_seconds_cold": round(build_s, 3)}
-  for prefetch in (cfg.prefetch, 0):
+  out, prefetch_given = {"build_seconds_cold": round(build_s, 3)}, cfg.prefetch
+  for prefetch in (prefetch_given, 0):
     cfg.prefetch = prefetch
     t0 = time.perf_counter()
     p = pipeline_lib.make_pipeline(cfg, global_batch_size=batch)
     load_s = time.perf_counter() - t0
-    for _ in range(20):  # warm up (page cache, permutations)
+    for _ in range(warmup):  # warm up (page cache, permutations)
       p.next_batch()
     real = 0
     t0 = time.perf_counter()
@@ -52,6 +70,21 @@ def measure(cfg, batch: int, steps: int) -> dict:
     out[f"nonpad_tokens_per_sec_{key}"] = round(real / dt)
     out["load_seconds_warm"] = round(load_s, 3)
     out["padding_fraction"] = round(1 - real / (steps * batch * cfg.seq_len), 4)
+  cfg.prefetch = prefetch_given
+  return out
+
+
+def measure_gcs(cfg, batch: int, steps: int, tmp: str) -> dict:
+  """`measure` with the stores in a bucket of a local GCS emulator."""
+  data_dir = os.path.join(tmp, "gcs")
+  os.makedirs(data_dir)
+  with gcs_server.serving(data_dir, BUCKET) as server:
+    cfg.cache_dir = f"gs://{BUCKET}/cache"
+    out = measure(cfg, batch, steps, warmup=min(20, steps))
+    out["objects"] = len(server.objects("cache/"))
+  out.update(steps=steps, cache_dir=cfg.cache_dir,
+             note="local gcp-storage-emulator over loopback HTTP (one Python server "
+                  "thread, objects in memory): emulator figures, not GCS latency")
   return out
 
 
@@ -97,6 +130,9 @@ def main() -> int:
   ap.add_argument("--prefetch", type=int, default=4)
   ap.add_argument("--spm_vocab_size", type=int, default=8000)
   ap.add_argument("--no_spm", action="store_true")
+  ap.add_argument("--gcs_steps", type=int, default=200, help="timed batches of the gcs row")
+  ap.add_argument("--no_gcs", action="store_true",
+                  help="skip the gcs row (stores on a local GCS emulator)")
   a = ap.parse_args()
 
   tmp = tempfile.mkdtemp(prefix="cpt_bench_")
@@ -109,14 +145,13 @@ def main() -> int:
                      if os.path.isfile(os.path.join(corpus, d, "train.jsonl")))
   domains = config_lib.split_list(a.domains) or available[:5]
 
-  cfg = config_lib.default_data_config()
-  cfg.corpus_dir = corpus
-  cfg.new = domains[0]
-  cfg.replay = ",".join(domains[1:])
-  cfg.seq_len = a.seq_len
-  cfg.prefetch = a.prefetch
-  cfg.cache_dir = os.path.join(tmp, "cache_byte")
+  cfg = byte_config(corpus, domains, a.seq_len, a.prefetch, os.path.join(tmp, "cache_byte"))
   byte = measure(cfg, a.batch, a.steps)
+  missing = gcs_server.missing()
+  if a.no_gcs or missing:
+    gcs = {"skipped": "--no_gcs" if a.no_gcs else f"{', '.join(missing)} not installed"}
+  else:
+    gcs = measure_gcs(cfg, a.batch, a.gcs_steps, tmp)
 
   import jax  # pylint: disable=g-import-not-at-top
   result = {
@@ -127,6 +162,7 @@ def main() -> int:
       "goal_tokens_per_sec": 500_000,
       "batch": a.batch, "seq_len": a.seq_len, "steps": a.steps, "domains": domains,
       "corpus": corpus, "byte": byte,
+      "tokens_per_sec_gcs_emulator": gcs.get("tokens_per_sec_prefetch"), "gcs": gcs,
   }
   rate, why = train_step_rate(a.batch, a.seq_len)
   if rate:
@@ -138,7 +174,6 @@ def main() -> int:
     model, train_s = train_spm(corpus, domains, tmp, a.spm_vocab_size)
     cfg.vocab = model
     cfg.cache_dir = os.path.join(tmp, "cache_spm")
-    cfg.prefetch = a.prefetch
     spm_res = measure(cfg, a.batch, a.steps)
     spm_res["spm_train_seconds"] = round(train_s, 2)
     spm_res["vocab_size"] = a.spm_vocab_size
@@ -146,6 +181,7 @@ def main() -> int:
     result["tokens_per_sec_sentencepiece"] = spm_res["tokens_per_sec_prefetch"]
   if note:
     result["note"] = note
+  shutil.rmtree(tmp, ignore_errors=True)
   print(json.dumps(result))
   return 0
 

@@ -1,19 +1,15 @@
 """Runs whose workdir and corpus live on gs://, against a local GCS server.
 
 The server is `gcp-storage-emulator` (the dev extra) with the two GCS behaviours it lacks
-added (tests/gcs_server.py), started per module on a free port.
-Each client a run uses is pointed at it: gcsfs (etils.epath's gs:// backend, cpt_jax/paths.py)
-by STORAGE_EMULATOR_HOST, TensorStore (Orbax's arrays) by TENSORSTORE_GCS_HTTP_URL and
-GOOGLE_AUTH_TOKEN_FOR_TESTING. What landed in the bucket is listed through the server's
+added, started per module on a free port with each client a run uses pointed at it
+(tests/gcs_server.py). What landed in the bucket is listed through the server's
 JSON API with plain HTTP, a client of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import logging
 import os
 import pathlib
 import re
@@ -21,8 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
 import flax.linen as nn
 import jax
@@ -38,6 +32,7 @@ from cpt_jax.model.transformer import ModelConfig, Transformer
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import workdir as workdir_lib
 from cpt_jax.train.state import TrainState
+from tests import gcs_server
 from tests.helpers import tiny_config, write_corpus
 
 BUCKET = "cpt-test"
@@ -82,86 +77,13 @@ def test_no_module_makes_a_possibly_remote_path_absolute_by_hand():
 # --------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class Server:
-  """A local GCS server (tests/gcs_server.py) with one bucket; `objects` lists it over HTTP."""
-
-  def __init__(self, data_dir: pathlib.Path):
-    self.port = _free_port()
-    self.url = f"http://127.0.0.1:{self.port}"
-    self.log = data_dir / "server.log"  # a line per request: a pipe left unread would fill
-    self._log_file = open(self.log, "wb")
-    self.proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "gcs_server.py"), "-d", str(data_dir), "start",
-         "--host", "127.0.0.1", "--port", str(self.port), "--default-bucket", BUCKET, "-q",
-         "--in-memory"],
-        stdout=self._log_file, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while True:
-      try:
-        urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}", timeout=2).read()
-        return
-      except OSError:
-        if self.proc.poll() is not None or time.time() > deadline:
-          self.close()
-          raise RuntimeError(f"gcp-storage-emulator did not start: "
-                             f"{self.log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-
-  def objects(self, prefix: str = "") -> list[str]:
-    """Names of the bucket's objects under `prefix`, through the JSON API."""
-    names, token = [], None
-    while True:
-      q = {"prefix": prefix, **({"pageToken": token} if token else {})}
-      url = f"{self.url}/storage/v1/b/{BUCKET}/o?{urllib.parse.urlencode(q)}"
-      page = json.loads(urllib.request.urlopen(url, timeout=30).read())
-      names += [o["name"] for o in page.get("items", [])]
-      token = page.get("nextPageToken")
-      if not token:
-        return sorted(names)
-
-  def read(self, name: str) -> bytes:
-    url = f"{self.url}/download/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}"
-    return urllib.request.urlopen(f"{url}?alt=media", timeout=30).read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.terminate()
-      try:
-        self.proc.wait(timeout=10)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    self._log_file.close()
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  for module in ("gcp_storage_emulator", "gcsfs"):
-    if importlib.util.find_spec(module) is None:
-      pytest.skip(f"{module} is not installed (pip install -e '.[dev]'): no local GCS server")
-  server = Server(tmp_path_factory.mktemp("gcs-data"))
-  env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "NO_GCE_CHECK": "True",
-         "TENSORSTORE_GCS_REQUEST_CONCURRENCY": "1"}  # the server answers one at a time
-  # Without credentials gcsfs warns on every call that it cannot ask for the bucket's type.
-  logging.getLogger("gcsfs").setLevel(logging.ERROR)
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
+  if gcs_server.missing():
+    pytest.skip(f"{', '.join(gcs_server.missing())} not installed (pip install -e '.[dev]'): "
+                "no local GCS server")
+  with gcs_server.serving(tmp_path_factory.mktemp("gcs-data"), BUCKET) as server:
     yield server
-  finally:
-    server.close()
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
 
 
 def _upload(local: pathlib.Path, uri: str) -> None:

@@ -173,3 +173,8 @@ def test_remote_path_is_written_in_place_index_last_and_read_by_ranges(tmp_path,
   assert st.path == folder and not st._shards[0].mmap  # pylint: disable=protected-access
   want = _old_in_ram_rows(src, vocab, 16)
   np.testing.assert_array_equal(st.gather(np.arange(st.num_rows)[::-1]), want[:, ::-1])
+  shards = st._shards  # pylint: disable=protected-access
+  assert any(s._files for s in shards)  # pylint: disable=protected-access
+  st.close()  # what Pipeline.close does for every store
+  assert not any(s._files for s in shards)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(st.gather(np.arange(3)), want[:, :3])  # reopened on demand

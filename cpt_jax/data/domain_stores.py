@@ -200,6 +200,11 @@ class DomainStores:
     """The build jobs of every store the run reads (`run_splits`)."""
     return [self.build_job(d, s) for d, s in self.run_splits()]
 
+  def close_stores(self) -> None:
+    """Closes every store's open handles (remote stores; a later read reopens them)."""
+    for st in self._stores.values():
+      st.close()
+
   def _store(self, domain: str, split: str) -> store_lib.PackedStore:
     with self._store_lock:
       key = (domain, split)

@@ -272,6 +272,7 @@ class Pipeline(stores_lib.DomainStores):
       self._cv.notify_all()
     if self._thread is not None:
       self._thread.join(timeout=10)
+    self.close_stores()
 
   def __enter__(self):
     return self

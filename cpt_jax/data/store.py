@@ -107,6 +107,13 @@ class _Shard:
     out[order] = got
     return out
 
+  def close(self) -> None:
+    """Closes the ranged-read handles (reopened by the next read)."""
+    with self._lock:
+      files, self._files = self._files, {}
+    for f in files.values():
+      f.close()
+
   def read(self, idx: np.ndarray, what: str) -> np.ndarray:
     """Rows (rows_Nx3xL) or token counts (N) of local rows idx, in idx's order."""
     if what == "rows":
@@ -155,6 +162,11 @@ class PackedStore:
       m = shard_B == s
       out[m] = self._shards[s].read(g_B[m] - self._first_S[s], what)
     return out
+
+  def close(self) -> None:
+    """Closes the open file handles of remote shards (a later read reopens them)."""
+    for shard in self._shards:
+      shard.close()
 
   def gather(self, idx_B: np.ndarray) -> np.ndarray:
     """Rows idx_B -> planes_3xBxL (int32, in memory); reads only those rows."""
