@@ -111,7 +111,10 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     os.rename(as_path(src), as_path(dst))
     return
   fs, _ = fsspec.core.url_to_fs(os.fspath(as_path(src)))
-  fs.mv(os.fspath(as_path(src)), os.fspath(as_path(dst)), recursive=True)
+  # copy + rm rather than fs.mv: gcsfs's mv tries the newer objects.move call first,
+  # which servers without it (older endpoints, emulators) answer 501, retried for ~30 s.
+  fs.copy(os.fspath(as_path(src)), os.fspath(as_path(dst)), recursive=True)
+  fs.rm(os.fspath(as_path(src)), recursive=True)
 
 
 def upload_tree(local_dir: str, dst: str | os.PathLike) -> None:
