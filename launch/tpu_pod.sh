@@ -278,29 +278,29 @@ remote() {
     | tee "$log"
 }
 
-status() {
-  [ $# -eq 3 ] || die "usage: $0 --status TPU_NAME ZONE RUN_ID"
-  TPU_NAME=$1; ZONE=$2
-  check_name RUN_ID "$3"
+# Runs a command on every worker and exits with the summary of their status lines.
+remote_summary() {
   local tmp rc=0
   tmp=$(mktemp)
-  remote "$tmp" "bash \"\$HOME/$RUNS/$3/code/launch/tpu_pod.sh\" --worker-status \"\$HOME/$RUNS/$3\"" || true
+  remote "$tmp" "$@" || true
   summarise "$(count_workers)" < "$tmp" || rc=$?
   rm -f "$tmp"
   exit "$rc"
 }
 
+status() {
+  [ $# -eq 3 ] || die "usage: $0 --status TPU_NAME ZONE RUN_ID"
+  TPU_NAME=$1; ZONE=$2
+  check_name RUN_ID "$3"
+  remote_summary "bash \"\$HOME/$RUNS/$3/code/launch/tpu_pod.sh\" --worker-status \"\$HOME/$RUNS/$3\""
+}
+
 stop() {
   [ $# -eq 2 ] || die "usage: $0 --stop TPU_NAME ZONE"
   TPU_NAME=$1; ZONE=$2
-  local tmp rc=0
-  tmp=$(mktemp)
-  remote "$tmp" "f=\"\$HOME/$RUNS/latest/code/launch/tpu_pod.sh\"
+  remote_summary "f=\"\$HOME/$RUNS/latest/code/launch/tpu_pod.sh\"
 if [ -f \"\$f\" ]; then exec bash \"\$f\" --worker-stop; fi
-echo \"$MARK worker \$(hostname) exit 0 (no runs)\"" || true
-  summarise "$(count_workers)" < "$tmp" || rc=$?
-  rm -f "$tmp"
-  exit "$rc"
+echo \"$MARK worker \$(hostname) exit 0 (no runs)\""
 }
 
 launch() {
