@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 # Optional heavy dependencies may load inside functions (only where they are used).
 LAZY_OK = ("tensorflow", "tensorflow_datasets", "seqio", "torch", "transformers",
-           "safetensors", "sentencepiece", "tokenizers", "clu", "matplotlib", "pydoc_data",
+           "safetensors", "sentencepiece", "tokenizers", "matplotlib", "pydoc_data",
            "datasets", "ray", "apache_beam")
 
 
