@@ -128,6 +128,25 @@ def upload_tree(local_dir: str, dst: str | os.PathLike) -> None:
         write_atomic(target / name, f.read())
 
 
+def staging_dir(dst: str | os.PathLike, prefix: str = "cpt_jax-") -> str:
+  """A local folder to write `dst`'s files into: `dst` itself when it is local (created),
+  else a new temporary folder that `publish_dir` uploads to `dst` and removes."""
+  if not is_remote(dst):
+    os.makedirs(dst, exist_ok=True)
+    return os.fspath(dst)
+  return tempfile.mkdtemp(prefix=prefix)
+
+
+def publish_dir(local_dir: str, dst: str | os.PathLike, upload: bool = True) -> None:
+  """Finishes a `staging_dir(dst)`: uploads it to `dst` (when `upload`) and removes it.
+  A no-op when `dst` is local (the files are already there)."""
+  if os.fspath(local_dir) == os.fspath(dst):
+    return
+  if upload:
+    upload_tree(local_dir, dst)
+  shutil.rmtree(local_dir, ignore_errors=True)
+
+
 def mtime(path: str | os.PathLike) -> float:
   """Seconds since the epoch of the last write (a bucket's object update time)."""
   return float(as_path(path).stat().mtime)

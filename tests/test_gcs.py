@@ -207,6 +207,11 @@ def test_publishes_and_appends_on_a_bucket(gcs):
   local = paths.local_copy(f"gs://{BUCKET}/files/tree")
   demo = (ROOT / "cpt_jax" / "configs" / "demo.py").read_bytes()
   assert pathlib.Path(local, "demo.py").read_bytes() == demo
+  staged = paths.staging_dir(f"gs://{BUCKET}/files/staged")  # export and profiler traces
+  pathlib.Path(staged, "sub").mkdir()
+  pathlib.Path(staged, "sub", "t.pb").write_bytes(b"trace")
+  paths.publish_dir(staged, f"gs://{BUCKET}/files/staged")
+  assert gcs.read("files/staged/sub/t.pb") == b"trace" and not os.path.exists(staged)
 
 
 def test_export_to_and_import_from_a_bucket(gcs):

@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -53,21 +51,16 @@ def save_hf(params: Any, model_cfg: ModelConfig, out_dir: str, *, dtype: str = "
     architecture = archs[0]
   hf = export_config(model_cfg, architecture, dtype, base)
   target = out_dir  # a bucket folder: written locally, then uploaded
-  if paths.is_remote(target):
-    out_dir = tempfile.mkdtemp(prefix="cpt_jax-export-")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = paths.staging_dir(target, prefix="cpt_jax-export-")
   save_weights(params, model_cfg, out_dir, dtype, max_shard_bytes)
-  if jax.process_index() != 0:
-    return
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-  for name in TOKENIZER_FILES if like else ():
-    if paths.as_path(like, name).is_file():
-      with open(os.path.join(out_dir, name), "wb") as f:
-        f.write(paths.as_path(like, name).read_bytes())
-  if target != out_dir:
-    paths.upload_tree(out_dir, target)
-    shutil.rmtree(out_dir, ignore_errors=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(hf, f, indent=2, sort_keys=True)
+    for name in TOKENIZER_FILES if like else ():
+      if paths.as_path(like, name).is_file():
+        with open(os.path.join(out_dir, name), "wb") as f:
+          f.write(paths.as_path(like, name).read_bytes())
+  paths.publish_dir(out_dir, target, upload=jax.process_index() == 0)
 
 
 def apply_hf_config(cfg: Any) -> Any:

@@ -16,9 +16,9 @@ the first that is set winning:
 Launchers JAX recognises itself fill what is missing (`jax.distributed.initialize()`
 auto-detects them): SLURM (`SLURM_JOB_ID`, `SLURM_NTASKS` > 1, ...), Open MPI
 (`OMPI_MCA_orte_hnp_uri`, `OMPI_COMM_WORLD_SIZE` > 1), Cloud TPU on GKE
-(`TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES` naming > 1 host). A TPU VM slice
-(launch/tpu_pod.sh) sets `CPT_DISTRIBUTED=1` (or `initialize='yes'`): JAX then reads
-the rest from the TPU metadata server.
+(`TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES` naming > 1 host). On a TPU VM slice
+launch/tpu_pod.sh passes `--config.distributed.initialize=yes` (`CPT_DISTRIBUTED=1` in
+the environment does the same): JAX then reads the rest from the TPU metadata server.
 
 With `initialize='auto'` a half-configured launch (a coordinator but no process count,
 NUM_PROCESSES > 1 without a process id, ...) and no launcher to fill it in is an error

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -194,8 +193,7 @@ class Profile(Hook):
   def __init__(self, steps: tuple[int, int], workdir: str):
     self.first, self.last = steps
     self.dir = os.path.join(workdir, "profile")
-    self._trace_dir = tempfile.mkdtemp(prefix="cpt_jax-profile-") if paths.is_remote(
-        workdir) else self.dir
+    self._trace_dir = None  # a local folder while tracing (paths.staging_dir)
     self.active = False
 
   def start(self, state, saved):
@@ -206,6 +204,7 @@ class Profile(Hook):
 
   def _toggle(self, done, state):
     if not self.active and self.first <= done < self.last:
+      self._trace_dir = paths.staging_dir(self.dir, prefix="cpt_jax-profile-")
       jax.profiler.start_trace(self._trace_dir)
       self.active = True
     elif self.active and done >= self.last:
@@ -215,8 +214,7 @@ class Profile(Hook):
   def _stop(self):
     jax.profiler.stop_trace()
     self.active = False
-    if self._trace_dir != self.dir:
-      paths.upload_tree(self._trace_dir, self.dir)
+    paths.publish_dir(self._trace_dir, self.dir)
 
   def summary(self, summary, state):
     if self.active:  # the run ended inside the window
