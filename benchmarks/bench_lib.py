@@ -107,7 +107,7 @@ def memory_bytes(compiled: Any) -> dict:
 
 
 def host_batch(config: ml_collections.ConfigDict, roles_B: np.ndarray,
-               seed: int = 0) -> dict[str, np.ndarray]:
+               seed: int = 0, shards: int = 1) -> dict[str, np.ndarray]:
   """A random packed batch with `roles_B`, plus `distill_index` when the objective has a
   teacher that runs on rows (as the trainer builds it)."""
   b, o = config.train.global_batch_size, config.objective
@@ -116,7 +116,8 @@ def host_batch(config: ml_collections.ConfigDict, roles_B: np.ndarray,
   batch["roles"] = np.asarray(roles_B, np.int32)
   if o.lambda_kd > 0 or o.replay_kd > 0:
     idx = step_lib.distill_index(batch["roles"], config.train.grad_accum_steps,
-                                 with_replay=o.replay_kd > 0, with_distill=o.lambda_kd > 0)
+                                 with_replay=o.replay_kd > 0, with_distill=o.lambda_kd > 0,
+                                 shards=shards)
     if idx is not None:
       batch["distill_index"] = idx
   return batch
@@ -129,10 +130,10 @@ def build_bench(config: ml_collections.ConfigDict, roles_B: np.ndarray | None = 
   config = with_teacher(config)
   roles_B = roles_for(config.train.global_batch_size, 0, 0) if roles_B is None else roles_B
   ctx = context_lib.build_context(config, devices)
-  local = host_batch(config, roles_B, seed)
+  local = host_batch(config, roles_B, seed, step_lib.batch_shards(ctx.mesh))
   batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, ctx.mesh)
   if "distill_index" in local:
-    batch["distill_index"] = jax.device_put(local["distill_index"], shd.replicated(ctx.mesh))
+    batch["distill_index"] = step_lib.device_distill_index(local["distill_index"], ctx.mesh)
   state = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, seed, config.data.seq_len)
   if ctx.frozen_keys:
     teacher = jax.jit(ctx.model_params, out_shardings=ctx.model_sh)(state.params)
@@ -197,10 +198,9 @@ def compiled_step_memory(config: ml_collections.ConfigDict, roles_B: np.ndarray 
   config = with_teacher(config)
   roles_B = roles_for(config.train.global_batch_size, 0, 0) if roles_B is None else roles_B
   ctx = context_lib.build_context(config, devices)
-  local = host_batch(config, roles_B)
-  bsh, rep = shd.batch_sharding(ctx.mesh), shd.replicated(ctx.mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                   sharding=rep if k == "distill_index" else bsh)
+  local = host_batch(config, roles_B, shards=step_lib.batch_shards(ctx.mesh))
+  shardings = step_lib.batch_shardings(ctx.mesh, local)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
            for k, v in local.items()}
   state = state_lib.abstract_state(ctx.model, ctx.layout, ctx.state_sh, config.data.seq_len,
                                    ctx.frozen_keys)

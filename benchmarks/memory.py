@@ -17,7 +17,10 @@ float32 parameters and AdamW state, as the recipes run.
 Prints one JSON object; `fsdp8_state_bytes_per_device_ratio` is (parameter +
 optimizer-state bytes per device on 8 devices) / (the same on 1 device), goal <=
 1/8 + 10% = 0.1375; `kd_teacher` gives the teacher's bytes per device against its
-parameter bytes / FSDP size (goal: no more, and no optimizer state).
+parameter bytes / FSDP size (goal: no more, and no optimizer state), and
+`kd_extra_temp_bytes_per_device` what the KD step adds to the temporaries (goal:
+no more per device on 8 devices than on one: the teacher's rows are gathered on
+the device that holds them, `objective.take_rows`).
 
 Temporaries are those of the CPU compile, whose attention ('native') materialises
 each layer's [H, L, L] scores; cuDNN's fused attention on GPU does not, so on GPU
@@ -108,6 +111,12 @@ def summarise(runs: dict) -> dict:
       "extra_opt_state_bytes_fsdp8": kd8["opt_state_bytes"] - eight["opt_state_bytes"],
       "extra_argument_bytes_fsdp8": kd8["argument_bytes"] - eight["argument_bytes"],
   }
+  # What the KD step adds to the temporaries per device, per remat policy and mesh size;
+  # goal: the 8-device figure no larger than the 1-device one (same rows per device).
+  out["kd_extra_temp_bytes_per_device"] = {
+      remat: {str(d): runs[(remat, d, True)]["temp_bytes"] - runs[(remat, d, False)]["temp_bytes"]
+              for d in (1, FSDP)}
+      for remat in dict.fromkeys(k[0] for k in runs)}
   return out
 
 

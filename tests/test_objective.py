@@ -66,7 +66,7 @@ def test_kd_only_on_distill_rows_and_no_teacher_gradient():
   roles = [batch_lib.NEW, batch_lib.DISTILL, batch_lib.REPLAY, batch_lib.DISTILL]
   batch = _batch(roles)
   # distill_index also points at a `new` row (0): it must be masked out.
-  batch["distill_index"] = jnp.asarray([1, 3, 0, -1], jnp.int32)
+  batch["distill_index"] = jnp.asarray([[1, 3, 0, -1]], jnp.int32)  # [D=1, N]
   loss, aux = loss_fn(student, batch, {"teacher": teacher})
   assert apply_fn.calls == 2  # student + teacher
   assert float(aux["kd_tokens"]) == float(batch["loss_weights"][np.array([1, 3])].sum())
@@ -140,7 +140,7 @@ def test_replay_kd_is_a_soft_target_on_replay_rows_only():
   batch = _batch(roles)
   batch["distill_index"] = jnp.asarray(
       step_lib.distill_index(np.asarray(roles), 1, with_replay=True)[0])
-  assert sorted(int(i) for i in batch["distill_index"] if i >= 0) == [1, 2, 3]
+  assert sorted(int(i) for i in batch["distill_index"].ravel() if i >= 0) == [1, 2, 3]
   student, teacher = _toy(0), _toy(1)
   fn = objective.make_loss_fn(apply_fn, _obj(lambda_kd=0.0, replay_kd=2.0), 1)
   loss, aux = fn(student, batch, {"teacher": teacher})
@@ -165,9 +165,9 @@ def test_replay_kd_is_a_soft_target_on_replay_rows_only():
       float(aux["replay_kd_term"]), rel=1e-6)
   # Without replay_kd the teacher index holds only distill rows; without
   # lambda_kd only replay rows (the teacher never runs on rows nothing uses).
-  assert step_lib.distill_index(np.asarray(roles), 1).tolist() == [[2]]
+  assert step_lib.distill_index(np.asarray(roles), 1).tolist() == [[[2]]]
   assert step_lib.distill_index(np.asarray(roles), 1, with_replay=True,
-                                with_distill=False).tolist() == [[1, 3]]
+                                with_distill=False).tolist() == [[[1, 3]]]
 
 
 def test_topk_tail_is_never_negative():

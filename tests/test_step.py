@@ -78,10 +78,28 @@ def test_grad_accumulation_matches_full_batch():
 def test_distill_index_buckets():
   roles = np.array([0, 2, 0, 2, 2, 0, 1, 0])
   idx = step_lib.distill_index(roles, grad_accum=1)
-  assert idx.shape == (1, 4) and idx[0].tolist() == [1, 3, 4, -1]
+  assert idx.shape == (1, 1, 4) and idx[0, 0].tolist() == [1, 3, 4, -1]
   idx2 = step_lib.distill_index(roles, grad_accum=2)  # microbatches: rows 0,2,4,6 / 1,3,5,7
-  assert idx2.shape == (2, 2) and idx2.tolist() == [[2, -1], [0, 1]]
+  assert idx2.shape == (2, 1, 2) and idx2[:, 0].tolist() == [[2, -1], [0, 1]]
   assert step_lib.distill_index(np.zeros(8, int), 1) is None
+
+
+def test_distill_index_per_shard():
+  """Indices within each device's block of rows; the bucket fits the fullest block."""
+  roles = np.array([0, 2, 0, 2, 2, 0, 1, 0])
+  # 4 blocks of 2 rows: (0, 2) (0, 2) (2, 0) (1, 0) -> distill rows 1, 1, 0 and none.
+  idx = step_lib.distill_index(roles, grad_accum=1, shards=4)
+  assert idx.tolist() == [[[1], [1], [0], [-1]]]
+  # 2 blocks of 4 rows: rows 1, 3 in block 0; row 4 (index 0) in block 1.
+  assert step_lib.distill_index(roles, 1, shards=2).tolist() == [[[1, 3], [0, -1]]]
+  # Microbatch 0 = rows 0, 2, 4, 6 (roles 0 0 2 1), 1 = rows 1, 3, 5, 7 (2 2 0 0);
+  # each cut into 2 blocks of 2.
+  assert step_lib.distill_index(roles, 2, shards=2).tolist() == [[[-1, -1], [0, -1]],
+                                                                 [[0, 1], [-1, -1]]]
+  assert step_lib.distill_index(roles, 1, with_replay=True, shards=4).tolist() == \
+      [[[1], [1], [0], [0]]]
+  with pytest.raises(ValueError, match="do not split"):
+    step_lib.distill_index(roles, 2, shards=3)
 
 
 def test_microbatch_split_is_strided():

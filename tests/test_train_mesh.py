@@ -70,7 +70,10 @@ def test_2x2x2_mesh_with_teacher_online_replay_and_resume_equals_one_device(star
       {k: v for k, v in o1.items() if k != "ref_loss"}  # the same swaps and buffer
   for d, losses in o1["ref_loss"].items():  # M's scores: a float32 ulp apart across meshes
     np.testing.assert_allclose(o8["ref_loss"][d], losses, rtol=1e-6)
-  assert one["teacher_rows"] > 0 and mesh["teacher_rows"] == one["teacher_rows"]
+  # Teacher rows as run: on the mesh each of the 4 row blocks (data x fsdp) runs its
+  # microbatch's bucket (the fullest block's), so 2 microbatches x 4 blocks a bucket.
+  assert one["teacher_rows"] > 0 and mesh["teacher_rows"] >= one["teacher_rows"]
+  assert mesh["teacher_rows"] % (2 * 4) == 0
   r1, r8 = _records(tmp_path / "one"), _records(tmp_path / "mesh")
   assert sorted(r1) == sorted(r8) == [2, 4, 6, 8]
   for s in r1:

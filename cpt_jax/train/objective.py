@@ -29,13 +29,18 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.train import loss as loss_lib
 
 Array = jax.Array
+# Logical axis names (parallel/sharding.py) of a field's axes after its row axis.
+_TOKENS = ("activation_length",)
+_LOGITS = ("activation_length", "activation_vocab")
 
 
 def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
@@ -78,6 +83,45 @@ def kl_topk(teacher_logp_NxLxJ: Array, teacher_ids_NxLxJ: Array,
   return kl_top + tail
 
 
+def take_rows(x_BxX: Array, idx_DxN: Array, axes: tuple = ()) -> Array:
+  """The rows `idx_DxN` of `x_BxX`, gathered within each of D row blocks: [D N, ...].
+
+  Block d is rows d B/D .. (d+1) B/D - 1 (one device's rows under the batch
+  sharding); idx_DxN[d] indexes into block d, -1 = an unused slot (gives the
+  block's first row). Output rows d N .. (d+1) N - 1 come from block d, so the
+  gather (and its transpose, a scatter-add into the rows) stays on each
+  device: no collective ever carries a [N, L, V] array. `axes` names x's axes
+  after the row axis for the sharding constraints.
+  """
+  shards, n = idx_DxN.shape
+  names = ("activation_batch", None) + tuple(axes)
+  x_DxRxX = nn.with_logical_constraint(
+      x_BxX.reshape(shards, x_BxX.shape[0] // shards, *x_BxX.shape[1:]), names)
+  got_DxNxX = jax.vmap(lambda x_RxX, i_N: jnp.take(x_RxX, i_N, axis=0))(
+      x_DxRxX, jnp.maximum(idx_DxN, 0))
+  got_DxNxX = nn.with_logical_constraint(got_DxNxX, names)
+  return got_DxNxX.reshape(shards * n, *x_BxX.shape[1:])
+
+
+def on_row_blocks(fn: Callable, x_NxX: Array) -> Any:
+  """fn(x) with fn run on each device's block of rows (row axis: `activation_batch`).
+
+  Under a mesh and logical axis rules this is a shard_map over the mesh axes the
+  rows are sharded on (the others stay automatic): XLA's partitioner gathers
+  the whole operand of a top-k whose row axis is sharded, which for the
+  teacher's logits is every teacher row's [L, V] on every device. Without a
+  mesh, fn(x). fn must act on rows independently.
+  """
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  axes = nn.logical_to_mesh_axes(("activation_batch",), rules)[0] if rules else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  if mesh.empty or not any(mesh.shape.get(a, 1) > 1 for a in axes):
+    return fn(x_NxX)
+  rows = P(axes)
+  return jax.shard_map(fn, in_specs=rows, out_specs=rows, axis_names=set(axes),
+                       check_vma=False)(x_NxX)
+
+
 def l2_to_anchor(params: Any, anchor: Any, weights: Any | None = None) -> Array:
   """sum w * (theta - theta_0)^2 over all leaves (w = 1 for L2-SP, Fisher for EWC)."""
   if weights is None:
@@ -109,10 +153,11 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   """Returns loss_fn(params, batch, frozen, norms=None) -> (loss, aux).
 
   apply_fn(model_params, inputs, segment_ids, positions) -> logits [B, L, V].
-  batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [N]
-    (row indices of the rows the teacher runs on: distill rows, and replay rows
-    when replay_kd > 0; -1 = unused slot). Without it, or with lambda_kd ==
-    replay_kd == 0, no teacher forward is traced at all.
+  batch: the fields of cpt_jax/batch.py, plus optionally `distill_index` [D, N]
+    (the rows the teacher runs on: distill rows, and replay rows when replay_kd
+    > 0; indices within each of D row blocks, -1 = unused slot: `take_rows`,
+    step.distill_index). Without it, or with lambda_kd == replay_kd == 0, no
+    teacher forward is traced at all.
   frozen: {'teacher': model params, 'fisher': tree} as the objective needs.
   norms: `normalisers` of the global batch when `batch` is one of its
     microbatches (default: `batch`'s own).
@@ -168,20 +213,21 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
 
     teacher_rows = 0
     if (lambda_kd > 0 or replay_kd > 0) and "distill_index" in batch:
-      idx_N = batch["distill_index"]
-      safe_N = jnp.maximum(idx_N, 0)
-      role_N = jnp.where(idx_N >= 0, roles_B[safe_N], -1)
-      take = lambda x: jnp.take(x, safe_N, axis=0)
-      teacher_logits = apply_fn(frozen["teacher"], take(batch["inputs"]),
-                                take(batch["segment_ids"]), take(batch["positions"]))
+      idx_DxN = batch["distill_index"]
+      take = lambda x, axes: take_rows(x, idx_DxN, axes)
+      role_N = jnp.where(idx_DxN.reshape(-1) >= 0, take(roles_B, ()), -1)
+      teacher_logits = apply_fn(frozen["teacher"], take(batch["inputs"], _TOKENS),
+                                take(batch["segment_ids"], _TOKENS),
+                                take(batch["positions"], _TOKENS))
       teacher_logits = jax.lax.stop_gradient(teacher_logits)
-      student_logits = take(logits_BxLxV)
+      student_logits = take(logits_BxLxV, _LOGITS)
       if topk > 0:
-        t_logp, t_ids = teacher_topk(teacher_logits, topk, temperature)
+        t_logp, t_ids = on_row_blocks(
+            lambda t: teacher_topk(t, topk, temperature), teacher_logits)
         kl_NxL = kl_topk(t_logp, t_ids, student_logits, temperature)
       else:
         kl_NxL = kl_full(teacher_logits, student_logits, temperature)
-      tok_w_NxL = take(weights_BxL)
+      tok_w_NxL = take(weights_BxL, _TOKENS)
       if lambda_kd > 0:
         w_NxL = tok_w_NxL * (role_N == batch_lib.DISTILL)[:, None]
         kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), kd_den)
@@ -193,7 +239,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         rkd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), ce_den)
         aux["replay_kd_term"] = rkd_term
         loss = loss + replay_kd * temperature ** 2 * rkd_term
-      teacher_rows = idx_N.shape[0]
+      teacher_rows = idx_DxN.size
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 
     reg_params = regularized(params)

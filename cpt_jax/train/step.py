@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cpt_jax import batch as batch_lib
 from cpt_jax.parallel import sharding as shd
@@ -36,8 +36,8 @@ def make_train_step(loss_fn: Callable, layout: Any, grad_accum: int = 1,
   layout (train/layout.py) takes the gradients (`layout.grads`: which loss each
   parameter group follows) and applies the update (`layout.apply`).
   With grad_accum = A > 1 the batch is cut into A microbatches (see
-  `microbatch_split`); `batch['distill_index']` is then [A, N] with indices
-  local to each microbatch ([1, N] when A = 1). Each microbatch's loss
+  `microbatch_split`). `batch['distill_index']` is [A, D, N] (see
+  `distill_index`): microbatch m gets its [D, N]. Each microbatch's loss
   divides by the whole batch's token counts and carries 1/A of the
   parameter-only terms, so the summed losses, gradients and aux entries equal
   the A = 1 step's on the same batch.
@@ -79,10 +79,22 @@ def make_train_step(loss_fn: Callable, layout: Any, grad_accum: int = 1,
   return step
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """D: how many row shards the batch sharding cuts a batch into."""
+  axes = shd.batch_sharding(mesh).spec[0]
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def distill_index_sharding(mesh: Mesh) -> NamedSharding:
+  """`distill_index` [A, D, N]: its D axis over the devices that hold the batch's rows."""
+  return NamedSharding(mesh, P(None, *shd.batch_sharding(mesh).spec))
+
+
 def batch_shardings(mesh: Mesh, keys) -> dict[str, NamedSharding]:
-  """Batch fields sharded by rows; `distill_index` replicated."""
-  bsh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
-  return {k: (rep if k == "distill_index" else bsh) for k in keys}
+  """Batch fields sharded by rows; `distill_index` by its D axis, the same way."""
+  bsh, dsh = shd.batch_sharding(mesh), distill_index_sharding(mesh)
+  return {k: (dsh if k == "distill_index" else bsh) for k in keys}
 
 
 def jit_train_step(step: Callable, state_sh: TrainState, mesh: Mesh, rules,
@@ -104,26 +116,47 @@ def jit_train_step(step: Callable, state_sh: TrainState, mesh: Mesh, rules,
 
 
 def distill_index(roles_B: np.ndarray, grad_accum: int, min_bucket: int = 1,
-                  with_replay: bool = False, with_distill: bool = True) -> np.ndarray | None:
-  """Host-side: [A, N] indices of the teacher's rows per microbatch, or None if none.
+                  with_replay: bool = False, with_distill: bool = True,
+                  shards: int = 1) -> np.ndarray | None:
+  """Host-side: [A, D, N] indices of the teacher's rows, or None if there are none.
 
   The teacher's rows are the distill rows if `with_distill` (objective.lambda_kd
   > 0) and the replay rows if `with_replay` (objective.replay_kd > 0).
+  Microbatch m (rows m, A+m, ...: `microbatch_split`) is cut into D = `shards`
+  contiguous blocks of B/(A D) rows, the rows each device holds under
+  `batch_shardings` (D = `batch_shards(mesh)`); [m, d] lists the teacher's rows
+  of block d by their index within the block, so the objective gathers them
+  where they are.
 
-  N is rounded up to a power of two (>= min_bucket) so only a few step
-  variants are ever compiled; unused slots are -1.
+  N, the most teacher rows of any block, is rounded up to a power of two (>=
+  min_bucket, <= the block's rows) so only a few step variants are ever
+  compiled; unused slots are -1.
   """
   roles_B = np.asarray(roles_B)
+  if len(roles_B) % (grad_accum * shards):
+    raise ValueError(f"{len(roles_B)} rows do not split into {grad_accum} microbatches "
+                     f"of {shards} shards")
   wanted = ((batch_lib.DISTILL,) if with_distill else ()) + \
       ((batch_lib.REPLAY,) if with_replay else ())
-  per_micro = [np.nonzero(np.isin(roles_B[m::grad_accum], wanted))[0]
-               for m in range(grad_accum)]
-  most = max(len(ix) for ix in per_micro)
+  rows = len(roles_B) // (grad_accum * shards)
+  # [A, D, rows]: microbatch m's rows, block by block.
+  is_teacher_AxDxR = np.isin(microbatch_split(roles_B, grad_accum), wanted).reshape(
+      grad_accum, shards, rows)
+  most = int(is_teacher_AxDxR.sum(-1).max())
   if most == 0:
     return None
-  rows = len(roles_B) // grad_accum
   bucket = min(max(min_bucket, 1 << (most - 1).bit_length()), rows)
-  out = np.full((grad_accum, bucket), -1, np.int32)
-  for m, ix in enumerate(per_micro):
-    out[m, :len(ix)] = ix
+  out = np.full((grad_accum, shards, bucket), -1, np.int32)
+  for m in range(grad_accum):
+    for d in range(shards):
+      ix = np.nonzero(is_teacher_AxDxR[m, d])[0]
+      out[m, d, :len(ix)] = ix
   return out
+
+
+def device_distill_index(idx_AxDxN: np.ndarray, mesh: Mesh) -> jax.Array:
+  """The host's `distill_index` (the same on every process) as a global array sharded
+  by `distill_index_sharding`."""
+  idx_AxDxN = np.asarray(idx_AxDxN, np.int32)
+  return jax.make_array_from_callback(idx_AxDxN.shape, distill_index_sharding(mesh),
+                                      lambda index: idx_AxDxN[index])
