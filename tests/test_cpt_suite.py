@@ -253,7 +253,7 @@ def test_successive_halving_chooses_on_dev_within_the_run_budget():
 def test_default_grid_names_are_unique_and_valid_overrides():
   s = suite.Settings(corpora="x")
   grid = suite_search.default_grid(s)
-  assert len({g["name"] for g in grid}) == len(grid) == 8
+  assert len({g["name"] for g in grid}) == len(grid) == 13
   from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.default_config()
   for g in grid:
