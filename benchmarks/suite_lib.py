@@ -348,6 +348,8 @@ def cpt_config(s: Settings, spec: dict, ckpt: str, seed: int, pool_rows: dict[st
   for key, value in spec.get("overrides", {}).items():
     group, name = key.split(".")
     c[group][name] = value
+  if c.replay.strategy == "steered":  # every refresh reads a new window's replay losses
+    c.train.log_every = min(c.train.log_every, c.replay.online_every)
   trained = set((c.data.replay + "," + c.data.distill).split(","))
   # Every old domain is evaluated (its test part), and every domain's dev part.
   c.data.eval = ",".join([d for d in old if d not in trained] + dev_domains(s))

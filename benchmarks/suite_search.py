@@ -39,7 +39,8 @@ def default_grid(s: suite.Settings) -> list[dict]:
   """The 1% candidates, all with replay KD: `online` around the reference's setting (KD
   weight 4, temperature 1, a refresh every cpt_steps / 6, swap 0.25) varied one knob at a
   time (KD weight 2, temperature 2, refresh every cpt_steps / 12, swap 0.5, per-domain
-  quotas 0.5), and `gradient` with T's sign / mean direction."""
+  quotas 0.5), `gradient` with T's sign / mean direction, `steered` (quota 0.5 / 1, swap
+  0.25 / 0) and `dro` (temperature 0.25 / 1)."""
   every, fast = max(s.cpt_steps // 6, 1), max(s.cpt_steps // 12, 1)
   # (replay_kd, kd_temperature, online_every, online_swap, online_quota); names spell them
   # all, so that no candidate shares a run directory with a suite row.
@@ -54,6 +55,16 @@ def default_grid(s: suite.Settings) -> list[dict]:
   out += [{"name": f"gradient_0.01+kd4_{tag}", "strategy": "gradient", "fraction": 0.01,
            "replay_kd": 4.0, "overrides": {"replay.grad_sign": sign}}
           for tag, sign in (("sign", True), ("mean", False))]
+  # steered: zero-FLOP refreshes from the replay rows' training loss (quota strength,
+  # rotation); dro: IR-DRO draws at two temperatures (nats per token).
+  out += [{"name": f"steered_0.01+kd4_e{every}_q{q:g}_w{w:g}", "strategy": "steered",
+           "fraction": 0.01, "replay_kd": 4.0,
+           "overrides": {"replay.online_every": every, "replay.steer_quota": q,
+                         "replay.online_swap": w}}
+          for q, w in ((0.5, 0.25), (0.5, 0.0), (1.0, 0.25))]
+  out += [{"name": f"dro_0.01+kd4_t{t:g}", "strategy": "dro", "fraction": 0.01,
+           "replay_kd": 4.0, "overrides": {"replay.dro_temperature": t}}
+          for t in (0.25, 1.0)]
   return out
 
 

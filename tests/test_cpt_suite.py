@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 import suite_lib as suite  # benchmarks/ is on sys.path (conftest)
 import suite_pareto
@@ -11,32 +13,50 @@ import suite_search
 from tests.helpers import write_corpus
 
 
-def test_cpt_suite_quick_is_fair(tmp_path):
+CPT_STEPS, BATCH, SEQ_LEN = 80, 16, 64  # --cpt-steps; suite.quick's batch and seq_len
+GRID_ROWS = ["no_replay", "random_0.05", "teacher_loss_0.05", "online_0.05", "steered_0.05",
+             "random_0.05+distill", "joint", "random_0.05+kd"]
+# random_0.05+full is random_0.05 (decomposition.mode '' is the default): not run twice.
+EXTRA_ROWS = ["online_0.05+kd", "random_0.05+forgetting", "random_0.05+lora_tau",
+              "random_0.05+sigma_tau_routing"]
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+  """One `cpt_suite.py --quick` run shared by the tests below: (its JSON, stdout, out dir).
+
+  The grid's rows at 5% (teacher_loss, online and steered strategies) plus the kd, controller and
+  decomposition extras; one subprocess, one M, one data cache for all of them.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  tmp_path = tmp_path_factory.mktemp("quick_suite")
+  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma", "delta", "eps"),
+                        docs=80)
+  out = tmp_path / "out.json"
+  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
+         "--corpora", str(corpus), "--json", str(out), "--cache", str(tmp_path / "cache"),
+         "--old", "alpha,beta,gamma,delta", "--new", "eps", "--unavailable", "gamma",
+         "--pretrain-steps", "10", "--cpt-steps", str(CPT_STEPS),
+         "--strategies", "teacher_loss,online,steered", "--extras", "kd,controllers,decomposition",
+         "--kd-strategies", "random,online", "--only", ",".join(GRID_ROWS + EXTRA_ROWS)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH="/usr/bin:/bin", XLA_FLAGS="")
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  return json.loads(out.read_text()), res.stdout, tmp_path
+
+
+def test_cpt_suite_quick_is_fair(quick_suite):
   """Every row trains on the same T tokens; no_replay replays nothing; selection within its cap.
 
   forgetting is left out: at this scale its fixed look-ahead (4 train steps) plus one scored
   pass over the buffer's candidates exceed 5% of an 84-step stage (the planner warns).
   """
   import math  # pylint: disable=g-import-not-at-top
-  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma", "delta", "eps"),
-                        docs=80)
-  out = tmp_path / "out.json"
-  cpt_steps, batch, seq_len = 80, 16, 64  # --cpt-steps; suite.quick's batch and seq_len
-  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
-         "--corpora", str(corpus), "--json", str(out), "--cache", str(tmp_path / "cache"),
-         "--old", "alpha,beta,gamma,delta", "--new", "eps", "--unavailable", "gamma",
-         "--pretrain-steps", "10", "--cpt-steps", str(cpt_steps),
-         "--strategies", "teacher_loss,online"]
-  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": ""}
-  import os  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, **env)
-  res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-  data = json.loads(out.read_text())
+  data, stdout, tmp_path = quick_suite
+  cpt_steps, batch, seq_len = CPT_STEPS, BATCH, SEQ_LEN
   names = [r["name"] for r in data["rows"]]
-  assert names == ["no_replay", "random_0.05", "teacher_loss_0.05", "online_0.05",
-                   "random_0.05+distill", "joint", "random_0.05+kd"]
-  rows = {r["name"]: r for r in data["rows"]}
+  assert names == GRID_ROWS + EXTRA_ROWS
+  rows = {r["name"]: r for r in data["rows"] if r["name"] in GRID_ROWS}
   for r in data["rows"]:
     assert set(r["old_loss"]) == {"alpha", "beta", "gamma", "delta"}
   # no_replay: 80 steps x 16 rows, every row from T, none replayed.
@@ -59,13 +79,13 @@ def test_cpt_suite_quick_is_fair(tmp_path):
   assert rows["teacher_loss_0.05"]["selection_tflops"] > 0
   assert rows["online_0.05"]["selection_tflops"] > 0
   for n, r in rows.items():
-    if r["strategy"] in ("random", "no_replay", "joint"):
+    if r["strategy"] in ("random", "no_replay", "joint", "steered"):  # steered: no forward
       assert r["selection_tflops"] == 0, n
     assert r["selection_fraction"] == 0.05
     # The planner fills the cap with whole candidates, so it may be met exactly (1e-9: float).
     assert r["selection_tflops"] <= 0.05 * r["total_tflops"] * (1 + 1e-9), n
   assert rows["random_0.05+kd"]["teacher_tflops"] > 0 == rows["random_0.05"]["teacher_tflops"]
-  assert "| teacher_loss_0.05 |" in res.stdout
+  assert "| teacher_loss_0.05 |" in stdout
   # Dev / test: every row carries both; M was evaluated on every domain's two parts.
   assert {f"{d}__dev" for d in ("alpha", "beta", "gamma", "delta", "eps")} <= set(data["m_loss"])
   for r in data["rows"]:
@@ -77,25 +97,13 @@ def test_cpt_suite_quick_is_fair(tmp_path):
   assert (tmp_path / "out_pareto.png").stat().st_size > 1000
 
 
-def test_cpt_suite_kd_controller_and_decomposition_rows(tmp_path):
-  import os  # pylint: disable=g-import-not-at-top
-  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
-  out = tmp_path / "out.json"
-  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
-         "--corpora", str(corpus), "--json", str(out), "--cache", str(tmp_path / "cache"),
-         "--old", "alpha,beta", "--new", "gamma", "--unavailable", "beta",
-         "--pretrain-steps", "6", "--cpt-steps", "4", "--extras", "kd,controllers,decomposition",
-         "--kd-strategies", "random,online",
-         "--only", "online_0.05+kd,random_0.05+forgetting,random_0.05+full,random_0.05+lora_tau,"
-                   "random_0.05+sigma_tau_routing", "--workers", "1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-  rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-  assert set(rows) == {"online_0.05+kd", "random_0.05+forgetting", "random_0.05+full",
-                       "random_0.05+lora_tau", "random_0.05+sigma_tau_routing"}
+def test_cpt_suite_kd_controller_and_decomposition_rows(quick_suite):
+  rows = {r["name"]: r for r in quick_suite[0]["rows"] if r["name"] in EXTRA_ROWS}
+  assert set(rows) == set(EXTRA_ROWS)
   assert rows["online_0.05+kd"]["teacher_tflops"] > 0  # online rows distilled from M too
-  full, lora = rows["random_0.05+full"], rows["random_0.05+lora_tau"]
+  assert suite.decomposition_variants()["full"] == {"decomposition.mode": ""}
+  full = next(r for r in quick_suite[0]["rows"] if r["name"] == "random_0.05")  # = +full
+  lora = rows["random_0.05+lora_tau"]
   assert lora["trainable_params"] < full["trainable_params"]
   assert lora["optimizer_bytes"] < full["optimizer_bytes"]
   assert all(r["seconds_per_step"] > 0 for r in rows.values())
@@ -253,7 +261,7 @@ def test_successive_halving_chooses_on_dev_within_the_run_budget():
 def test_default_grid_names_are_unique_and_valid_overrides():
   s = suite.Settings(corpora="x")
   grid = suite_search.default_grid(s)
-  assert len({g["name"] for g in grid}) == len(grid) == 8
+  assert len({g["name"] for g in grid}) == len(grid) == 13
   from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.default_config()
   for g in grid:

@@ -36,15 +36,22 @@ def _config(corpus, tmp_path, online_quota, init=""):
   return c
 
 
-def test_online_quota_moves_rows_to_forgetting_domains_and_resumes(tmp_path):
+def train_forgetting_m(tmp_path):
+  """(corpus, M's checkpoints): M trained on beta and gamma only, so that CPT on alpha
+  makes them forget."""
   corpus = write_corpus(tmp_path / "corpus", docs=60)
-  m = tiny_config()  # M: beta and gamma only, so that CPT on alpha makes them forget
+  m = tiny_config()
   m.data.update(corpus_dir=str(corpus), cache_dir=str(tmp_path / "cache"), new="beta,gamma",
                 replay="")
   m.sharding.mesh_shape = (1, 1, 1)
   m.train.update(steps=40, log_every=20, checkpoint_every=40, eval_batches=1)
   stages.train(m, str(tmp_path / "m"), devices=jax.devices()[:1])
-  c = _config(corpus, tmp_path, 1.0, str(tmp_path / "m" / "checkpoints"))
+  return corpus, str(tmp_path / "m" / "checkpoints")
+
+
+def test_online_quota_moves_rows_to_forgetting_domains_and_resumes(tmp_path):
+  corpus, ckpt = train_forgetting_m(tmp_path)
+  c = _config(corpus, tmp_path, 1.0, ckpt)
   c.optimizer.lr = 1e-1  # a large step on alpha: M's rows of beta and gamma get worse
   c.replay.fraction = 0.25
   ref = stages.train(c, str(tmp_path / "ref"), devices=jax.devices()[:1])

@@ -13,7 +13,8 @@ from cpt_jax.train import hooks as hooks_lib
 
 class ReplayRefresh(hooks_lib.Hook):
   """Fresh start: plan, select, write; resume: reuse. Online: re-score and swap buffer
-  rows every `replay.online_every` steps."""
+  rows every `replay.online_every` steps; steered: the same from the log records' replay
+  losses (no forward)."""
 
   name, summary_key = "replay", "selection"
 
@@ -25,6 +26,9 @@ class ReplayRefresh(hooks_lib.Hook):
 
   def after_step(self, done, state):
     self.manager.maybe_refresh(done, state)
+
+  def on_log(self, done, record):
+    self.manager.observe(record)
 
   def cost(self, step):
     m = self.manager

@@ -36,6 +36,7 @@ from cpt_jax.data import selection as selection_lib
 from cpt_jax.replay import planner as planner_lib
 from cpt_jax.replay import quota as quota_lib
 from cpt_jax.replay import scoring
+from cpt_jax.replay import steer as steer_lib
 from cpt_jax.replay import strategies as strategies_lib
 
 
@@ -84,10 +85,11 @@ class ReplayManager:
     self.seconds = 0.0
     self.reused = False
     self.online: OnlineBuffer | None = None
+    self.steered: steer_lib.SteeredBuffer | None = None
     self.dir = selection_lib.selection_dir(workdir)
 
   # ---------------------------------------------------------------- start
-  def _configured_weights(self) -> dict[str, float]:
+  def configured_weights(self) -> dict[str, float]:
     w = self.pipeline.weights
     return {d: float(x) for d, x in zip(self.pipeline.domains, w)}
 
@@ -95,9 +97,11 @@ class ReplayManager:
     c = self.config
     t0 = time.perf_counter()
     d0 = self.replay_domains[0]
-    rate = self.scorer.measure_rate(params, self.stores[d0],
-                                    np.arange(min(self.scorer.batch_rows,
-                                                  self.stores[d0].num_rows)))
+    rate = 0.0  # a strategy that runs no forward measures no rate unless a cap needs it
+    if self.strategy.runs_forwards or self.rcfg.max_seconds:
+      rate = self.scorer.measure_rate(params, self.stores[d0],
+                                      np.arange(min(self.scorer.batch_rows,
+                                                    self.stores[d0].num_rows)))
     measure_seconds = time.perf_counter() - t0
     # A timing: processes differ. Process 0's decides, or plans (candidates,
     # refreshes) could differ and the scoring collectives hang.
@@ -105,7 +109,7 @@ class ReplayManager:
         np.array([rate, measure_seconds], np.float64)))
     return dict(measure_seconds=measure_seconds) | planner_lib.plan(
         rcfg=self.rcfg, steps=c.train.steps, batch=c.train.global_batch_size,
-        seq_len=c.data.seq_len, weights=self._configured_weights(), roles=self.roles,
+        seq_len=c.data.seq_len, weights=self.configured_weights(), roles=self.roles,
         pool_sizes={d: s.num_rows for d, s in self.stores.items()},
         f_train=self.scorer.train_flops_tok, f_fwd=self.scorer.fwd_flops_tok,
         strategy=self.strategy, lambda_kd=c.objective.lambda_kd, flops_per_second=rate,
@@ -127,7 +131,7 @@ class ReplayManager:
     params = self.model_params(state.params)
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
-    w0 = self._configured_weights()
+    w0 = self.configured_weights()
     if resume and host.get("rows") is None and paths.as_path(
         self.dir, selection_lib.SELECTION_FILE).is_file():
       host = dict(host, rows=selection_lib.read_selection(self.dir)[0])
@@ -162,6 +166,8 @@ class ReplayManager:
     self.pipeline.set_replay_rows(rows, None if self.reused and resume else weights)
     if self.strategy.name == "online" and self.plan.get("online_refreshes"):
       self.online = OnlineBuffer(self, None if resume else params, host, state)
+    if self.strategy.name == "steered" and self.plan.get("online_refreshes"):
+      self.steered = steer_lib.SteeredBuffer(self, host)
 
   def _write(self) -> None:
     """Writes the selection files from process 0 (one writer, one temporary path)."""
@@ -179,19 +185,31 @@ class ReplayManager:
   # ---------------------------------------------------------------- online
   def _refreshes_at(self, done: int) -> bool:
     every = int(self.plan.get("online_every", self.rcfg.online_every))
-    return (self.online is not None and every > 0 and done % every == 0
+    return ((self.online is not None or self.steered is not None) and every > 0 and done % every == 0
             and done < self.config.train.steps)
 
   def maybe_refresh(self, done: int, state) -> None:
     if self._refreshes_at(done):
       t0 = time.perf_counter()
-      self.online.refresh(done, self.model_params(state.params))
+      if self.steered is not None:
+        sizes = self.steered.refresh()
+        _log(f"replay steered refresh at step {done}: {self.steered.swaps} swaps so far; "
+             f"buffer rows per domain {sizes}; loss rise {self.steered.rise}")
+      else:
+        self.online.refresh(done, self.model_params(state.params))
       self.seconds += time.perf_counter() - t0
+
+  def observe(self, record: dict) -> None:
+    """A log window's record: the steered refresh reads the replay domains' training loss."""
+    if self.steered is not None:
+      self.steered.observe(record)
 
   def pending(self, done: int, n: int) -> tuple[float, float]:
     """(TFLOPs, seconds) of the online refreshes due after steps done+1..done+n."""
     k = sum(self._refreshes_at(s) for s in range(done + 1, done + n + 1))
-    return self.online.cost(k) if k else (0.0, 0.0)
+    if not k or self.online is None:  # a steered refresh runs no forward
+      return 0.0, 0.0
+    return self.online.cost(k)
 
   # ---------------------------------------------------------------- state / summary
   def state_dict(self) -> dict:
@@ -201,6 +219,8 @@ class ReplayManager:
            "candidates": self.selection.candidates if self.selection else 0}
     if self.online is not None:
       out["online"] = self.online.state_dict()
+    if self.steered is not None:
+      out["steered"] = self.steered.state_dict()
     return out
 
   def summary(self, run_summary: dict) -> dict:
@@ -230,7 +250,8 @@ class ReplayManager:
                         "total_tflops": self.plan.get("total_tflops")},
             "actual": {"tflops": actual, "seconds": secs, "total_tflops": total,
                        "selection_share": actual["selection"] / total if total else 0.0},
-            "online": self.online.state_dict() if self.online else None}
+            "online": self.online.state_dict() if self.online else None,
+            "steered": self.steered.state_dict() if self.steered else None}
 
 
 class OnlineBuffer:
@@ -350,7 +371,7 @@ class OnlineBuffer:
     self.refreshes += 1
     weights = None
     if self.m.rcfg.online_quota > 0:  # each buffer row still replayed equally often
-      weights = planner_lib.replay_weights(self.m.plan, self.m._configured_weights(),
+      weights = planner_lib.replay_weights(self.m.plan, self.m.configured_weights(),
                                            self.m.roles, sizes)
     self.m.pipeline.set_replay_rows(new_rows, weights)
     self._timed[0] += self.m.scorer.rows_run - r0

@@ -6,7 +6,8 @@ Replay fraction r (replay tokens / T tokens; `replay.fraction`) gives the
 replay share p = r q_T / (1 + r q_T); a token count `replay.tokens` R > 0 gives
 p = R / S instead. Costs (FLOPs): T = S (1-p) q_T f_train, replay = S p f_train,
 teacher = (S (1-p)(1-q_T) when distilling + S p with replay_kd) f_fwd, selection = candidates x L x
-f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes].
+f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes; `steered`
+refreshes cost none].
 Seconds use a measured forward FLOP/s (training assumed to run at the same rate).
 """
 
@@ -87,6 +88,10 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
     # The buffer's M losses are scored once, only when some refresh will use them.
     rows_scored = buffer_rows + refreshes * per_refresh_rows if refreshes else 0
     sel_tflops = rows_scored * seq_len * f_fwd / tf
+  elif strategy.name == "steered":  # refreshed from training's own losses: no forward
+    online_every = int(rcfg.online_every)
+    refreshes = (steps - 1) // online_every
+    sel_tflops = 0.0
   elif per_cand > 0:
     fit = int(max(sel_cap - fixed, 0.0) / per_cand)
     candidates = min(pool, fit, int(rcfg.pool_rows) or pool)

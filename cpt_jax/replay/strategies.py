@@ -11,8 +11,12 @@ A strategy picks k packed rows from the replay domains' training stores:
   diversity     greedy k-center on pooled final hidden states of M, per domain
   gradient      first-order interference from the unembedding's per-row gradient against
                 T's mean gradient (cpt_jax/replay/gradient.py); top-k
+  dro           k rows drawn with probability ~ exp(M's loss / dro_temperature): the
+                closed-form IR-DRO instance weights (Chen et al., 2024; replay/dro.py)
   online        starts from random/proportional; re-selection happens during training
                 (cpt_jax/replay/manager.py: OnlineBuffer)
+  steered       starts like online; refreshes re-split and rotate the buffer from the
+                replay rows' training loss, no forward (cpt_jax/replay/steer.py)
 
 Score-based strategies draw `candidates` rows (stratified by domain size,
 uniform inside a domain), stream them through the Scorer batch by batch and
@@ -29,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cpt_jax.replay import dro as dro_lib
 from cpt_jax.replay import gradient as gradient_lib
 from cpt_jax.replay import streaming
 
@@ -93,6 +98,7 @@ class Strategy:
   """Base: name, planner cost model and `select`."""
   name = ""
   forwards_per_candidate = 0.0  # forward row-passes per candidate scored
+  runs_forwards = True  # False: neither selection nor refreshes run a forward
 
   def fixed_flops(self, cfg, batch_rows: int, seq_len: int, train_flops_tok: float) -> float:
     return 0.0
@@ -191,6 +197,20 @@ class TeacherLoss(_Scored):
     return {"band_thresholds": {d: s.thresholds for d, s in selectors.items()}}
 
 
+class DRO(_Scored):
+  """A Gumbel-top-k draw ~ exp(M's loss / dro_temperature) (see dro.py); one forward each."""
+  name = "dro"
+
+  def make_selector(self, env, k, tag):
+    return streaming.TopK(k)
+
+  def feed(self, env, selector, dom, rows, store, extra):
+    rng = _rng(env.seed, dom, 0x64726F)
+    for rows_B, loss_B, _ in env.scorer.stream(env.params, store, rows):
+      selector.add(streaming.pack_key(np.full(rows_B.size, dom), rows_B),
+                   dro_lib.gumbel_keys(loss_B, env.cfg.dro_temperature, rng))
+
+
 class Forgetting(_Scored):
   name = "forgetting"
   forwards_per_candidate = 2.0
@@ -268,9 +288,15 @@ class Online(Strategy):
     return base.select(env, k, num_candidates)
 
 
+class Steered(Online):
+  """The initial buffer (as online); refreshes by steer.SteeredBuffer, at zero FLOPs."""
+  name = "steered"
+  runs_forwards = False
+
+
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Random, Proportional, TeacherLoss, Forgetting, Diversity, Gradient,
-                              Online)}
+                              DRO, Online, Steered)}
 
 
 def get(name: str) -> Strategy:

@@ -25,15 +25,15 @@ from ml_collections import config_dict
 from cpt_jax.schema import deprecated
 
 STRATEGIES = ("random", "proportional", "teacher_loss", "forgetting", "diversity", "gradient",
-              "online")
-SCORED = ("teacher_loss", "forgetting", "diversity", "gradient")
+              "online", "steered", "dro")
+SCORED = ("teacher_loss", "forgetting", "diversity", "gradient", "dro")
 
 
 def default_replay_config() -> ml_collections.ConfigDict:
   """All `replay.*` keys; strategy '' leaves replay as configured in `data`."""
   return config_dict.create(
       strategy="",  # '' (off), 'random', 'proportional', 'teacher_loss', 'forgetting',
-      # 'diversity', 'gradient' or 'online' (see cpt_jax/replay/strategies.py).
+      # 'diversity', 'gradient', 'dro', 'online' or 'steered' (see cpt_jax/replay/strategies.py).
       fraction=0.05,  # Replay tokens / T's tokens in the stage, in (0, 1] (unless tokens > 0).
       tokens=0.0,  # Replay tokens as a count (0: use fraction). A float, so 2e9 parses.
       budget=deprecated.UNSET,  # Deprecated (removed in the next release): fraction (<= 1)
@@ -56,12 +56,18 @@ def default_replay_config() -> ml_collections.ConfigDict:
       coreset_factor=4,  # diversity: streaming coreset holds factor * k embeddings.
       grad_batches=4,  # gradient: T batches averaged into T's last-layer gradient.
       grad_sign=True,  # gradient: align with sign(T's gradient) (Adam's first step), not it.
-      online_every=100,  # online: steps between refreshes.
+      dro_temperature=0.5,  # dro: rows drawn with probability ~ exp(M's loss / this), in
+      # nats per token (replay/dro.py); large: uniform, small: the highest-loss rows.
+      online_every=100,  # online, steered: steps between refreshes.
       online_pool=256,  # online: fresh candidates scored per refresh (rolling window).
-      online_swap=0.25,  # online: most buffer rows swapped per refresh (fraction).
-      online_init="proportional",  # online: the initial buffer ('random' or 'proportional').
+      online_swap=0.25,  # online: most buffer rows swapped per refresh; steered: the oldest
+      # rows swapped for fresh ones per refresh (fraction).
+      online_init="proportional",  # online, steered: the initial buffer ('random' or
+      # 'proportional').
       online_quota=0.0,  # online: 0 keeps each domain's buffer rows; a in (0, 1] re-allocates
       # them at each refresh, share a by each domain's measured forgetting (replay/quota.py).
+      steer_quota=0.5,  # steered: share of the buffer re-split at each refresh by each
+      # replay domain's rise in training loss (replay/steer.py); 0 keeps the split.
   )
 
 
@@ -110,5 +116,9 @@ def validate_replay_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError("replay.online_every >= 1, online_pool >= 0, 0 <= online_swap <= 1")
   if not 0.0 <= c.online_quota <= 1.0:
     raise ValueError(f"replay.online_quota={c.online_quota} must be in [0, 1]")
+  if not 0.0 <= c.steer_quota <= 1.0:
+    raise ValueError(f"replay.steer_quota={c.steer_quota} must be in [0, 1]")
+  if not (math.isfinite(c.dro_temperature) and c.dro_temperature > 0):
+    raise ValueError(f"replay.dro_temperature={c.dro_temperature} must be > 0")
   if c.online_init not in ("random", "proportional"):
     raise ValueError(f"replay.online_init={c.online_init!r}; 'random' or 'proportional'")
