@@ -66,10 +66,10 @@ def _two_pullbacks(loss_fn, layout, params, batch, frozen):
 
 
 CASES = {
-    "replay": ({}, (NEW, NEW, REPLAY, NEW, REPLAY, EVAL)),
-    "distill_l2sp_zloss": ({"objective.lambda_kd": 1.0, "objective.l2sp": 0.3,
-                            "train.z_loss": 1e-3, "train.init_checkpoint": "unused"},  # a teacher
-                           (NEW, DISTILL, REPLAY, NEW)),
+    "replay_distill_l2sp_zloss": ({"objective.lambda_kd": 1.0, "objective.l2sp": 0.3,
+                                   "train.z_loss": 1e-3,
+                                   "train.init_checkpoint": "unused"},  # KD needs a teacher
+                                  (NEW, DISTILL, REPLAY, NEW, EVAL, NEW)),
     "tied_bias_scan_lm_head": ({"model.tie_embeddings": True, "model.qkv_bias": True,
                                 "model.scan_layers": True,
                                 "decomposition.targets": r"attn/(q|k)/kernel"},

@@ -6,13 +6,13 @@ parameters, optional remat and scan over layers. Attention honours packed rows:
 a token attends only to earlier tokens of its own segment, and rotary phases
 come from per-document `positions`.
 
-Adapters and routed gradients (the sigma / tau layout's single backward pass,
-train/decomposition.py): a Dense whose params hold `lora_a` [*in, r] and `lora_b`
-[r, *out] adds the side branch (x A) B to x W. When the params tree has a top-level
-`adapter_rows` entry ([B] of 0 / 1, not a parameter), the forward is unchanged
-but each parameter's gradient sums the rows of one kind only: `lora_a` / `lora_b`
-take the rows marked 1, every other parameter (kernels, biases, norm scales,
-embeddings) the rows marked 0; activation cotangents flow back through all rows.
+Routed gradients (the sigma / tau layout's single backward pass,
+train/decomposition.py): when the params tree has a top-level `adapter_rows` entry
+([B] of 0 / 1, not a parameter), each parameter's gradient sums the rows of one kind
+only: the adapters `lora_a` [*in, r] / `lora_b` [r, *out] beside a Dense kernel (which
+then computes x (W + A B)) take the rows marked 1, every other parameter (kernels,
+biases, norm scales, embeddings) the rows marked 0; activation cotangents flow back
+through all rows, once.
 
 Every parameter carries logical axis names (see `cpt_jax/parallel/sharding.py`
 for the rules that map them onto the mesh). Shape suffixes: the table in
@@ -132,6 +132,59 @@ def route_param_grad(fn, param, rows_B: Array, *inputs):
   return routed(param, rows_B, *inputs)
 
 
+def _mask_rows(x_NxX, rows_N):
+  return x_NxX * rows_N.astype(x_NxX.dtype)[:, None]
+
+
+@jax.custom_vjp
+def routed_matmul(x_NxK, w_KxM, base_N):
+  """x @ w [N, M] whose dw sums only the rows with base_N = 1 (dx from every row)."""
+  del base_N
+  return x_NxK @ w_KxM
+
+
+def _routed_matmul_fwd(x_NxK, w_KxM, base_N):
+  return x_NxK @ w_KxM, (x_NxK, w_KxM, base_N)
+
+
+def _routed_matmul_bwd(res, dy_NxM):
+  x_NxK, w_KxM, base_N = res
+  # Mask the narrower operand: the same masked input is shared by q / k / v (CSE).
+  if x_NxK.shape[1] <= dy_NxM.shape[1]:
+    dw = _mask_rows(x_NxK, base_N).T @ dy_NxM
+  else:
+    dw = x_NxK.T @ _mask_rows(dy_NxM, base_N)
+  return dy_NxM @ w_KxM.T, dw, None
+
+
+routed_matmul.defvjp(_routed_matmul_fwd, _routed_matmul_bwd)
+
+
+@jax.custom_vjp
+def adapted_matmul(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N):
+  """x (w + a b) [N, M]: dw from the rows with adapter_N = 0, da / db from the rows with
+  adapter_N = 1, dx from every row. The adapters' gradients cost O(N (K + M) R):
+  da = x^T (m dy b^T), db = (m x a)^T dy, never a full-size [K, M] product."""
+  del adapter_N
+  return x_NxK @ (w_KxM + a_KxR @ b_RxM)
+
+
+def _adapted_matmul_fwd(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N):
+  w_eff = w_KxM + a_KxR @ b_RxM
+  return x_NxK @ w_eff, (x_NxK, w_eff, a_KxR, b_RxM, adapter_N)
+
+
+def _adapted_matmul_bwd(res, dy_NxM):
+  x_NxK, w_eff, a_KxR, b_RxM, adapter_N = res
+  dx, dw, _ = _routed_matmul_bwd((x_NxK, w_eff, 1.0 - adapter_N), dy_NxM)
+  da = x_NxK.T @ _mask_rows(dy_NxM @ b_RxM.T, adapter_N)
+  db = _mask_rows(x_NxK @ a_KxR, adapter_N).T @ dy_NxM
+  return dx, dw, da, db, None
+
+
+adapted_matmul.defvjp(_adapted_matmul_fwd, _adapted_matmul_bwd)
+
+
 def _apply(fn, param, rows_B, *inputs):
   """fn(param, *inputs); with `rows_B` the param's gradient takes those rows only."""
   if rows_B is None:
@@ -166,8 +219,9 @@ class RMSNorm(nn.Module):
 
 
 class Dense(nn.Module):
-  """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) with logical axis names; plus
-  (x A) B when the params hold adapters lora_a [*in, r] and lora_b [r, *out]."""
+  """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) with logical axis names. With
+  `adapter_rows_B` (routed gradients) the kernel takes the other rows' gradient, and
+  adapters lora_a [*in, r] and lora_b [r, *out] in the params add x A B to the product."""
 
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -187,20 +241,21 @@ class Dense(nn.Module):
     k = math.prod(self.in_shape)
     dt = self.dtype
 
-    def project(w, x):
-      return (x.astype(dt).reshape(-1, k) @ w.astype(dt).reshape(k, -1)).reshape(
-          *lead, *self.out_shape)
-
-    def adapter(ab, x):
-      a, b = ab
-      xa = x.astype(dt).reshape(-1, k) @ a.astype(dt).reshape(k, -1)
-      return (xa @ b.astype(dt).reshape(b.shape[0], -1)).reshape(*lead, *self.out_shape)
-
+    x_NxK = x.astype(dt).reshape(-1, k)
+    w_KxM = kernel.astype(dt).reshape(k, -1)
+    if adapter_rows_B is None:
+      y_NxM = x_NxK @ w_KxM
+    else:  # routed gradients: each row's cotangents train the base or the adapters
+      rows_N = jnp.broadcast_to(adapter_rows_B.reshape((-1,) + (1,) * (len(lead) - 1)),
+                                lead).reshape(-1)
+      if self.has_variable("params", "lora_a"):
+        a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+        y_NxM = adapted_matmul(x_NxK, w_KxM, a.astype(dt).reshape(k, -1),
+                               b.astype(dt).reshape(b.shape[0], -1), rows_N)
+      else:
+        y_NxM = routed_matmul(x_NxK, w_KxM, 1.0 - rows_N)
+    y = y_NxM.reshape(*lead, *self.out_shape)
     base_rows = _base_rows(adapter_rows_B)
-    y = _apply(project, kernel, base_rows, x)
-    if self.has_variable("params", "lora_a"):
-      ab = (self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b"))
-      y = y + _apply(adapter, ab, adapter_rows_B, x)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[len(self.in_shape):]), self.out_shape, jnp.float32)

@@ -16,14 +16,17 @@ gathered row by row), and each row is in one signal only (loss_new reads `new` r
 loss_old every other row), so the activation cotangents of the whole loss on a row are
 those of that row's signal. One backward of the whole loss therefore carries both
 gradients, if each parameter's gradient sums the right rows: with LoRA on Dense kernels
-(`Tau.adapters_only`) the model runs on sigma's weights with tau as side branches,
-y = x W + (x A)(scale B) (`Tau.with_adapters`, model/transformer.py), and every matmul,
-norm scale, bias and embedding takes its weight gradient from the old rows' cotangents
-(X^T (m_old dY): sigma) while the adapters take theirs from the new rows' (tau), with
-the activation cotangent of all rows flowing back once. The price over a plain step is
-the adapters' O(tokens x d x r) branch and a row mask on each cotangent. L2-SP / EWC
-reach sigma directly, not through rows. The result equals the two pull-backs below to
-float rounding (tests/test_route.py).
+(`Tau.adapters_only`) the model gets sigma's weights with tau's A and scale * B beside
+them (`Tau.with_adapters`) and the mask of new rows m_new (m_old = 1 - m_new). Each
+targeted Dense computes Y = X (W + A B) as the merged model does; its backward
+(model/transformer.py) gives dX = dY (W + A B)^T from all rows, dW = X^T (m_old dY) to
+sigma, and dA = X^T (m_new dY B^T), dB = (m_new X A)^T dY to tau, which cost
+O(tokens x d x r), not the full-size product of the merged weights' gradient. Every
+other use of a sigma parameter (kernels, norm scales, biases, embeddings) likewise takes
+the old rows' cotangents only. L2-SP / EWC reach sigma directly, not through rows. The
+result equals the two pull-backs below to float rounding (tests/test_route.py); XLA's
+FLOP count of the step is 1.02x a plain step with LoRA on q, v and the MLP (README,
+"Performance").
 
 Otherwise (subtree mode, or adapters on leaves other than Dense kernels) tau is merged
 into the weights (W = sigma + delta(tau)) and one forward is traced with `jax.vjp` on
