@@ -23,6 +23,7 @@ key/value heads, G = H / K, E head width, F MLP width, V vocabulary).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -160,26 +161,34 @@ def _routed_matmul_bwd(res, dy_NxM):
 routed_matmul.defvjp(_routed_matmul_fwd, _routed_matmul_bwd)
 
 
-@jax.custom_vjp
-def adapted_matmul(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N):
-  """x (w + a b) [N, M]: dw from the rows with adapter_N = 0, da / db from the rows with
-  adapter_N = 1, dx from every row. The adapters' gradients cost O(N (K + M) R):
-  da = x^T (m dy b^T), db = (m x a)^T dy, never a full-size [K, M] product."""
+def _merged(w_KxM, a_KxR, b_RxM, dtype):
+  """(w + a b) in the parameters' precision, then cast to the compute dtype (as merging
+  tau into the weights does)."""
+  return (w_KxM + a_KxR @ b_RxM).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def adapted_matmul(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N, dtype):
+  """x (w + a b) [N, M] (w, a, b in float32, x in `dtype`): dw from the rows with
+  adapter_N = 0, da / db from the rows with adapter_N = 1, dx from every row. The
+  adapters' gradients cost O(N (K + M) R): da = x^T (m dy b^T), db = (m x a)^T dy,
+  never a full-size [K, M] product."""
   del adapter_N
-  return x_NxK @ (w_KxM + a_KxR @ b_RxM)
+  return x_NxK @ _merged(w_KxM, a_KxR, b_RxM, dtype)
 
 
-def _adapted_matmul_fwd(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N):
-  w_eff = w_KxM + a_KxR @ b_RxM
+def _adapted_matmul_fwd(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N, dtype):
+  w_eff = _merged(w_KxM, a_KxR, b_RxM, dtype)
   return x_NxK @ w_eff, (x_NxK, w_eff, a_KxR, b_RxM, adapter_N)
 
 
-def _adapted_matmul_bwd(res, dy_NxM):
+def _adapted_matmul_bwd(dtype, res, dy_NxM):
   x_NxK, w_eff, a_KxR, b_RxM, adapter_N = res
   dx, dw, _ = _routed_matmul_bwd((x_NxK, w_eff, 1.0 - adapter_N), dy_NxM)
-  da = x_NxK.T @ _mask_rows(dy_NxM @ b_RxM.T, adapter_N)
-  db = _mask_rows(x_NxK @ a_KxR, adapter_N).T @ dy_NxM
-  return dx, dw, da, db, None
+  da = x_NxK.T @ _mask_rows(dy_NxM @ b_RxM.T.astype(dtype), adapter_N)
+  db = _mask_rows(x_NxK @ a_KxR.astype(dtype), adapter_N).T @ dy_NxM
+  f32 = jnp.float32
+  return dx, dw.astype(f32), da.astype(f32), db.astype(f32), None
 
 
 adapted_matmul.defvjp(_adapted_matmul_fwd, _adapted_matmul_bwd)
@@ -250,8 +259,8 @@ class Dense(nn.Module):
                                 lead).reshape(-1)
       if self.has_variable("params", "lora_a"):
         a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
-        y_NxM = adapted_matmul(x_NxK, w_KxM, a.astype(dt).reshape(k, -1),
-                               b.astype(dt).reshape(b.shape[0], -1), rows_N)
+        y_NxM = adapted_matmul(x_NxK, kernel.reshape(k, -1), a.reshape(k, -1),
+                               b.reshape(b.shape[0], -1), rows_N, jnp.dtype(dt))
       else:
         y_NxM = routed_matmul(x_NxK, w_KxM, 1.0 - rows_N)
     y = y_NxM.reshape(*lead, *self.out_shape)
