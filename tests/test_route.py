@@ -3,8 +3,8 @@
 Reference (the definition of routing): with W = sigma + (alpha / r) A B merged into the
 weights, grad_tau = d loss_new / d tau and grad_sigma = d loss_old / d sigma, each from
 its own `jax.vjp` of the objective. The layout's `grads` takes one backward of the whole
-loss with tau as side branches and each row's cotangents routed in the model; every leaf of
-both groups (kernels, adapters, norms, embeddings, biases) must match.
+loss with tau's A and B beside sigma's kernels and each row's cotangents routed in the
+model; every leaf of both groups (kernels, adapters, norms, embeddings, biases) must match.
 """
 
 import flax.linen as nn
@@ -122,7 +122,7 @@ def test_freeze_sigma_routed_tau_gradient_equals_its_pullback():
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(np.abs(w).max()))
 
 
-def test_adapter_forward_equals_merged_forward_and_subtree_is_merged():
+def test_routed_forward_equals_merged_forward_and_subtree_is_merged():
   config = _config()
   ctx = context_lib.build_context(config, jax.devices()[:1])
   params = _perturbed(ctx)
