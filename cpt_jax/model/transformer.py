@@ -6,6 +6,14 @@ parameters, optional remat and scan over layers. Attention honours packed rows:
 a token attends only to earlier tokens of its own segment, and rotary phases
 come from per-document `positions`.
 
+Routed gradients (the sigma / tau layout's single backward pass,
+train/decomposition.py): when the params tree has a top-level `adapter_rows` entry
+([B] of 0 / 1, not a parameter), each parameter's gradient sums the rows of one kind
+only: the adapters `lora_a` [*in, r] / `lora_b` [r, *out] beside a Dense kernel (which
+then computes x (W + A B)) take the rows marked 1, every other parameter (kernels,
+biases, norm scales, embeddings) the rows marked 0; activation cotangents flow back
+through all rows, once.
+
 Every parameter carries logical axis names (see `cpt_jax/parallel/sharding.py`
 for the rules that map them onto the mesh). Shape suffixes: the table in
 `cpt_jax/batch.py` (B batch rows, L positions, D d_model, H query heads, K
@@ -15,6 +23,7 @@ key/value heads, G = H / K, E head width, F MLP width, V vocabulary).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -25,6 +34,7 @@ import jax.numpy as jnp
 from cpt_jax.model import rope
 
 Array = jax.Array
+ADAPTER_ROWS = "adapter_rows"  # top-level params entry: [B] rows whose cotangents train adapters
 
 REMAT_POLICIES = {
     "none": None,
@@ -87,6 +97,115 @@ class ModelConfig:
     return cls(**{k: v for k, v in items if k in names})
 
 
+def route_param_grad(fn, param, rows_B: Array, *inputs):
+  """fn(param, *inputs) -> [B, ...] whose cotangent to `param` (an array or a tuple)
+  sums only the rows with rows_B = 1 (a [B] 0 / 1 mask); the inputs get fn's cotangents
+  from every row (none for integer inputs, e.g. token ids)."""
+
+  @jax.custom_vjp
+  def routed(p, rows, *xs):
+    del rows
+    return fn(p, *xs)
+
+  def fwd(p, rows, *xs):
+    return fn(p, *xs), (p, rows, xs)
+
+  def bwd(res, dy_BxX):
+    p, rows, xs = res
+    mask = rows.astype(dy_BxX.dtype).reshape((-1,) + (1,) * (dy_BxX.ndim - 1))
+    _, vjp_p = jax.vjp(lambda q: fn(q, *xs), p)
+    (dp,) = vjp_p(dy_BxX * mask)
+    diff = [i for i, x in enumerate(xs) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    dxs = [None] * len(xs)
+    if diff:
+      def of_inputs(*d):
+        full = list(xs)
+        for i, v in zip(diff, d):
+          full[i] = v
+        return fn(p, *full)
+
+      _, vjp_x = jax.vjp(of_inputs, *(xs[i] for i in diff))
+      for i, g in zip(diff, vjp_x(dy_BxX)):
+        dxs[i] = g
+    return (dp, None, *dxs)
+
+  routed.defvjp(fwd, bwd)
+  return routed(param, rows_B, *inputs)
+
+
+def _mask_rows(x_NxX, rows_N):
+  return x_NxX * rows_N.astype(x_NxX.dtype)[:, None]
+
+
+@jax.custom_vjp
+def routed_matmul(x_NxK, w_KxM, base_N):
+  """x @ w [N, M] whose dw sums only the rows with base_N = 1 (dx from every row)."""
+  del base_N
+  return x_NxK @ w_KxM
+
+
+def _routed_matmul_fwd(x_NxK, w_KxM, base_N):
+  return x_NxK @ w_KxM, (x_NxK, w_KxM, base_N)
+
+
+def _routed_matmul_bwd(res, dy_NxM):
+  x_NxK, w_KxM, base_N = res
+  # Mask the narrower operand: the same masked input is shared by q / k / v (CSE).
+  if x_NxK.shape[1] <= dy_NxM.shape[1]:
+    dw = _mask_rows(x_NxK, base_N).T @ dy_NxM
+  else:
+    dw = x_NxK.T @ _mask_rows(dy_NxM, base_N)
+  return dy_NxM @ w_KxM.T, dw, None
+
+
+routed_matmul.defvjp(_routed_matmul_fwd, _routed_matmul_bwd)
+
+
+def _merged(w_KxM, a_KxR, b_RxM, dtype):
+  """(w + a b) in the parameters' precision, then cast to the compute dtype (as merging
+  tau into the weights does)."""
+  return (w_KxM + a_KxR @ b_RxM).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def adapted_matmul(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N, dtype):
+  """x (w + a b) [N, M] (w, a, b in float32, x in `dtype`): dw from the rows with
+  adapter_N = 0, da / db from the rows with adapter_N = 1, dx from every row. The
+  adapters' gradients cost O(N (K + M) R): da = x^T (m dy b^T), db = (m x a)^T dy,
+  never a full-size [K, M] product."""
+  del adapter_N
+  return x_NxK @ _merged(w_KxM, a_KxR, b_RxM, dtype)
+
+
+def _adapted_matmul_fwd(x_NxK, w_KxM, a_KxR, b_RxM, adapter_N, dtype):
+  w_eff = _merged(w_KxM, a_KxR, b_RxM, dtype)
+  return x_NxK @ w_eff, (x_NxK, w_eff, a_KxR, b_RxM, adapter_N)
+
+
+def _adapted_matmul_bwd(dtype, res, dy_NxM):
+  x_NxK, w_eff, a_KxR, b_RxM, adapter_N = res
+  dx, dw, _ = _routed_matmul_bwd((x_NxK, w_eff, 1.0 - adapter_N), dy_NxM)
+  da = x_NxK.T @ _mask_rows(dy_NxM @ b_RxM.T.astype(dtype), adapter_N)
+  db = _mask_rows(x_NxK @ a_KxR.astype(dtype), adapter_N).T @ dy_NxM
+  f32 = jnp.float32
+  return dx, dw.astype(f32), da.astype(f32), db.astype(f32), None
+
+
+adapted_matmul.defvjp(_adapted_matmul_fwd, _adapted_matmul_bwd)
+
+
+def _apply(fn, param, rows_B, *inputs):
+  """fn(param, *inputs); with `rows_B` the param's gradient takes those rows only."""
+  if rows_B is None:
+    return fn(param, *inputs)
+  return route_param_grad(fn, param, rows_B, *inputs)
+
+
+def _base_rows(adapter_rows_B):
+  """The rows whose cotangents train the base (non-adapter) parameters."""
+  return None if adapter_rows_B is None else 1.0 - adapter_rows_B
+
+
 def _init(std: float, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
 
@@ -98,17 +217,20 @@ class RMSNorm(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array) -> Array:
+  def __call__(self, x_BxLxD: Array, adapter_rows_B: Array | None = None) -> Array:
     scale_D = self.param(
         "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
         (x_BxLxD.shape[-1],), jnp.float32)
     x = x_BxLxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_D).astype(self.dtype)
+    return _apply(lambda s, xn: (xn * s).astype(self.dtype), scale_D,
+                  _base_rows(adapter_rows_B), x)
 
 
 class Dense(nn.Module):
-  """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) with logical axis names."""
+  """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) with logical axis names. With
+  `adapter_rows_B` (routed gradients) the kernel takes the other rows' gradient, and
+  adapters lora_a [*in, r] and lora_b [r, *out] in the params add x A B to the product."""
 
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -118,7 +240,7 @@ class Dense(nn.Module):
   use_bias: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, adapter_rows_B: Array | None = None):
     kernel = self.param("kernel", _init(self.std, self.names),
                         self.in_shape + self.out_shape, jnp.float32)
     # One 2-D matmul [rows, fan-in] @ [fan-in, fan-out]: on CPU a dot contracting
@@ -126,12 +248,27 @@ class Dense(nn.Module):
     n_in = len(self.in_shape)
     lead = x.shape[:x.ndim - n_in]
     k = math.prod(self.in_shape)
-    x_2d = x.astype(self.dtype).reshape(-1, k)
-    y = (x_2d @ kernel.astype(self.dtype).reshape(k, -1)).reshape(*lead, *self.out_shape)
+    dt = self.dtype
+
+    x_NxK = x.astype(dt).reshape(-1, k)
+    w_KxM = kernel.astype(dt).reshape(k, -1)
+    if adapter_rows_B is None:
+      y_NxM = x_NxK @ w_KxM
+    else:  # routed gradients: each row's cotangents train the base or the adapters
+      rows_N = jnp.broadcast_to(adapter_rows_B.reshape((-1,) + (1,) * (len(lead) - 1)),
+                                lead).reshape(-1)
+      if self.has_variable("params", "lora_a"):
+        a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+        y_NxM = adapted_matmul(x_NxK, kernel.reshape(k, -1), a.reshape(k, -1),
+                               b.reshape(b.shape[0], -1), rows_N, jnp.dtype(dt))
+      else:
+        y_NxM = routed_matmul(x_NxK, w_KxM, 1.0 - rows_N)
+    y = y_NxM.reshape(*lead, *self.out_shape)
+    base_rows = _base_rows(adapter_rows_B)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[len(self.in_shape):]), self.out_shape, jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = _apply(lambda b, y: y + b.astype(dt), bias, base_rows, y)
     return y
 
 
@@ -167,7 +304,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, adapter_rows_B=None):
     c = self.cfg
     h, k, e = c.num_heads, c.num_kv_heads, c.resolved_head_dim
     dt = c.compute_dtype
@@ -175,7 +312,7 @@ class Attention(nn.Module):
 
     def proj(name, heads, axis_name):
       return Dense((c.d_model,), (heads, e), ("embed", axis_name, "head_dim"), c.init_std,
-                   dt, use_bias=c.qkv_bias, name=name)(x_BxLxD)
+                   dt, use_bias=c.qkv_bias, name=name)(x_BxLxD, adapter_rows_B)
 
     q_BxLxHxE = proj("q", h, "q_heads")
     k_BxLxKxE = proj("k", k, "kv_heads")
@@ -195,7 +332,7 @@ class Attention(nn.Module):
     out_BxLxHxE = nn.with_logical_constraint(
         out_BxLxHxE, ("activation_batch", "activation_length", "activation_heads", None))
     return Dense((h, e), (c.d_model,), ("q_heads", "head_dim", "embed"), out_std, dt,
-                 name="o")(out_BxLxHxE)
+                 name="o")(out_BxLxHxE, adapter_rows_B)
 
 
 class MLP(nn.Module):
@@ -204,12 +341,12 @@ class MLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, adapter_rows_B=None):
     c = self.cfg
     dt = c.compute_dtype
 
     def dense(name, n_in, n_out, names, std, x):
-      return Dense((n_in,), (n_out,), names, std, dt, name=name)(x)
+      return Dense((n_in,), (n_out,), names, std, dt, name=name)(x, adapter_rows_B)
 
     gate_BxLxF = dense("gate", c.d_model, c.mlp_dim, ("embed", "mlp"), c.init_std, x_BxLxD)
     up_BxLxF = dense("up", c.d_model, c.mlp_dim, ("embed", "mlp"), c.init_std, x_BxLxD)
@@ -226,14 +363,15 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, adapter_rows_B=None):
     c = self.cfg
+    rows = adapter_rows_B
     x_BxLxD = nn.with_logical_constraint(
         x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
-    h = RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + Attention(c, name="attn")(h, segment_ids_BxL, positions_BxL)
-    h = RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + MLP(c, name="mlp")(h)
+    h = RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x_BxLxD, rows)
+    x_BxLxD = x_BxLxD + Attention(c, name="attn")(h, segment_ids_BxL, positions_BxL, rows)
+    h = RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x_BxLxD, rows)
+    x_BxLxD = x_BxLxD + MLP(c, name="mlp")(h, rows)
     if c.scan_layers:
       return x_BxLxD, None
     return x_BxLxD
@@ -254,12 +392,20 @@ class Transformer(nn.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
 
+    dt = c.compute_dtype
+    rows_B = (self.get_variable("params", ADAPTER_ROWS)
+              if self.has_variable("params", ADAPTER_ROWS) else None)
+    base_rows_B = _base_rows(rows_B)
     embed = nn.Embed(
-        num_embeddings=c.padded_vocab_size, features=c.d_model, dtype=c.compute_dtype,
+        num_embeddings=c.padded_vocab_size, features=c.d_model, dtype=dt,
         param_dtype=jnp.float32, name="embed",
         embedding_init=_init(c.init_std if c.tie_embeddings else 1.0,
                              ("vocab", "embed")))
-    x_BxLxD = embed(tokens_BxL)
+    if rows_B is None:
+      x_BxLxD = embed(tokens_BxL)
+    else:
+      x_BxLxD = route_param_grad(lambda t, ids: jnp.take(t, ids, axis=0).astype(dt),
+                                 embed.embedding, base_rows_B, tokens_BxL)
 
     layer_cls = DecoderLayer
     if c.remat != "none":
@@ -270,19 +416,23 @@ class Transformer(nn.Module):
     if c.scan_layers:
       stack = nn.scan(
           layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
-      x_BxLxD, _ = stack(x_BxLxD, segment_ids_BxL, positions_BxL)
+      x_BxLxD, _ = stack(x_BxLxD, segment_ids_BxL, positions_BxL, rows_B)
     else:
       for i in range(c.num_layers):
-        x_BxLxD = layer_cls(c, name=f"layers_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL)
+        x_BxLxD = layer_cls(c, name=f"layers_{i}")(x_BxLxD, segment_ids_BxL, positions_BxL,
+                                                   rows_B)
 
-    hidden_BxLxD = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x_BxLxD)
-    if c.tie_embeddings:
+    hidden_BxLxD = RMSNorm(c.norm_eps, dt, name="final_norm")(x_BxLxD, rows_B)
+    if c.tie_embeddings and rows_B is None:
       logits_BxLxV = embed.attend(hidden_BxLxD)
+    elif c.tie_embeddings:
+      logits_BxLxV = route_param_grad(lambda t, h: h @ t.astype(dt).T, embed.embedding,
+                                      base_rows_B, hidden_BxLxD)
     else:
       logits_BxLxV = Dense((c.d_model,), (c.padded_vocab_size,), ("embed", "vocab"),
-                           c.init_std, c.compute_dtype, name="lm_head")(hidden_BxLxD)
+                           c.init_std, dt, name="lm_head")(hidden_BxLxD, rows_B)
     if c.padded_vocab_size != c.vocab_size:
       logits_BxLxV = logits_BxLxV[..., :c.vocab_size]
     logits_BxLxV = nn.with_logical_constraint(

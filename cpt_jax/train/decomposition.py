@@ -8,20 +8,33 @@ full model tree) and tau (a per-stage delta on some of its leaves, train/tau.py)
 Gradient routing (`routing=True`), inside one jitted step. The objective's loss
 splits by signal: loss_new = aux['loss_new'] (CE + z-loss of `new` rows) and
 loss_old = loss - loss_new (CE of `replay` rows, KL of `distill` rows, L2-SP / EWC, which
-act on sigma alone, anchored at the stage's starting model). One forward is traced with
-`jax.vjp` on [loss_new, loss_old]; its vjp function is called twice, with cotangents
-[1, 0] (kept: tau's gradient) and [0, 1] (kept: sigma's gradient). Each call is a
-backward pass, but XLA drops what is not kept: the new pass computes the activation
-cotangents and the gradients of the tau-targeted kernels only, never sigma's other weight
-gradients. Because tau is merged into the weights (W = sigma + delta(tau)), tau's gradient
-passes through the full-size dW of each targeted kernel before its projection onto A and
-B, so the price is one activation backward plus those weight gradients: XLA's FLOP count
-of the step is 1.61x a plain step with LoRA on q, v and the MLP, 1.39x on q and v (README,
-"Performance"). The forward is traced once and not recomputed. Rows never
-interact in the forward (attention is within a row), so this is exactly
-grad_sigma = d loss_old / d sigma and grad_tau = d loss_new / d tau. With `freeze_sigma`
-only the new pass (or, without routing, the full loss) is taken, and sigma gets neither a
-gradient nor optimizer state. With `routing=False` both groups follow the full loss.
+act on sigma alone, anchored at the stage's starting model); routing means
+grad_tau = d loss_new / d tau and grad_sigma = d loss_old / d sigma.
+
+Rows never interact in the forward (attention is within a row, the KL's rows are
+gathered row by row), and each row is in one signal only (loss_new reads `new` rows,
+loss_old every other row), so the activation cotangents of the whole loss on a row are
+those of that row's signal. One backward of the whole loss therefore carries both
+gradients, if each parameter's gradient sums the right rows: with LoRA on Dense kernels
+(`Tau.adapters_only`) the model gets sigma's weights with tau's A and scale * B beside
+them (`Tau.with_adapters`) and the mask of new rows m_new (m_old = 1 - m_new). Each
+targeted Dense computes Y = X (W + A B) as the merged model does; its backward
+(model/transformer.py) gives dX = dY (W + A B)^T from all rows, dW = X^T (m_old dY) to
+sigma, and dA = X^T (m_new dY B^T), dB = (m_new X A)^T dY to tau, which cost
+O(tokens x d x r), not the full-size product of the merged weights' gradient. Every
+other use of a sigma parameter (kernels, norm scales, biases, embeddings) likewise takes
+the old rows' cotangents only. L2-SP / EWC reach sigma directly, not through rows. The
+result equals the two pull-backs below to float rounding (tests/test_route.py); XLA's
+FLOP count of the step is 1.02x a plain step with LoRA on q, v and the MLP (README,
+"Performance").
+
+Otherwise (subtree mode, or adapters on leaves other than Dense kernels) tau is merged
+into the weights (W = sigma + delta(tau)) and one forward is traced with `jax.vjp` on
+[loss_new, loss_old]; its vjp function is called twice, with cotangents [1, 0] (kept:
+tau's gradient) and [0, 1] (kept: sigma's gradient): two backward passes, the second
+also through the full-size dW of each targeted kernel. With `freeze_sigma` only tau's
+gradient is taken, and sigma gets neither a gradient nor optimizer state. With
+`routing=False` both groups follow the full loss (one backward, merged weights).
 
 Optimizers: one per group (sigma: `config.optimizer`; tau: the same with the
 `decomposition.tau_*` overrides), each with its own clipping, schedule and weight decay;
@@ -59,6 +72,7 @@ from cpt_jax.train import optimizer as optimizer_lib
 from cpt_jax.train import tau as tau_lib
 
 GROUPS = ("sigma", "tau")
+ROWS = "adapter_rows"  # the routed step's [B] mask of new rows, beside the groups in `params`
 
 
 class SigmaTau:
@@ -93,6 +107,10 @@ class SigmaTau:
     return {"sigma": model_params, "tau": self.tau.init(rng)}
 
   def merge(self, params: dict) -> Any:
+    """Model params W = sigma + delta(tau); inside the routed step (`grads` adds the rows
+    under ROWS) sigma's weights with tau as side branches and the rows' routing."""
+    if ROWS in params:
+      return self.tau.with_adapters(params, params[ROWS])
     return self.tau.merge(params)
 
   def base(self, params: dict) -> Any:
@@ -138,6 +156,16 @@ class SigmaTau:
   def grads(self, loss_fn: Callable, params: dict, batch: dict, frozen: Any):
     """({group: gradient}, aux): tau follows loss_new, sigma loss_old (with routing)."""
     groups = self.trainable_groups
+    if self.routing and self.tau.adapters_only:
+      # One backward of the whole loss; the model routes each row's cotangents (new rows
+      # to tau's adapters, the others to sigma): see the module docstring.
+      rows_B = (batch["roles"] == batch_lib.NEW).astype(jnp.float32)
+
+      def routed(trainable):
+        return loss_fn({**params, **trainable, ROWS: rows_B}, batch, frozen)
+
+      (_, aux), g = jax.value_and_grad(routed, has_aux=True)({k: params[k] for k in groups})
+      return g, aux
 
     def by_signal(trainable):
       loss, aux = loss_fn({**params, **trainable}, batch, frozen)

@@ -11,7 +11,13 @@
                   matches `targets`; those leaves of sigma are frozen (no gradient use, no
                   optimizer state), so the sub-trees train only through tau.
 
-  model params W = sigma + delta(tau)          (`Tau.merge`; pure, used inside the loss)
+  model params W = sigma + delta(tau)          (`Tau.merge`; pure, used for eval and export)
+
+For the routed train step (train/decomposition.py) `Tau.with_adapters` gives the model
+tree the other way: sigma's kernels unchanged, A and scale * B beside each targeted
+kernel (the model adds (x A) (scale B) to x W, model/transformer.py's Dense), and the
+[B] mask of the rows whose cotangents train tau. Only LoRA on Dense kernels can run so
+(`Tau.adapters_only`); subtree deltas and adapters on other leaves are merged.
 
 Keeping tau a *delta* on a full sigma makes three things trivial: B = 0 / delta = 0 leaves
 the model unchanged, "the model without this stage's tau" is sigma itself, and export is
@@ -30,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpt_jax.model import transformer
 from cpt_jax.schema.decomposition import MODES
 
 
@@ -135,6 +142,26 @@ class Tau:
       w = _get_nested(both["sigma"], s.keys)
       d = self.delta(_get_nested(both["tau"], s.keys), w)
       _set_nested(out, s.keys, (w + d.astype(w.dtype)))
+    return out
+
+  @property
+  def adapters_only(self) -> bool:
+    """Every entry is a LoRA adapter of a Dense kernel, so it can be a side branch."""
+    return self.mode == "lora" and all(s.keys[-1] == "kernel" for s in self.specs)
+
+  def with_adapters(self, both: dict, adapter_rows_B: jax.Array) -> Any:
+    """The model tree with tau as side branches (needs `adapters_only`): sigma's leaves,
+    plus lora_a = A and lora_b = scale * B beside each targeted kernel and the top-level
+    [B] mask of the rows whose cotangents train them (model/transformer.py)."""
+    if not self.adapters_only:
+      raise ValueError(f"decomposition.targets={self.targets!r} (mode {self.mode!r}) has "
+                       "entries that are not LoRA adapters of Dense kernels")
+    out = jax.tree.map(lambda x: x, both["sigma"])  # shallow copy of the dict structure
+    for s in self.specs:
+      t = _get_nested(both["tau"], s.keys)
+      _set_nested(out, s.keys[:-1] + ("lora_a",), t["lora_a"])
+      _set_nested(out, s.keys[:-1] + ("lora_b",), self.scale * t["lora_b"])
+    out[transformer.ADAPTER_ROWS] = adapter_rows_B
     return out
 
   def frozen_base(self) -> set[tuple[str, ...]]:
