@@ -1,6 +1,8 @@
 """Test set-up: 8 host CPU devices (before JAX initialises) and shared tiny configs."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["XLA_FLAGS"] += "" if "device_count" in os.environ["XLA_FLAGS"] else \
@@ -8,6 +10,15 @@ os.environ["XLA_FLAGS"] += "" if "device_count" in os.environ["XLA_FLAGS"] else 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the session: pytest's workers and every subprocess a
+# test starts (they inherit this environment) load a program another one compiled instead
+# of compiling it again (most of a tiny run's time). Fresh per session, removed at its end.
+JIT_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  JIT_CACHE = tempfile.mkdtemp(prefix="cpt_jax-tests-jit-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = JIT_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import importlib.abc  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -40,6 +51,12 @@ class _NoTorchHere(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _NoTorchHere())
+
+
+def pytest_unconfigure(config):
+  del config
+  if JIT_CACHE:  # the process that made it: the only one, or pytest-xdist's controller
+    shutil.rmtree(JIT_CACHE, ignore_errors=True)
 
 
 def corpora_dir() -> pathlib.Path | None:
