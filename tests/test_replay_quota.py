@@ -60,21 +60,32 @@ def test_online_quota_moves_rows_to_forgetting_domains_and_resumes(tmp_path):
   f = online["forgetting"]
   assert max(f.values()) > 0  # CPT on alpha raised the loss on M's rows
   rows = {d: len(v) for d, v in online["ref_loss"].items()}  # buffer rows per domain
+  # The selection started at the pool shares; the domain that forgets more (per row,
+  # weighted by its pool) ends with more than that.
+  _, start = check_buffer_moved(c, ref, tmp_path, rows, f, "online",
+                                lambda k, pools: quota.allocate(k, pools, {}, 1.0))
+  assert rows != start
+
+
+def check_buffer_moved(c, ref, tmp_path, rows, signal, key, start_fn):
+  """Checks a stage whose buffer (`rows` per domain of beta, gamma) was re-split by
+  `signal` per domain: the total is kept; the domain with the largest pool-weighted
+  positive signal ends with more rows than start_fn(k, pools); the replay weights follow
+  the buffer sizes; a crash at step 4 and a resume reproduce selection[key] and the eval.
+  Returns (that domain, the start split)."""
   k = ref["selection"]["buffer_rows"]
   assert sum(rows.values()) == k  # the total is kept
   with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
     pools = {d: pipe.full_training_store(d).num_rows for d in ("beta", "gamma")}
-  # The selection started at the pool shares; the domain that forgets more (per row,
-  # weighted by its pool) ends with more than that.
-  more = max(f, key=lambda d: pools[d] * max(f[d], 0.0))
-  start = quota.allocate(k, pools, {}, 1.0)
-  assert rows != start
+  more = max(pools, key=lambda d: pools[d] * max(signal[d], 0.0))
+  start = start_fn(k, pools)
   assert rows[more] > start[more]
   # Each buffer row is replayed equally often: the replay weights follow the buffer sizes.
   w = ref["data"]["weights"]
   assert w["beta"] / w["gamma"] == pytest.approx(rows["beta"] / rows["gamma"], rel=1e-9)
   out = crash_then_resume(c, tmp_path / "run", 6)
   assert out["init"] == "resumed from step 4"
-  assert out["selection"]["online"] == online
+  assert out["selection"][key] == ref["selection"][key]
   np.testing.assert_allclose(out["eval"]["alpha"]["loss"], ref["eval"]["alpha"]["loss"],
                              rtol=1e-5)
+  return more, start

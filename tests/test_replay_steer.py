@@ -4,12 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from cpt_jax import data as data_lib
 from cpt_jax import stages
 from cpt_jax.replay import steer
 from cpt_jax.replay import strategies
 from tests import test_replay_quota
-from tests.helpers import crash_then_resume, tiny_config
+from tests.helpers import tiny_config
 
 
 def test_loss_rise_from_a_hand_made_history():
@@ -64,21 +63,8 @@ def test_steered_run_spends_no_selection_flops_steers_and_resumes(tmp_path):
   # The loss history came from the log records, and the quota followed its rise.
   assert set(st["first"]) == set(st["last"]) == set(st["rise"]) == {"beta", "gamma"}
   rows = {d: len(v) for d, v in st["ages"].items()}
-  k = sel["buffer_rows"]
-  assert sum(rows.values()) == k
-  with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
-    pools = {d: pipe.full_training_store(d).num_rows for d in ("beta", "gamma")}
   # The buffer started at the pool shares (online_init 'proportional'); the domain whose
   # replayed rows' loss rose most (per row, weighted by its pool) ends with more rows.
-  more = max(pools, key=lambda d: pools[d] * max(st["rise"][d], 0.0))
+  more, _ = test_replay_quota.check_buffer_moved(c, ref, tmp_path, rows, st["rise"],
+                                                 "steered", strategies.split_quota)
   assert st["rise"][more] > 0
-  start = strategies.split_quota(k, pools)
-  assert rows[more] > start[more]
-  # Each buffer row is replayed equally often: the replay weights follow the buffer sizes.
-  w = ref["data"]["weights"]
-  assert w["beta"] / w["gamma"] == pytest.approx(rows["beta"] / rows["gamma"], rel=1e-9)
-  out = crash_then_resume(c, tmp_path / "run", 6)
-  assert out["init"] == "resumed from step 4"
-  assert out["selection"]["steered"] == st
-  np.testing.assert_allclose(out["eval"]["alpha"]["loss"], ref["eval"]["alpha"]["loss"],
-                             rtol=1e-5)
