@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 from jax.experimental import multihost_utils
@@ -84,8 +84,9 @@ class ReplayManager:
     self.selection: strategies_lib.Selection | None = None
     self.seconds = 0.0
     self.reused = False
-    self.online: OnlineBuffer | None = None
-    self.steered: steer_lib.SteeredBuffer | None = None
+    # The buffer's refreshes during training: OnlineBuffer (`online`) or
+    # steer.SteeredBuffer (`steered`); each has refresh, observe, cost and state_dict.
+    self.refresher: OnlineBuffer | steer_lib.SteeredBuffer | None = None
     self.dir = selection_lib.selection_dir(workdir)
 
   # ---------------------------------------------------------------- start
@@ -165,9 +166,9 @@ class ReplayManager:
     # On resume the pipeline's restore brings back the checkpointed weights.
     self.pipeline.set_replay_rows(rows, None if self.reused and resume else weights)
     if self.strategy.name == "online" and self.plan.get("online_refreshes"):
-      self.online = OnlineBuffer(self, None if resume else params, host, state)
+      self.refresher = OnlineBuffer(self, None if resume else params, host, state)
     if self.strategy.name == "steered" and self.plan.get("online_refreshes"):
-      self.steered = steer_lib.SteeredBuffer(self, host)
+      self.refresher = steer_lib.SteeredBuffer(self, host, _log)
 
   def _write(self) -> None:
     """Writes the selection files from process 0 (one writer, one temporary path)."""
@@ -185,31 +186,24 @@ class ReplayManager:
   # ---------------------------------------------------------------- online
   def _refreshes_at(self, done: int) -> bool:
     every = int(self.plan.get("online_every", self.rcfg.online_every))
-    return ((self.online is not None or self.steered is not None) and every > 0 and done % every == 0
+    return (self.refresher is not None and every > 0 and done % every == 0
             and done < self.config.train.steps)
 
   def maybe_refresh(self, done: int, state) -> None:
     if self._refreshes_at(done):
       t0 = time.perf_counter()
-      if self.steered is not None:
-        sizes = self.steered.refresh()
-        _log(f"replay steered refresh at step {done}: {self.steered.swaps} swaps so far; "
-             f"buffer rows per domain {sizes}; loss rise {self.steered.rise}")
-      else:
-        self.online.refresh(done, self.model_params(state.params))
+      self.refresher.refresh(done, state)
       self.seconds += time.perf_counter() - t0
 
   def observe(self, record: dict) -> None:
     """A log window's record: the steered refresh reads the replay domains' training loss."""
-    if self.steered is not None:
-      self.steered.observe(record)
+    if self.refresher is not None:
+      self.refresher.observe(record)
 
   def pending(self, done: int, n: int) -> tuple[float, float]:
     """(TFLOPs, seconds) of the online refreshes due after steps done+1..done+n."""
     k = sum(self._refreshes_at(s) for s in range(done + 1, done + n + 1))
-    if not k or self.online is None:  # a steered refresh runs no forward
-      return 0.0, 0.0
-    return self.online.cost(k)
+    return self.refresher.cost(k) if k else (0.0, 0.0)
 
   # ---------------------------------------------------------------- state / summary
   def state_dict(self) -> dict:
@@ -217,10 +211,8 @@ class ReplayManager:
     out = {"rows": {d: [int(x) for x in v] for d, v in rows.items()},
            "seconds": self.seconds, **self.scorer.counters(),
            "candidates": self.selection.candidates if self.selection else 0}
-    if self.online is not None:
-      out["online"] = self.online.state_dict()
-    if self.steered is not None:
-      out["steered"] = self.steered.state_dict()
+    if self.refresher is not None:
+      out[self.refresher.name] = self.refresher.state_dict()
     return out
 
   def summary(self, run_summary: dict) -> dict:
@@ -250,8 +242,8 @@ class ReplayManager:
                         "total_tflops": self.plan.get("total_tflops")},
             "actual": {"tflops": actual, "seconds": secs, "total_tflops": total,
                        "selection_share": actual["selection"] / total if total else 0.0},
-            "online": self.online.state_dict() if self.online else None,
-            "steered": self.steered.state_dict() if self.steered else None}
+            "online": None, "steered": None,
+            **({self.refresher.name: self.refresher.state_dict()} if self.refresher else {})}
 
 
 class OnlineBuffer:
@@ -265,6 +257,8 @@ class OnlineBuffer:
   replaced by more-interfered candidates. Buffer sizes per domain stay fixed.
   State (buffer ids, their M losses, cursors) is host JSON in the checkpoint.
   """
+
+  name = "online"  # its key in the checkpoint's host state and in the summary
 
   def __init__(self, manager: ReplayManager, start_params, host: dict | None, state=None):
     self.m = manager
@@ -325,7 +319,12 @@ class OnlineBuffer:
       secs = flops / rate if rate > 0 else 0.0
     return flops / 1e12, secs
 
-  def refresh(self, step: int, params) -> None:
+  def observe(self, record: Mapping) -> None:
+    """Log records carry nothing this refresh uses (it scores rows itself)."""
+
+  def refresh(self, step: int, state) -> None:
+    """Re-scores the buffer and fresh candidates under the current model; swaps rows."""
+    params = self.m.model_params(state.params)
     t0, r0 = time.perf_counter(), self.m.scorer.rows_run
     rows = self.m.pipeline.replay_rows
     quotas = self._quotas()

@@ -27,7 +27,7 @@ State (ages, cursors, loss history) is host JSON in the checkpoint.
 from __future__ import annotations
 
 import zlib
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -77,10 +77,13 @@ def refresh_rows(buffers: Mapping[str, np.ndarray], ages: Mapping[str, np.ndarra
 
 
 class SteeredBuffer:
-  """The `steered` refresh for a ReplayManager (see the module docstring)."""
+  """The `steered` refresh for a ReplayManager (see the module docstring); `log(msg)`
+  reports each refresh."""
 
-  def __init__(self, manager, host: dict | None):
-    self.m = manager
+  name = "steered"  # its key in the checkpoint's host state and in the summary
+
+  def __init__(self, manager, host: dict | None, log: Callable[[str], None]):
+    self.m, self.log = manager, log
     o = (host or {}).get("steered") or {}
     rows = manager.pipeline.replay_rows
     self.ages = {d: np.asarray(o["ages"][d], np.int64) if "ages" in o
@@ -109,8 +112,14 @@ class SteeredBuffer:
     self.cursor[d] = (c0 + n) % size
     return cand
 
-  def refresh(self) -> dict[str, int]:
-    """Re-splits and rotates the buffer (no forward runs); its rows per domain."""
+  def cost(self, k: int) -> tuple[float, float]:
+    """(TFLOPs, seconds) of k refreshes: none, they run no forward."""
+    del k
+    return 0.0, 0.0
+
+  def refresh(self, step: int, state) -> None:
+    """Re-splits and rotates the buffer (no forward runs: `state` is not read)."""
+    del state
     rows = self.m.pipeline.replay_rows
     sizes = {d: int(np.size(v)) for d, v in rows.items()}
     pools = {d: s.num_rows for d, s in self.m.stores.items()}
@@ -128,7 +137,8 @@ class SteeredBuffer:
     # Each buffer row still replayed equally often: replay weights follow the sizes.
     self.m.pipeline.set_replay_rows(new_rows, planner_lib.replay_weights(
         self.m.plan, self.m.configured_weights(), self.m.roles, sizes))
-    return sizes
+    self.log(f"replay steered refresh at step {step}: {self.swaps} swaps so far; "
+             f"buffer rows per domain {sizes}; loss rise {self.rise}")
 
   def state_dict(self) -> dict:
     return {"ages": {d: [int(x) for x in v] for d, v in self.ages.items()},
