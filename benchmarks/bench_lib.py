@@ -130,7 +130,7 @@ def build_bench(config: ml_collections.ConfigDict, roles_B: np.ndarray | None = 
   config = with_teacher(config)
   roles_B = roles_for(config.train.global_batch_size, 0, 0) if roles_B is None else roles_B
   ctx = context_lib.build_context(config, devices)
-  local = host_batch(config, roles_B, seed, step_lib.batch_shards(ctx.mesh))
+  local = host_batch(config, roles_B, seed, shd.data_parallel_size(ctx.mesh))
   batch = shd.global_batch({k: local[k] for k in batch_lib.FIELDS}, ctx.mesh)
   if "distill_index" in local:
     batch["distill_index"] = step_lib.device_distill_index(local["distill_index"], ctx.mesh)
@@ -198,7 +198,7 @@ def compiled_step_memory(config: ml_collections.ConfigDict, roles_B: np.ndarray 
   config = with_teacher(config)
   roles_B = roles_for(config.train.global_batch_size, 0, 0) if roles_B is None else roles_B
   ctx = context_lib.build_context(config, devices)
-  local = host_batch(config, roles_B, shards=step_lib.batch_shards(ctx.mesh))
+  local = host_batch(config, roles_B, shards=shd.data_parallel_size(ctx.mesh))
   shardings = step_lib.batch_shardings(ctx.mesh, local)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
            for k, v in local.items()}

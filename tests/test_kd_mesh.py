@@ -85,7 +85,7 @@ def _step(config, devices, grad_accum, host):
   step = step_lib.make_train_step(loss_fn, layout, grad_accum)
   batch = shd.global_batch(b, ctx.mesh)
   idx = step_lib.distill_index(b["roles"], grad_accum, with_replay=True,
-                               shards=step_lib.batch_shards(ctx.mesh))
+                               shards=shd.data_parallel_size(ctx.mesh))
   batch["distill_index"] = step_lib.device_distill_index(idx, ctx.mesh)
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     compiled = jax.jit(step).lower(state, batch).compile()

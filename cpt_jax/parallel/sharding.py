@@ -93,6 +93,7 @@ def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+  """How many row shards `batch_sharding` cuts a batch into (data x fsdp)."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 

@@ -79,13 +79,6 @@ def make_train_step(loss_fn: Callable, layout: Any, grad_accum: int = 1,
   return step
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """D: how many row shards the batch sharding cuts a batch into."""
-  axes = shd.batch_sharding(mesh).spec[0]
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def distill_index_sharding(mesh: Mesh) -> NamedSharding:
   """`distill_index` [A, D, N]: its D axis over the devices that hold the batch's rows."""
   return NamedSharding(mesh, P(None, *shd.batch_sharding(mesh).spec))
@@ -124,7 +117,7 @@ def distill_index(roles_B: np.ndarray, grad_accum: int, min_bucket: int = 1,
   > 0) and the replay rows if `with_replay` (objective.replay_kd > 0).
   Microbatch m (rows m, A+m, ...: `microbatch_split`) is cut into D = `shards`
   contiguous blocks of B/(A D) rows, the rows each device holds under
-  `batch_shardings` (D = `batch_shards(mesh)`); [m, d] lists the teacher's rows
+  `batch_shardings` (D = `sharding.data_parallel_size(mesh)`); [m, d] lists the teacher's rows
   of block d by their index within the block, so the objective gathers them
   where they are.
 

@@ -296,7 +296,7 @@ class Trainer:
         roles = np.asarray(multihost_utils.process_allgather(roles, tiled=True))
       idx = step_lib.distill_index(roles, self.config.train.grad_accum_steps,
                                    with_replay=o.replay_kd > 0, with_distill=o.lambda_kd > 0,
-                                   shards=step_lib.batch_shards(self.ctx.mesh))
+                                   shards=shd.data_parallel_size(self.ctx.mesh))
       if idx is not None:
         batch["distill_index"] = step_lib.device_distill_index(idx, self.ctx.mesh)
     return batch
