@@ -258,16 +258,76 @@ def test_successive_halving_chooses_on_dev_within_the_run_budget():
   assert len(calls) == 1
 
 
+def _assert_valid_overrides(grid):
+  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.default_config()
+  for g in grid:
+    for key in g.get("overrides", {}):
+      group, name = key.split(".")
+      assert name in c[group], (g["name"], key)
+
+
 def test_default_grid_names_are_unique_and_valid_overrides():
   s = suite.Settings(corpora="x")
   grid = suite_search.default_grid(s)
   assert len({g["name"] for g in grid}) == len(grid) == 13
-  from cpt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.default_config()
+  _assert_valid_overrides(grid)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("search_grid_*.json")),
+                         ids=lambda p: p.name)
+def test_committed_search_grids_read_and_name_config_keys(path):
+  """The grid files the README's searches ran with: valid specs and config keys."""
+  grid = suite_search.read_grid(str(path))
+  _assert_valid_overrides(grid)
+  from cpt_jax.replay import strategies  # pylint: disable=g-import-not-at-top
   for g in grid:
-    for key in g["overrides"]:
-      group, name = key.split(".")
-      assert name in c[group], key
+    assert g["strategy"] in strategies.REGISTRY, g["name"]
+
+
+def _suite_cmd(tmp_path, out, *extra):
+  """quick_suite's command line (same corpus, cache and M) with other row flags."""
+  return [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick",
+          "--corpora", str(tmp_path / "corpus"), "--json", str(out),
+          "--cache", str(tmp_path / "cache"), "--old", "alpha,beta,gamma,delta", "--new", "eps",
+          "--unavailable", "gamma", "--pretrain-steps", "10", "--cpt-steps", str(CPT_STEPS),
+          *extra]
+
+
+def test_search_cli_with_a_grid_file_chooses_on_dev(quick_suite, tmp_path):
+  """`--search N --search-grid G.json` (the README's search commands): rung 0 on seed 0,
+  the choice written to <OUT>.chosen.json, the lowest dev score chosen."""
+  import os  # pylint: disable=g-import-not-at-top
+  suite_dir = quick_suite[2]
+  grid = [{"name": "search_random_0.02", "strategy": "random", "fraction": 0.02},
+          {"name": "search_steered_0.05", "strategy": "steered", "fraction": 0.05,
+           "replay_kd": 1.0, "overrides": {"replay.steer_quota": 0.5}}]
+  (tmp_path / "grid.json").write_text(json.dumps(grid))
+  out = tmp_path / "search.json"
+  cmd = _suite_cmd(suite_dir, out, "--seeds", "1", "--search", "3",
+                   "--search-grid", str(tmp_path / "grid.json"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH="/usr/bin:/bin", XLA_FLAGS="")
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  data = json.loads(out.read_text())
+  (rung,) = data["search"]["rungs"]
+  assert set(rung["dev_scores"]) == {g["name"] for g in grid} and data["search"]["runs"] == 3
+  chosen = json.loads((tmp_path / "search.chosen.json").read_text())
+  assert chosen == min(grid, key=lambda g: rung["dev_scores"][g["name"]])
+  assert "search: chose " + chosen["name"] in res.stdout
+  # The reference row is quick_suite's random 5% run, reused from the cache.
+  assert "1 reused" in res.stdout
+
+
+def test_search_cli_rejects_a_bad_grid_file_before_training(tmp_path):
+  (tmp_path / "grid.json").write_text(json.dumps([{"name": "a", "strategy": "random"}]))
+  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick", "--corpora",
+         str(tmp_path), "--json", str(tmp_path / "o.json"), "--search", "3",
+         "--search-grid", str(tmp_path / "grid.json")]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode != 0
+  assert "grid.json: entry 0 lacks ['fraction']" in res.stderr
+  assert not (tmp_path / "o.json").exists()
 
 
 # ------------------------------------------------------------------ Pareto view
