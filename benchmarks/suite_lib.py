@@ -505,6 +505,9 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
            "dev_new_gain": m_loss[s.new + DEV] - ev[s.new + DEV]}
   sel = summary.get("selection") or {}
   sel_tf = float(sel.get("tflops", 0.0))
+  # train steps, teacher forwards, objective.projection's second pull-backs, selection
+  train_tf = summary["train_tflops"] + summary["teacher_tflops"] + \
+      float(summary.get("pullback_tflops", 0.0))
   tok = summary["data"]["tokens_per_role"]
   replay_frac = tok.get("replay", 0) / max(tok.get("new", 1), 1)
   return {"name": spec["name"], "strategy": spec["strategy"] or spec["name"], "seed": seed,
@@ -517,9 +520,8 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
           "replay_tokens": int(tok.get("replay", 0)),
           "selection_tflops": sel_tf, "selection_fraction": selection_fraction,
           "teacher_tflops": summary["teacher_tflops"],
-          "total_tflops": summary["train_tflops"] + summary["teacher_tflops"] + sel_tf,
-          "selection_share": sel_tf / max(summary["train_tflops"] + summary["teacher_tflops"]
-                                          + sel_tf, 1e-30),
+          "total_tflops": train_tf + sel_tf,
+          "selection_share": sel_tf / max(train_tf + sel_tf, 1e-30),
           "selection_seconds": float(sel.get("seconds", 0.0)), "steps": summary["steps_run"],
           "buffer_rows": sel.get("buffer_rows"), "seconds": summary["seconds"],
           "seconds_per_step": summary["seconds"] / max(summary["steps_run"], 1),

@@ -108,12 +108,19 @@ def default_config() -> ml_collections.ConfigDict:
       lambda_replay=1.0,  # Weight of CE on replay rows (1.0 = plain mixing).
       lambda_kd=0.0,  # Weight of KL(teacher || student) on distill rows.
       replay_kd=0.0,  # Weight of KL(teacher || student) on replay rows, added to their CE.
+      # q in [-1, 1]: replay_kd's weight linear over the stage, (1 - q) -> (1 + q) times
+      # replay_kd (mean replay_kd); 1 rises from 0, -1 falls to 0 (train/objective.py).
+      replay_kd_ramp=0.0,
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
       l2sp=0.0,  # L2-SP pull toward the stage's starting params.
       ewc=0.0,  # EWC strength (diagonal Fisher).
       ewc_batches=4,  # Batches used to estimate the Fisher.
       ewc_fisher="true",  # 'true': labels sampled from the model; 'empirical': the data's.
+      # Gradient projection when T's and the old signal's gradients conflict
+      # (train/projection.py): '' off, 'old' (the old signal's), 'new' (T's: A-GEM),
+      # 'both' (PCGrad).
+      projection="",
   )
 
   c.sharding = config_dict.create(
@@ -236,6 +243,14 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if o.get("ewc_fisher", "true") not in ("true", "empirical"):
     raise ValueError(f"objective.ewc_fisher={o.ewc_fisher!r}: expected 'true' (labels sampled "
                      "from the model) or 'empirical' (the data's labels)")
+  if o.get("projection", "") not in ("", "old", "new", "both"):
+    raise ValueError(f"objective.projection={o.projection!r}: expected '', 'old', 'new' or "
+                     "'both'")
+  if o.get("projection", "") and cfg.decomposition.mode:
+    raise ValueError("objective.projection needs the plain layout: decomposition.mode="
+                     f"{cfg.decomposition.mode!r} routes the two signals itself")
+  if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
+    raise ValueError(f"objective.replay_kd_ramp={o.replay_kd_ramp} must be in [-1, 1]")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
   decomposition_schema.validate_decomposition_config(cfg.decomposition, "decomposition",

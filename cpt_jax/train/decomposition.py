@@ -69,6 +69,7 @@ import optax
 from cpt_jax import batch as batch_lib
 from cpt_jax.train import layout as layout_lib
 from cpt_jax.train import optimizer as optimizer_lib
+from cpt_jax.train import projection as projection_lib
 from cpt_jax.train import tau as tau_lib
 
 GROUPS = ("sigma", "tau")
@@ -274,8 +275,12 @@ class GroupOptimizer:
 
 
 def make_layout(config: Any, model_boxed: Any) -> Any:
-  """The layout `config.decomposition` asks for: `SigmaTau`, or `layout.Plain` when
-  decomposition.mode is ''."""
+  """The layout `config.decomposition` asks for: `SigmaTau`, or when decomposition.mode
+  is '' `layout.Plain` (`projection.Projected` with objective.projection set)."""
   if not config.decomposition.mode:
-    return layout_lib.Plain(*optimizer_lib.make_optimizer(config.optimizer, config.train.steps))
+    tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+    mode = config.objective.get("projection", "")
+    if mode:
+      return projection_lib.Projected(tx, schedule, mode, config.objective)
+    return layout_lib.Plain(tx, schedule)
   return SigmaTau(tau_lib.build(config.decomposition, model_boxed), config)

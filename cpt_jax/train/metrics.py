@@ -287,7 +287,7 @@ class Window:
     self.role_ce += m["role_ce_sum"]
     self.role_tok += m["role_tokens"]
     for k, v in m.items():
-      if np.ndim(v) == 0 and k != "teacher_rows":
+      if np.ndim(v) == 0 and k not in ("teacher_rows", "pullback_rows"):
         self.scalars[k] = self.scalars.get(k, 0.0) + float(v)
         self.counts[k] = self.counts.get(k, 0) + 1
 

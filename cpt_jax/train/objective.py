@@ -1,7 +1,8 @@
 """The continued pre-training objective over rows with roles.
 
   loss = [sum_new CE + lambda_replay * sum_replay CE] / N_ce
-       + replay_kd * T^2 * [sum_replay KL(teacher || student)] / N_ce   (T: kd_temperature)
+       + replay_kd * r(t) * T^2 * [sum_replay KL(teacher || student)] / N_ce
+                                                     (T: kd_temperature, r(t): the ramp)
        + lambda_kd * T^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
@@ -13,7 +14,9 @@ the objective does not depend on how a step is cut into microbatches: each
 microbatch adds its sums over the global normalisers and 1/A of the
 parameter-only terms (see step.py). lambda_replay = 1 is plain data mixing;
 replay_kd > 0 adds the teacher's full next-token distribution as a soft target
-on the replay rows (dark-experience replay). The teacher is a frozen copy of
+on the replay rows (dark-experience replay); replay_kd_ramp = q in [-1, 1] makes
+its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
+(mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls). The teacher is a frozen copy of
 the stage's starting model; it runs only on the rows gathered by
 `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
@@ -149,7 +152,7 @@ def normalisers(batch: dict) -> dict[str, Array]:
 
 
 def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0,
-                 layout: Any = None):
+                 layout: Any = None, total_steps: int = 0):
   """Returns loss_fn(params, batch, frozen, norms=None) -> (loss, aux).
 
   apply_fn(model_params, inputs, segment_ids, positions) -> logits [B, L, V].
@@ -160,7 +163,9 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     teacher forward is traced at all.
   frozen: {'teacher': model params, 'fisher': tree} as the objective needs.
   norms: `normalisers` of the global batch when `batch` is one of its
-    microbatches (default: `batch`'s own).
+    microbatches (default: `batch`'s own); with replay_kd_ramp != 0 also
+    'step', the step's index in the stage (the train step adds it).
+  total_steps: the stage's steps (train.steps), needed by replay_kd_ramp.
   layout: the parameter layout (train/layout.py; default: params are the
     model's): the model runs on `layout.merge(params)`, L2-SP / EWC act on
     `layout.regularized(params)`.
@@ -170,6 +175,9 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   lambda_replay = float(obj_cfg.lambda_replay)
   lambda_kd = float(obj_cfg.lambda_kd)
   replay_kd = float(obj_cfg.get("replay_kd", 0.0))
+  ramp = float(obj_cfg.get("replay_kd_ramp", 0.0)) if replay_kd > 0 else 0.0
+  if ramp and total_steps < 1:
+    raise ValueError("objective.replay_kd_ramp needs the stage's steps (total_steps)")
   temperature = float(obj_cfg.kd_temperature)
   topk = int(obj_cfg.kd_topk)
   l2sp = float(obj_cfg.l2sp)
@@ -238,7 +246,12 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         w_NxL = tok_w_NxL * (role_N == batch_lib.REPLAY)[:, None]
         rkd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), ce_den)
         aux["replay_kd_term"] = rkd_term
-        loss = loss + replay_kd * temperature ** 2 * rkd_term
+        weight = replay_kd
+        if ramp:
+          t = jnp.minimum(norms["step"] / max(total_steps - 1, 1), 1.0)
+          weight = replay_kd * (1.0 - ramp + 2.0 * ramp * t)
+          aux["replay_kd_weight"] = weight * param_share  # adds up to weight over microbatches
+        loss = loss + weight * temperature ** 2 * rkd_term
       teacher_rows = idx_DxN.size
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 

@@ -46,6 +46,7 @@ def make_train_step(loss_fn: Callable, layout: Any, grad_accum: int = 1,
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     norms = dict(normalisers_fn(batch))
     norms["param_share"] = jnp.asarray(1.0 / grad_accum, jnp.float32)
+    norms["step"] = state.step.astype(jnp.float32)  # for objective.replay_kd_ramp
     micro_loss_fn = functools.partial(loss_fn, norms=norms)
 
     def grads_and_aux(params, mb, frozen):

@@ -128,7 +128,8 @@ class Trainer:
         async_save=config.train.async_checkpoints)
     obj = config.objective
     self.loss_fn = objective_lib.make_loss_fn(
-        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss, layout=self.ctx.layout)
+        self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss, layout=self.ctx.layout,
+        total_steps=config.train.steps)
     self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.layout,
                                              config.train.grad_accum_steps)
     self._jitted: dict[bool, Callable] = {}
@@ -137,6 +138,7 @@ class Trainer:
     self.has_teacher_rows = obj.lambda_kd > 0 or obj.replay_kd > 0
     self.teacher_skipped_steps = 0
     self.teacher_rows = 0
+    self.pullback_rows = 0  # rows through objective.projection's second pull-back
     self.state: state_lib.TrainState | None = None
     self.budget = budget_lib.StageBudget(max_tflops=float(config.replay.max_tflops),
                                          max_seconds=float(config.replay.max_seconds))
@@ -208,6 +210,7 @@ class Trainer:
       self._apply_changed_weights(configured_weights)
       self.teacher_skipped_steps = int(host.get("teacher_skipped_steps", 0))
       self.teacher_rows = int(host.get("teacher_rows", 0))
+      self.pullback_rows = int(host.get("pullback_rows", 0))
       self.guard.load_state_dict(host.get("divergence"))
     dropped = writer.start(int(jax.device_get(self.state.step))) if writer is not None else {}
     if dropped:
@@ -409,6 +412,7 @@ class Trainer:
       if int(m["teacher_rows"]) == 0 and self.has_teacher_rows:
         self.teacher_skipped_steps += 1
       self.teacher_rows += int(m["teacher_rows"])
+      self.pullback_rows += int(m.get("pullback_rows", 0))
       self._window.add(m)
 
   def _on_divergence(self, d: divergence_lib.Diverged, done: int) -> int:
@@ -486,6 +490,7 @@ class Trainer:
         "teacher_rows": self.teacher_rows,
         "teacher_tflops": self._teacher_tflops(),
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": self._peak,
+        "pullback_rows": self.pullback_rows, "pullback_tflops": self._pullback_tflops(),
         "num_devices": int(ctx.mesh.devices.size),
         "data": self.pipeline.stats(), "config_changes": self.identity.changes_made()}
     summary["state_bytes"] = self._state_bytes  # parameter / optimizer bytes per group
@@ -498,7 +503,8 @@ class Trainer:
 
   def save(self, step: int) -> None:
     host = {"data": self.pipeline.state(), "teacher_skipped_steps": self.teacher_skipped_steps,
-            "teacher_rows": self.teacher_rows, "divergence": self.guard.state_dict(),
+            "teacher_rows": self.teacher_rows, "pullback_rows": self.pullback_rows,
+            "divergence": self.guard.state_dict(),
             **hooks_lib.host_state(self.hooks)}
     self.checkpointer.save(step, self.state, host)
 
@@ -514,6 +520,12 @@ class Trainer:
     return self.teacher_rows * seq_len * flops_per_token(
         self.ctx.model_cfg, seq_len, training=False) / 1e12
 
+  def _pullback_tflops(self) -> float:
+    """objective.projection's second pull-backs so far (a backward pass per row)."""
+    seq_len, cfg = self.config.data.seq_len, self.ctx.model_cfg
+    return self.pullback_rows * seq_len * (flops_per_token(cfg, seq_len) - flops_per_token(
+        cfg, seq_len, training=False)) / 1e12
+
   def _usage(self, step: int) -> budget_lib.Usage:
     """Seconds (all invocations) and TFLOPs by `step`: train steps, teacher forwards, every
     replay scoring forward run (padding, rate measurement, refreshes), the EWC Fisher pass
@@ -521,6 +533,8 @@ class Trainer:
     `fixed_*`, the online refreshes due next the `lookahead`."""
     parts = {"train": self._train_tflops(step), "teacher": self._teacher_tflops(),
              **self.budget.counted}
+    if self.pullback_rows:
+      parts["projection"] = self._pullback_tflops()
     if "fisher" in self.ctx.frozen_keys and self.frozen_fn is None:  # at the fresh start
       parts["fisher"] = regularizers.fisher_tflops(self.config, self.ctx.model_cfg)
     fixed_s, ahead = 0.0, []
