@@ -505,7 +505,7 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
            "dev_new_gain": m_loss[s.new + DEV] - ev[s.new + DEV]}
   sel = summary.get("selection") or {}
   sel_tf = float(sel.get("tflops", 0.0))
-  # train steps, teacher forwards, objective.projection's second pull-backs, selection
+  # train steps, teacher forwards, second pull-backs (projection, subtree sigma / tau), selection
   train_tf = summary["train_tflops"] + summary["teacher_tflops"] + \
       float(summary.get("pullback_tflops", 0.0))
   tok = summary["data"]["tokens_per_role"]

@@ -258,6 +258,21 @@ def test_subtree_tau_freezes_base_leaves_without_optimizer_state():
     assert not _equal(s2.params["tau"][f"layers_{i}"], state.params["tau"][f"layers_{i}"])
 
 
+def test_subtree_routing_takes_the_second_pull_back_only_with_old_rows():
+  """Subtree routing's sigma gradient is a second pull-back: taken (and its rows counted
+  for the budget) on a step with replay rows, skipped on a step of new rows only."""
+  config = _config("subtree", **{"decomposition.targets": r"layers_\d+/mlp/", **ROUTING})
+  ctx, step, state = _setup(config)
+  rows = config.train.global_batch_size
+  s_mixed, m_mixed = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
+  s_new, m_new = _run(ctx, step, state, _batch(config, (NEW, NEW)))
+  assert int(m_mixed["pullback_rows"]) == rows and int(m_new["pullback_rows"]) == 0
+  assert float(m_mixed["grad_norm_sigma"]) > 0 and float(m_new["grad_norm_sigma"]) == 0.0
+  assert not _equal(s_mixed.params["sigma"]["layers_0"]["attn"],
+                    state.params["sigma"]["layers_0"]["attn"])
+  assert _equal(s_new.params["sigma"], state.params["sigma"])  # no gradient, no momentum yet
+
+
 def test_one_device_equals_2x2x2_mesh():
   config = _config(**ROUTING)
   ctx1, step1, state1 = _setup(config)

@@ -172,7 +172,7 @@ def test_config_errors_name_the_key():
 
 def test_second_pullbacks_are_counted_in_the_budget_and_survive_a_resume(tmp_path):
   """The loop counts the rows of every second pull-back (their backward FLOPs go to the
-  budget's 'projection' part); a crash and resume count the same as one run."""
+  budget's 'second_pullback' part); a crash and resume count the same as one run."""
   corpus = write_corpus(tmp_path / "corpus")
   config = one_device_config(corpus, **{"objective.projection": "old"})
   config.replay.max_tflops = 1e6  # active: the summary carries the budget's parts
@@ -182,7 +182,7 @@ def test_second_pullbacks_are_counted_in_the_budget_and_survive_a_resume(tmp_pat
   assert rows % config.train.global_batch_size == 0
   assert config.train.global_batch_size <= rows <= config.train.steps * \
       config.train.global_batch_size
-  assert whole["budget"]["tflops_by_part"]["projection"] == pytest.approx(
+  assert whole["budget"]["tflops_by_part"]["second_pullback"] == pytest.approx(
       whole["pullback_tflops"])
   fwd_bwd = whole["train_tflops"] / (config.train.steps * config.train.global_batch_size)
   assert 0.5 * fwd_bwd < whole["pullback_tflops"] / rows < fwd_bwd  # a backward, not a step

@@ -32,7 +32,9 @@ Otherwise (subtree mode, or adapters on leaves other than Dense kernels) tau is 
 into the weights (W = sigma + delta(tau)) and one forward is traced with `jax.vjp` on
 [loss_new, loss_old]; its vjp function is called twice, with cotangents [1, 0] (kept:
 tau's gradient) and [0, 1] (kept: sigma's gradient): two backward passes, the second
-also through the full-size dW of each targeted kernel. With `freeze_sigma` only tau's
+also through the full-size dW of each targeted kernel, and only on steps with an old
+signal (its rows are counted in aux['pullback_rows']; the loop adds their backward FLOPs
+to the stage's budget, part 'second_pullback'). With `freeze_sigma` only tau's
 gradient is taken, and sigma gets neither a gradient nor optimizer state. With
 `routing=False` both groups follow the full loss (one backward, merged weights).
 
@@ -179,8 +181,13 @@ class SigmaTau:
     (g_new,) = vjp_fn(jnp.asarray([1.0, 0.0], jnp.float32))
     grads = {"tau": g_new["tau"]}
     if "sigma" in groups:
-      (g_old,) = vjp_fn(jnp.asarray([0.0, 1.0], jnp.float32))
-      grads["sigma"] = g_old["sigma"]
+      # The second pull-back only on steps with an old signal (without one, d loss_old is
+      # exactly zero); the loop counts its rows' backward FLOPs (`pullback_rows`).
+      has_old = jnp.any(batch["roles"] != batch_lib.NEW) | self.old_always
+      grads["sigma"] = jax.lax.cond(
+          has_old, lambda: vjp_fn(jnp.asarray([0.0, 1.0], jnp.float32))[0]["sigma"],
+          lambda: jax.tree.map(jnp.zeros_like, params["sigma"]))
+      aux["pullback_rows"] = has_old.astype(jnp.int32) * batch["roles"].shape[0]
     return grads, aux
 
   def apply(self, grads: dict, state: Any, aux: dict):

@@ -24,7 +24,7 @@ with an old signal) and `grad_conflict` (1 when the projection acted).
 Cost: a second pull-back (about 2/3 of a plain step's FLOPs) on the steps that
 hold old-signal rows; steps without them take one. aux['pullback_rows'] counts the
 rows of the second pull-backs; the loop adds their backward FLOPs to the stage's
-budget (part 'projection') and summary (`pullback_tflops`).
+budget (part 'second_pullback') and summary (`pullback_tflops`).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class Trainer:
     self.has_teacher_rows = obj.lambda_kd > 0 or obj.replay_kd > 0
     self.teacher_skipped_steps = 0
     self.teacher_rows = 0
-    self.pullback_rows = 0  # rows through objective.projection's second pull-back
+    self.pullback_rows = 0  # rows through a layout's second pull-back (projection, subtree)
     self.state: state_lib.TrainState | None = None
     self.budget = budget_lib.StageBudget(max_tflops=float(config.replay.max_tflops),
                                          max_seconds=float(config.replay.max_seconds))
@@ -521,7 +521,8 @@ class Trainer:
         self.ctx.model_cfg, seq_len, training=False) / 1e12
 
   def _pullback_tflops(self) -> float:
-    """objective.projection's second pull-backs so far (a backward pass per row)."""
+    """Second pull-backs so far (objective.projection, sigma / tau subtree): a backward
+    pass per row."""
     seq_len, cfg = self.config.data.seq_len, self.ctx.model_cfg
     return self.pullback_rows * seq_len * (flops_per_token(cfg, seq_len) - flops_per_token(
         cfg, seq_len, training=False)) / 1e12
@@ -534,7 +535,7 @@ class Trainer:
     parts = {"train": self._train_tflops(step), "teacher": self._teacher_tflops(),
              **self.budget.counted}
     if self.pullback_rows:
-      parts["projection"] = self._pullback_tflops()
+      parts["second_pullback"] = self._pullback_tflops()
     if "fisher" in self.ctx.frozen_keys and self.frozen_fn is None:  # at the fresh start
       parts["fisher"] = regularizers.fisher_tflops(self.config, self.ctx.model_cfg)
     fixed_s, ahead = 0.0, []
