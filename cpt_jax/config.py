@@ -39,6 +39,7 @@ from cpt_jax.schema.train import validate_divergence
 
 ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
+PROJECTIONS = ("", "old", "new", "both")  # objective.projection (train/projection.py)
 # Integer keys that must be >= 1 / >= 0 (checked first, so later checks may divide by them).
 POSITIVE_INTS = {"model": ("vocab_size", "vocab_pad_multiple", "d_model", "num_layers",
                            "num_heads", "num_kv_heads", "mlp_dim"),
@@ -243,9 +244,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if o.get("ewc_fisher", "true") not in ("true", "empirical"):
     raise ValueError(f"objective.ewc_fisher={o.ewc_fisher!r}: expected 'true' (labels sampled "
                      "from the model) or 'empirical' (the data's labels)")
-  if o.get("projection", "") not in ("", "old", "new", "both"):
-    raise ValueError(f"objective.projection={o.projection!r}: expected '', 'old', 'new' or "
-                     "'both'")
+  if o.get("projection", "") not in PROJECTIONS:
+    raise ValueError(f"objective.projection={o.projection!r}: expected one of {PROJECTIONS}")
   if o.get("projection", "") and cfg.decomposition.mode:
     raise ValueError("objective.projection needs the plain layout: decomposition.mode="
                      f"{cfg.decomposition.mode!r} routes the two signals itself")

@@ -90,7 +90,7 @@ class SigmaTau:
     self.routing = bool(dc.routing)
     self.freeze_sigma = bool(dc.freeze_sigma)
     self.skip_idle_updates = bool(dc.skip_idle_updates)
-    self.old_always = bool(o.l2sp > 0 or o.ewc > 0)  # L2-SP / EWC: an old signal every step
+    self.old_always = layout_lib.old_signal_always(o)
     self.lambda_replay, self.lambda_kd = float(o.lambda_replay), float(o.lambda_kd)
     self.replay_kd = float(o.replay_kd)
     self.txs, self.schedules = _group_optimizers(self, config)
@@ -172,7 +172,7 @@ class SigmaTau:
 
     def by_signal(trainable):
       loss, aux = loss_fn({**params, **trainable}, batch, frozen)
-      return jnp.stack([aux["loss_new"], loss - aux["loss_new"]]), aux
+      return layout_lib.signal_losses(loss, aux), aux
 
     _, vjp_fn, aux = jax.vjp(by_signal, {g: params[g] for g in groups}, has_aux=True)
     if not self.routing:
@@ -181,13 +181,8 @@ class SigmaTau:
     (g_new,) = vjp_fn(jnp.asarray([1.0, 0.0], jnp.float32))
     grads = {"tau": g_new["tau"]}
     if "sigma" in groups:
-      # The second pull-back only on steps with an old signal (without one, d loss_old is
-      # exactly zero); the loop counts its rows' backward FLOPs (`pullback_rows`).
-      has_old = jnp.any(batch["roles"] != batch_lib.NEW) | self.old_always
-      grads["sigma"] = jax.lax.cond(
-          has_old, lambda: vjp_fn(jnp.asarray([0.0, 1.0], jnp.float32))[0]["sigma"],
-          lambda: jax.tree.map(jnp.zeros_like, params["sigma"]))
-      aux["pullback_rows"] = has_old.astype(jnp.int32) * batch["roles"].shape[0]
+      grads["sigma"], aux["pullback_rows"] = layout_lib.old_signal_grad(
+          vjp_fn, batch, self.old_always, params["sigma"], part=lambda g: g["sigma"])
     return grads, aux
 
   def apply(self, grads: dict, state: Any, aux: dict):

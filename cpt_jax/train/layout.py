@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cpt_jax import batch as batch_lib
+
 
 def tree_bytes(tree: Any) -> int:
   """Bytes of the arrays (or ShapeDtypeStructs) in `tree`."""
@@ -40,6 +42,30 @@ def tree_bytes(tree: Any) -> int:
 def tree_size(tree: Any) -> int:
   """Elements of the arrays (or ShapeDtypeStructs) in `tree`."""
   return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
+
+
+def signal_losses(loss: jax.Array, aux: dict) -> jax.Array:
+  """[loss_new, loss_old]: the objective's two signals (train/objective.py), [2]."""
+  return jnp.stack([aux["loss_new"], loss - aux["loss_new"]])
+
+
+def old_signal_always(objective_cfg: Any) -> bool:
+  """L2-SP / EWC: an old signal on every step, whatever rows the batch holds."""
+  return bool(objective_cfg.l2sp > 0 or objective_cfg.ewc > 0)
+
+
+def old_signal_grad(vjp_fn: Callable, batch: dict, old_always: bool, like: Any,
+                    part: Callable = lambda g: g) -> tuple[Any, jax.Array]:
+  """(part(d loss_old), rows): the second pull-back of `vjp_fn` (a vjp of
+  `signal_losses`), taken only on a step with rows other than `new` (or `old_always`);
+  without them d loss_old is exactly zero and zeros like `like` come back. rows: the
+  batch's rows that went through it, [] int32 (aux['pullback_rows']: the loop adds their
+  backward FLOPs to the stage's budget)."""
+  has_old = jnp.any(batch["roles"] != batch_lib.NEW) | old_always
+  g_old = jax.lax.cond(has_old,
+                       lambda: part(vjp_fn(jnp.asarray([0.0, 1.0], jnp.float32))[0]),
+                       lambda: jax.tree.map(jnp.zeros_like, like))
+  return g_old, has_old.astype(jnp.int32) * batch["roles"].shape[0]
 
 
 class Plain:

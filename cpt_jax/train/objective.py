@@ -16,9 +16,9 @@ parameter-only terms (see step.py). lambda_replay = 1 is plain data mixing;
 replay_kd > 0 adds the teacher's full next-token distribution as a soft target
 on the replay rows (dark-experience replay); replay_kd_ramp = q in [-1, 1] makes
 its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
-(mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls). The teacher is a frozen copy of
-the stage's starting model; it runs only on the rows gathered by
-`distill_index` (distill rows when lambda_kd > 0, replay rows when
+(mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls). The
+teacher is a frozen copy of the stage's starting model; it runs only on the rows
+gathered by `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
 adds up over microbatches.
 

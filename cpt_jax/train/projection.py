@@ -34,10 +34,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from cpt_jax import batch as batch_lib
+from cpt_jax import config as config_lib
 from cpt_jax.train import layout as layout_lib
 
-MODES = ("", "old", "new", "both")
+MODES = config_lib.PROJECTIONS
 
 
 def tree_vdot(a: Any, b: Any) -> jax.Array:
@@ -74,25 +74,18 @@ class Projected(layout_lib.Plain):
 
   def __init__(self, tx, schedule, mode: str, objective_cfg: Any):
     super().__init__(tx, schedule)
-    if mode not in MODES[1:]:
-      raise ValueError(f"objective.projection={mode!r}; expected one of {MODES}")
-    o = objective_cfg
     self.mode = mode
-    self.old_always = bool(o.l2sp > 0 or o.ewc > 0)
+    self.old_always = layout_lib.old_signal_always(objective_cfg)
 
   def grads(self, loss_fn: Callable, params: Any, batch: dict, frozen: Any):
     def by_signal(p):
       loss, aux = loss_fn(p, batch, frozen)
-      return jnp.stack([aux["loss_new"], loss - aux["loss_new"]]), aux
+      return layout_lib.signal_losses(loss, aux), aux
 
     _, vjp_fn, aux = jax.vjp(by_signal, params, has_aux=True)
     (g_new,) = vjp_fn(jnp.asarray([1.0, 0.0], jnp.float32))
-    has_old = jnp.any(batch["roles"] != batch_lib.NEW) | self.old_always
-    g_old = jax.lax.cond(has_old,
-                         lambda: vjp_fn(jnp.asarray([0.0, 1.0], jnp.float32))[0],
-                         lambda: jax.tree.map(jnp.zeros_like, g_new))
-    # Rows through the second pull-back (the loop counts their backward FLOPs).
-    aux["pullback_rows"] = has_old.astype(jnp.int32) * batch["roles"].shape[0]
+    g_old, aux["pullback_rows"] = layout_lib.old_signal_grad(vjp_fn, batch, self.old_always,
+                                                             g_new)
     return {"new": g_new, "old": g_old}, aux
 
   def apply(self, grads: dict, state: Any, aux: dict):
