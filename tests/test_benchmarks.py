@@ -44,6 +44,10 @@ def test_throughput_quick_prices_every_feature():
   assert out["tokens_per_sec"] > 0 and 0 < out["mfu"]
   if importlib.util.find_spec("nanodo") is None:
     assert "not installed" in out["nanodo"]["skipped"]
+  else:  # nanodo's two-matrix MLP does less work a token than our SwiGLU
+    nd = out["nanodo"]
+    assert 0 < nd["model_tflops_per_step"] < out["model_tflops_per_step"]
+    assert nd["tokens_per_sec"] > 0 and 0 < nd["mfu"] and nd["mfu_ratio"] > 0
   f = out["features"]
   assert f["plain"]["ratio"] == 1.0
   assert "replay_5" not in f and "lora_no_routing" not in f  # --features picks the rows
