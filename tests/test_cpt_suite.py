@@ -274,10 +274,11 @@ def test_default_grid_names_are_unique_and_valid_overrides():
   _assert_valid_overrides(grid)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("search_grid_*.json")),
+@pytest.mark.parametrize("path", sorted([*(REPO / "benchmarks").glob("search_grid_*.json"),
+                                         *(REPO / "benchmarks").glob("rows_*.json")]),
                          ids=lambda p: p.name)
 def test_committed_search_grids_read_and_name_config_keys(path):
-  """The grid files the README's searches ran with: valid specs and config keys."""
+  """The grid and --add-rows files the README's runs used: valid specs and config keys."""
   grid = suite_search.read_grid(str(path))
   _assert_valid_overrides(grid)
   from cpt_jax.replay import strategies  # pylint: disable=g-import-not-at-top
