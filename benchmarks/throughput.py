@@ -27,6 +27,8 @@ beside the ratio of the compiled steps' FLOPs (XLA's cost analysis):
   sigma_tau_routing       LoRA tau (rank 8 on attn q/v and the MLP) <- new rows,
                           sigma <- 4 replay rows of 16; goal: 1.15; beside it
                           lora_no_routing (both groups follow the whole loss)
+                          and subtree_routing (full-shape deltas on the same
+                          kernels, routed in the same backward)
   kd_topk                 at vocabularies of 32k and 128k (batch 4, one distill
                           row): full-vocabulary KD and top-64 KD over the plain
                           step at that vocabulary, and the temporary bytes of
@@ -167,6 +169,9 @@ def feature_configs(config) -> dict[str, tuple]:
   mixed = bench.roles_for(b, 0.25, batch_lib.REPLAY)
   out["sigma_tau_routing"] = (variant(decomposition=dict(LORA, routing=True)), mixed)
   out["lora_no_routing"] = (variant(decomposition=dict(LORA, routing=False)), mixed)
+  # The same targets as full-shape subtree deltas (sigma frozen under them), routed.
+  out["subtree_routing"] = (variant(decomposition=dict(mode="subtree", targets=LORA["targets"],
+                                                       routing=True)), mixed)
   return out
 
 

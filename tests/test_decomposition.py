@@ -259,10 +259,13 @@ def test_subtree_tau_freezes_base_leaves_without_optimizer_state():
 
 
 def test_subtree_routing_takes_the_second_pull_back_only_with_old_rows():
-  """Subtree routing's sigma gradient is a second pull-back: taken (and its rows counted
-  for the budget) on a step with replay rows, skipped on a step of new rows only."""
-  config = _config("subtree", **{"decomposition.targets": r"layers_\d+/mlp/", **ROUTING})
+  """With a delta on a norm scale (not a Dense kernel) subtree routing's sigma gradient is a
+  second pull-back: taken (and its rows counted for the budget) on a step with replay
+  rows, skipped on a step of new rows only."""
+  config = _config("subtree", **{"decomposition.targets": r"layers_\d+/(mlp/|mlp_norm)",
+                                 **ROUTING})
   ctx, step, state = _setup(config)
+  assert not ctx.layout.tau.adapters_only
   rows = config.train.global_batch_size
   s_mixed, m_mixed = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   s_new, m_new = _run(ctx, step, state, _batch(config, (NEW, NEW)))
@@ -271,6 +274,21 @@ def test_subtree_routing_takes_the_second_pull_back_only_with_old_rows():
   assert not _equal(s_mixed.params["sigma"]["layers_0"]["attn"],
                     state.params["sigma"]["layers_0"]["attn"])
   assert _equal(s_new.params["sigma"], state.params["sigma"])  # no gradient, no momentum yet
+
+
+def test_subtree_deltas_on_kernels_route_in_one_backward():
+  """Deltas on Dense kernels only: one backward routes both groups, so no second
+  pull-back is taken or counted, and both groups still train on a mixed step."""
+  config = _config("subtree", **{"decomposition.targets": r"layers_\d+/mlp/", **ROUTING})
+  ctx, step, state = _setup(config)
+  assert ctx.layout.tau.adapters_only
+  s_mixed, m = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
+  assert int(m.get("pullback_rows", 0)) == 0
+  assert float(m["grad_norm_sigma"]) > 0 and float(m["grad_norm_tau"]) > 0
+  assert not _equal(s_mixed.params["sigma"]["layers_0"]["attn"],
+                    state.params["sigma"]["layers_0"]["attn"])
+  assert _equal(s_mixed.params["sigma"]["layers_0"]["mlp"], state.params["sigma"]["layers_0"]["mlp"])
+  assert not _equal(s_mixed.params["tau"], state.params["tau"])
 
 
 def test_one_device_equals_2x2x2_mesh():

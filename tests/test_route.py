@@ -17,6 +17,7 @@ from cpt_jax import batch as batch_lib
 from cpt_jax.train import context as context_lib
 from cpt_jax.train import decomposition
 from cpt_jax.train import objective, step as step_lib
+from cpt_jax.train import tau as tau_lib
 from tests.helpers import tiny_config
 
 NEW, REPLAY, DISTILL, EVAL = batch_lib.NEW, batch_lib.REPLAY, batch_lib.DISTILL, batch_lib.EVAL
@@ -77,6 +78,15 @@ CASES = {
     "lm_head_remat": ({"model.remat": "full",
                        "decomposition.targets": r"(lm_head|mlp/up)/kernel"},
                       (NEW, REPLAY, REPLAY, NEW)),
+    # Subtree deltas on Dense kernels: x (W + delta), d delta from the new rows.
+    "subtree_distill_lm_head": ({"decomposition.mode": "subtree", "objective.lambda_kd": 1.0,
+                                 "train.init_checkpoint": "unused",
+                                 "decomposition.targets": r"(attn/(q|o)|mlp/down|lm_head)/kernel"},
+                                (NEW, DISTILL, REPLAY, NEW)),
+    "subtree_scan_remat_bias": ({"decomposition.mode": "subtree", "model.scan_layers": True,
+                                 "model.remat": "full", "model.qkv_bias": True,
+                                 "decomposition.targets": r"(attn/k|mlp/gate)/kernel"},
+                                (REPLAY, NEW, NEW, REPLAY)),
 }
 
 
@@ -100,9 +110,14 @@ def test_single_backward_equals_two_pullbacks(case):
   flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
   flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
   assert len(flat_got) == len(flat_want)
+  frozen_base = ctx.layout.tau.frozen_base()  # subtree: sigma's leaves under a delta
   for path, g in flat_got:
     w = flat_want[path]
     name = jax.tree_util.keystr(path)
+    keys = tau_lib.path_keys(path)
+    if keys[0] == "sigma" and keys[1:] in frozen_base:
+      assert not np.any(np.asarray(g)), name  # frozen under its delta: no gradient computed
+      continue
     assert np.abs(w).max() > 0, name  # every leaf carries a gradient in this batch
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4 * float(np.abs(w).max()),
                                err_msg=name)
@@ -133,8 +148,16 @@ def test_routed_forward_equals_merged_forward_and_subtree_is_merged():
   run = lambda p: ctx.apply_fn(p, b["inputs"], b["segment_ids"], b["positions"])
   np.testing.assert_allclose(run(side), run(ctx.layout.merge(params)), rtol=1e-4, atol=1e-4)
 
+  # Subtree deltas on kernels are side branches too; a delta on a norm scale is merged.
   sub = context_lib.build_context(_config(**{"decomposition.mode": "subtree"}),
                                   jax.devices()[:1])
-  assert not sub.layout.tau.adapters_only
-  with pytest.raises(ValueError, match="not LoRA adapters"):
-    sub.layout.tau.with_adapters(sub.layout.init(params["sigma"], jax.random.PRNGKey(0)), rows)
+  both = _perturbed(sub)
+  side = sub.layout.merge({**both, decomposition.ROWS: rows})
+  assert "delta" in side["layers_0"]["attn"]["q"] and "delta" not in side["layers_0"]["attn"]["k"]
+  np.testing.assert_allclose(run(side), run(sub.layout.merge(both)), rtol=1e-4, atol=1e-4)
+  norm = context_lib.build_context(_config(**{
+      "decomposition.mode": "subtree", "decomposition.targets": r"attn/q/kernel|attn_norm"}),
+      jax.devices()[:1])
+  assert not norm.layout.tau.adapters_only
+  with pytest.raises(ValueError, match="other than Dense kernels"):
+    norm.layout.tau.with_adapters(_perturbed(norm), rows)

@@ -10,9 +10,10 @@ Routed gradients (the sigma / tau layout's single backward pass,
 train/decomposition.py): when the params tree has a top-level `adapter_rows` entry
 ([B] of 0 / 1, not a parameter), each parameter's gradient sums the rows of one kind
 only: the adapters `lora_a` [*in, r] / `lora_b` [r, *out] beside a Dense kernel (which
-then computes x (W + A B)) take the rows marked 1, every other parameter (kernels,
-biases, norm scales, embeddings) the rows marked 0; activation cotangents flow back
-through all rows, once.
+then computes x (W + A B)), or a full-shape `delta` beside it (x (W + delta), W then
+takes no gradient), take the rows marked 1, every other parameter (kernels, biases, norm
+scales, embeddings) the rows marked 0; activation cotangents flow back through all rows,
+once.
 
 Every parameter carries logical axis names (see `cpt_jax/parallel/sharding.py`
 for the rules that map them onto the mesh). Shape suffixes: the table in
@@ -35,6 +36,7 @@ from cpt_jax.model import rope
 
 Array = jax.Array
 ADAPTER_ROWS = "adapter_rows"  # top-level params entry: [B] rows whose cotangents train adapters
+DELTA = "delta"  # a Dense's params entry beside `kernel`: a full-shape delta the rows train
 
 REMAT_POLICIES = {
     "none": None,
@@ -230,7 +232,9 @@ class RMSNorm(nn.Module):
 class Dense(nn.Module):
   """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) with logical axis names. With
   `adapter_rows_B` (routed gradients) the kernel takes the other rows' gradient, and
-  adapters lora_a [*in, r] and lora_b [r, *out] in the params add x A B to the product."""
+  adapters lora_a [*in, r] and lora_b [r, *out] in the params add x A B to the product;
+  or a `delta` [*in, *out] in the params adds x delta and alone takes the adapter rows'
+  weight gradient (the kernel none)."""
 
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -261,6 +265,12 @@ class Dense(nn.Module):
         a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
         y_NxM = adapted_matmul(x_NxK, kernel.reshape(k, -1), a.reshape(k, -1),
                                b.reshape(b.shape[0], -1), rows_N, jnp.dtype(dt))
+      elif self.has_variable("params", DELTA):
+        # A full-shape delta beside a kernel the delta alone trains (subtree tau): x (W + d)
+        # whose weight gradient, from the adapter rows only, reaches d; W gets none.
+        d = self.get_variable("params", DELTA)
+        w_eff = (jax.lax.stop_gradient(kernel) + d).astype(dt).reshape(k, -1)
+        y_NxM = routed_matmul(x_NxK, w_eff, rows_N)
       else:
         y_NxM = routed_matmul(x_NxK, w_KxM, 1.0 - rows_N)
     y = y_NxM.reshape(*lead, *self.out_shape)

@@ -15,21 +15,23 @@ Rows never interact in the forward (attention is within a row, the KL's rows are
 gathered row by row), and each row is in one signal only (loss_new reads `new` rows,
 loss_old every other row), so the activation cotangents of the whole loss on a row are
 those of that row's signal. One backward of the whole loss therefore carries both
-gradients, if each parameter's gradient sums the right rows: with LoRA on Dense kernels
-(`Tau.adapters_only`) the model gets sigma's weights with tau's A and scale * B beside
+gradients, if each parameter's gradient sums the right rows: with tau on Dense kernels
+only (`Tau.adapters_only`) the model gets sigma's weights with tau's A and scale * B beside
 them (`Tau.with_adapters`) and the mask of new rows m_new (m_old = 1 - m_new). Each
 targeted Dense computes Y = X (W + A B) as the merged model does; its backward
 (model/transformer.py) gives dX = dY (W + A B)^T from all rows, dW = X^T (m_old dY) to
 sigma, and dA = X^T (m_new dY B^T), dB = (m_new X A)^T dY to tau, which cost
-O(tokens x d x r), not the full-size product of the merged weights' gradient. Every
+O(tokens x d x r), not the full-size product of the merged weights' gradient. A subtree
+delta on a Dense kernel sits beside it the same way: the Dense computes X (W + delta)
+and d delta = X^T (m_new dY); W, frozen under its delta, gets none. Every
 other use of a sigma parameter (kernels, norm scales, biases, embeddings) likewise takes
 the old rows' cotangents only. L2-SP / EWC reach sigma directly, not through rows. The
 result equals the two pull-backs below to float rounding (tests/test_route.py); XLA's
 FLOP count of the step is 1.02x a plain step with LoRA on q, v and the MLP (README,
 "Performance").
 
-Otherwise (subtree mode, or adapters on leaves other than Dense kernels) tau is merged
-into the weights (W = sigma + delta(tau)) and one forward is traced with `jax.vjp` on
+Otherwise (tau entries on leaves other than Dense kernels: norm scales, embeddings,
+biases) tau is merged into the weights (W = sigma + delta(tau)) and one forward is traced with `jax.vjp` on
 [loss_new, loss_old]; its vjp function is called twice, with cotangents [1, 0] (kept:
 tau's gradient) and [0, 1] (kept: sigma's gradient): two backward passes, the second
 also through the full-size dW of each targeted kernel, and only on steps with an old

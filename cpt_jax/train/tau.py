@@ -14,10 +14,11 @@
   model params W = sigma + delta(tau)          (`Tau.merge`; pure, used for eval and export)
 
 For the routed train step (train/decomposition.py) `Tau.with_adapters` gives the model
-tree the other way: sigma's kernels unchanged, A and scale * B beside each targeted
-kernel (the model adds (x A) (scale B) to x W, model/transformer.py's Dense), and the
-[B] mask of the rows whose cotangents train tau. Only LoRA on Dense kernels can run so
-(`Tau.adapters_only`); subtree deltas and adapters on other leaves are merged.
+tree the other way: sigma's kernels unchanged, A and scale * B (LoRA) or the delta
+(subtree) beside each targeted kernel (the model adds (x A) (scale B), or x delta, to
+x W: model/transformer.py's Dense), and the [B] mask of the rows whose cotangents train
+tau. Only tau entries on Dense kernels can run so (`Tau.adapters_only`); entries on other
+leaves (norm scales, embeddings, biases) are merged.
 
 Keeping tau a *delta* on a full sigma makes three things trivial: B = 0 / delta = 0 leaves
 the model unchanged, "the model without this stage's tau" is sigma itself, and export is
@@ -146,21 +147,26 @@ class Tau:
 
   @property
   def adapters_only(self) -> bool:
-    """Every entry is a LoRA adapter of a Dense kernel, so it can be a side branch."""
-    return self.mode == "lora" and all(s.keys[-1] == "kernel" for s in self.specs)
+    """Every entry sits on a Dense kernel (a LoRA adapter or a subtree delta), so it can be
+    a side branch of that kernel's matmul."""
+    return all(s.keys[-1] == "kernel" for s in self.specs)
 
   def with_adapters(self, both: dict, adapter_rows_B: jax.Array) -> Any:
     """The model tree with tau as side branches (needs `adapters_only`): sigma's leaves,
-    plus lora_a = A and lora_b = scale * B beside each targeted kernel and the top-level
-    [B] mask of the rows whose cotangents train them (model/transformer.py)."""
+    plus lora_a = A and lora_b = scale * B (LoRA) or `delta` (subtree) beside each
+    targeted kernel, and the top-level [B] mask of the rows whose cotangents train them
+    (model/transformer.py)."""
     if not self.adapters_only:
       raise ValueError(f"decomposition.targets={self.targets!r} (mode {self.mode!r}) has "
-                       "entries that are not LoRA adapters of Dense kernels")
+                       "entries on leaves other than Dense kernels")
     out = jax.tree.map(lambda x: x, both["sigma"])  # shallow copy of the dict structure
     for s in self.specs:
       t = _get_nested(both["tau"], s.keys)
-      _set_nested(out, s.keys[:-1] + ("lora_a",), t["lora_a"])
-      _set_nested(out, s.keys[:-1] + ("lora_b",), self.scale * t["lora_b"])
+      if self.mode == "subtree":
+        _set_nested(out, s.keys[:-1] + (transformer.DELTA,), t)
+      else:
+        _set_nested(out, s.keys[:-1] + ("lora_a",), t["lora_a"])
+        _set_nested(out, s.keys[:-1] + ("lora_b",), self.scale * t["lora_b"])
     out[transformer.ADAPTER_ROWS] = adapter_rows_B
     return out
 
