@@ -127,6 +127,24 @@ def test_planner_replay_amount_to_mixture_and_candidates():
   assert kd["tflops"]["teacher"] == pytest.approx(kd["replay_tokens"] * 1e6 / 1e12)
 
 
+def test_teacher_padding_counts_the_slots_the_step_runs():
+  """By hand: 2 teacher rows of 8 in one block run 2 slots (bucket 2); in 8 blocks of one
+  row each of the 8 devices runs its bucket of 1 (8 slots for 2 rows); 3 rows in one block
+  run a bucket of 4."""
+  assert planner.teacher_padding(8, 0.25) == 1.0
+  assert planner.teacher_padding(8, 0.25, shards=8) == 4.0
+  assert planner.teacher_padding(8, 0.375) == pytest.approx(4 / 3)
+  assert planner.teacher_padding(8, 0.375, grad_accum=2, shards=4) == pytest.approx(8 / 3)
+  assert planner.teacher_padding(8, 0.0, shards=8) == 1.0
+  # 0.4 rows a step on 1 device: a step has 0 or 1 teacher row, a bucket of 1: no padding.
+  assert planner.teacher_padding(8, 0.05) == 1.0
+  kd1 = _plan(rcfg={"fraction": 0.5}, replay_kd=1.0)
+  kd8 = _plan(rcfg={"fraction": 0.5}, replay_kd=1.0, shards=8)
+  assert kd8["teacher_padding"] > kd1["teacher_padding"] >= 1.0
+  assert kd8["tflops"]["teacher"] == pytest.approx(
+      kd8["replay_tokens"] * kd8["teacher_padding"] * 1e6 / 1e12)
+
+
 def test_planner_fits_online_refreshes_into_the_selection_cap():
   """Fewer, fully useful refreshes rather than refreshes that score no candidate."""
   roomy = _plan(strategy="online", rcfg={"fraction": 0.01, "online_every": 10, "online_pool": 8,

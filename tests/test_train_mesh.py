@@ -73,6 +73,9 @@ def test_2x2x2_mesh_with_teacher_online_replay_and_resume_equals_one_device(star
   # Teacher rows as run: on the mesh each of the 4 row blocks (data x fsdp) runs its
   # microbatch's bucket (the fullest block's), so 2 microbatches x 4 blocks a bucket.
   assert one["teacher_rows"] > 0 and mesh["teacher_rows"] >= one["teacher_rows"]
+  # The plan counts that padding before the first step (replay/planner.py teacher_padding).
+  planned = lambda r: r["selection"]["planned"]["tflops"]["teacher"]
+  assert planned(mesh) > planned(one) > 0
   assert mesh["teacher_rows"] % (2 * 4) == 0
   r1, r8 = _records(tmp_path / "one"), _records(tmp_path / "mesh")
   assert sorted(r1) == sorted(r8) == [2, 4, 6, 8]

@@ -33,6 +33,7 @@ import numpy as np
 
 from cpt_jax import paths
 from cpt_jax.data import selection as selection_lib
+from cpt_jax.parallel import sharding as shd
 from cpt_jax.replay import planner as planner_lib
 from cpt_jax.replay import quota as quota_lib
 from cpt_jax.replay import scoring
@@ -114,7 +115,8 @@ class ReplayManager:
         pool_sizes={d: s.num_rows for d, s in self.stores.items()},
         f_train=self.scorer.train_flops_tok, f_fwd=self.scorer.fwd_flops_tok,
         strategy=self.strategy, lambda_kd=c.objective.lambda_kd, flops_per_second=rate,
-        replay_kd=c.objective.replay_kd)
+        replay_kd=c.objective.replay_kd, grad_accum=c.train.grad_accum_steps,
+        shards=shd.data_parallel_size(self.scorer.mesh))
 
   def _new_batches(self, n: int) -> list:
     new = [d for d, r in self.roles.items() if r == "new"]

@@ -5,9 +5,13 @@ configured weights w of the non-replay domains, T's share among them is q_T.
 Replay fraction r (replay tokens / T tokens; `replay.fraction`) gives the
 replay share p = r q_T / (1 + r q_T); a token count `replay.tokens` R > 0 gives
 p = R / S instead. Costs (FLOPs): T = S (1-p) q_T f_train, replay = S p f_train,
-teacher = (S (1-p)(1-q_T) when distilling + S p with replay_kd) f_fwd, selection = candidates x L x
-f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes; `steered`
-refreshes cost none].
+teacher = (S (1-p)(1-q_T) when distilling + S p with replay_kd) x padding x f_fwd, selection =
+candidates x L x f_fwd x (forwards per candidate) + fixed (look-ahead) [+ online refreshes;
+`steered` refreshes cost none]. padding (`teacher_padding`) is the teacher's slots run per
+teacher row: every device runs it on the fullest row block's count, rounded up to a power
+of two (train/step.py `distill_index`), as the loop counts them. The selection cap
+(`replay.selection_fraction`) is a share of the stage without that padding, so a run
+selects the same rows on any mesh; the hard caps (`max_tflops`, `max_seconds`) see it.
 Seconds use a measured forward FLOP/s (training assumed to run at the same rate).
 """
 
@@ -18,12 +22,41 @@ from typing import Mapping
 
 import numpy as np
 
+from cpt_jax import batch as batch_lib
+from cpt_jax.train import step as step_lib
+
+
+def teacher_padding(batch: int, share: float, grad_accum: int = 1, shards: int = 1,
+                    draws: int = 512) -> float:
+  """Expected teacher slots run per teacher row (>= 1) for a batch of `batch` rows, a
+  `share` of them the teacher's, split into `grad_accum` microbatches of `shards` row
+  blocks. Estimated over `draws` batches drawn as the mixer draws them (floor or ceil of
+  batch x share teacher rows, at shuffled positions: data/mixer.py), each indexed as the
+  step indexes it (`step.distill_index`: A x D x the fullest block's count rounded up to a
+  power of two; a batch without teacher rows runs none). Deterministic (fixed seed)."""
+  if share <= 0:
+    return 1.0
+  rng = np.random.default_rng(0)
+  lo = int(math.floor(batch * share))
+  frac = batch * share - lo
+  slots = rows = 0
+  for _ in range(draws):
+    n = min(lo + int(rng.random() < frac), batch)
+    if n == 0:
+      continue
+    roles = np.full(batch, batch_lib.NEW, np.int32)
+    roles[rng.permutation(batch)[:n]] = batch_lib.DISTILL
+    slots += step_lib.distill_index(roles, grad_accum, shards=shards).size
+    rows += n
+  return slots / rows if rows else 1.0
+
 
 def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, float],
          roles: Mapping[str, str], pool_sizes: Mapping[str, int], f_train: float,
          f_fwd: float, strategy, lambda_kd: float, flops_per_second: float,
-         replay_kd: float = 0.0) -> dict:
-  """The plan dict (see module docstring); ValueError when the replay or the caps leave no T."""
+         replay_kd: float = 0.0, grad_accum: int = 1, shards: int = 1) -> dict:
+  """The plan dict (see module docstring); ValueError when the replay or the caps leave no T.
+  grad_accum, shards: the step's microbatches and row blocks (the teacher's padding)."""
   S = float(steps) * batch * seq_len
   nonrep = {d: float(w) for d, w in weights.items() if roles[d] in ("new", "distill")}
   tot = sum(nonrep.values())
@@ -45,10 +78,14 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
   teacher_tokens = S * (1 - p) * (1 - q_t) if lambda_kd > 0 else 0.0
   if replay_kd > 0:  # the teacher also runs on every replay row
     teacher_tokens += replay_tokens
+  padding = teacher_padding(batch, teacher_tokens / S, grad_accum, shards)
   tf = 1e12
   cost = {"new": t_tokens * f_train / tf, "replay": replay_tokens * f_train / tf,
-          "teacher": teacher_tokens * f_fwd / tf}
+          "teacher": teacher_tokens * padding * f_fwd / tf}
   base = sum(cost.values())
+  # The selection fraction's cap is taken of the rows' FLOPs (teacher unpadded), so the
+  # mesh changes no selection; the hard caps below see the teacher as it runs.
+  base_rows = base - cost["teacher"] + teacher_tokens * f_fwd / tf
   rate = float(flops_per_second) or float("nan")
   secs = lambda tflops: tflops * tf / rate
   if rcfg.max_tflops and cost["new"] > rcfg.max_tflops:
@@ -73,7 +110,7 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
         f"({base:.4g} TFLOPs at {rate / tf:.4g} TFLOP/s); lower {_amount(rcfg, False)}")
   # Selection budget: the smaller of the fraction cap and what the hard caps leave.
   frac = float(rcfg.selection_fraction)
-  sel_cap = frac / (1 - frac) * base if frac < 1 else float("inf")
+  sel_cap = frac / (1 - frac) * base_rows if frac < 1 else float("inf")
   if rcfg.max_tflops:
     sel_cap = min(sel_cap, rcfg.max_tflops - base)
   if rcfg.max_seconds and rate == rate:
@@ -115,6 +152,7 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
       "strategy": strategy.name, "stage_tokens": S, "t_tokens": t_tokens,
       "replay_tokens": replay_tokens, "replay_fraction": r, "replay_share": p, "q_t": q_t,
       "buffer_rows": buffer_rows, "pool_rows": pool, "candidates": candidates,
+      "teacher_padding": padding,
       "online_refreshes": refreshes, "online_pool": online_pool, "online_every": online_every,
       "tflops": cost, "total_tflops": total,
       "selection_share": sel_tflops / total if total else 0.0,
