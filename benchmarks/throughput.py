@@ -12,13 +12,14 @@ and the step-time price of each CPT feature.
 
 Prints one JSON object: tokens_per_sec, model_tflops_per_step, peak_gflops (a
 matmul in the compute dtype, measured before and after the step timings in this
-same run; the higher is used), mfu, the same figures for a plain Flax step of the
-same shape (`baseline`), nanodo's own train step at the same shape (`nanodo`,
-when it is installed; its MFU from its own model's FLOPs), the machine's /proc/loadavg before and after, and
-`features`: step time with each CPT feature over the plain step's, measured in
-one run with the variants taking turns (`--feature_rounds` rounds of
-`--feature_steps` steps; medians), so a change in load falls on all of them,
-beside the ratio of the compiled steps' FLOPs (XLA's cost analysis):
+same run; the higher is used), mfu, the same figures for a plain Flax step of
+the same shape (`baseline`), nanodo's own train step at the same shape
+(`nanodo`, when it is installed; its MFU from its own model's FLOPs), the
+machine's /proc/loadavg before and after, and `features`: step time with each
+CPT feature over the plain step's, measured in one run with the variants taking
+turns (`--feature_rounds` rounds of `--feature_steps` steps; medians), so a
+change in load falls on all of them, beside the ratio of the compiled steps'
+FLOPs (XLA's cost analysis):
 
   replay_5 / replay_25    1 of 16 / 4 of 16 rows are replay rows (CE); goal: 1.0
   distill_5 / distill_25  the same rows distilled from a teacher (lambda_kd = 1);

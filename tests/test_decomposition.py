@@ -265,7 +265,7 @@ def test_subtree_routing_takes_the_second_pull_back_only_with_old_rows():
   config = _config("subtree", **{"decomposition.targets": r"layers_\d+/(mlp/|mlp_norm)",
                                  **ROUTING})
   ctx, step, state = _setup(config)
-  assert not ctx.layout.tau.adapters_only
+  assert not ctx.layout.tau.on_kernels_only
   rows = config.train.global_batch_size
   s_mixed, m_mixed = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   s_new, m_new = _run(ctx, step, state, _batch(config, (NEW, NEW)))
@@ -281,13 +281,14 @@ def test_subtree_deltas_on_kernels_route_in_one_backward():
   pull-back is taken or counted, and both groups still train on a mixed step."""
   config = _config("subtree", **{"decomposition.targets": r"layers_\d+/mlp/", **ROUTING})
   ctx, step, state = _setup(config)
-  assert ctx.layout.tau.adapters_only
+  assert ctx.layout.tau.on_kernels_only
   s_mixed, m = _run(ctx, step, state, _batch(config, (NEW, REPLAY)))
   assert int(m.get("pullback_rows", 0)) == 0
   assert float(m["grad_norm_sigma"]) > 0 and float(m["grad_norm_tau"]) > 0
   assert not _equal(s_mixed.params["sigma"]["layers_0"]["attn"],
                     state.params["sigma"]["layers_0"]["attn"])
-  assert _equal(s_mixed.params["sigma"]["layers_0"]["mlp"], state.params["sigma"]["layers_0"]["mlp"])
+  assert _equal(s_mixed.params["sigma"]["layers_0"]["mlp"],
+                state.params["sigma"]["layers_0"]["mlp"])  # frozen under the deltas
   assert not _equal(s_mixed.params["tau"], state.params["tau"])
 
 

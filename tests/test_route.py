@@ -95,7 +95,7 @@ def test_single_backward_equals_two_pullbacks(case):
   overrides, roles = CASES[case]
   config = _config(**overrides)
   ctx = context_lib.build_context(config, jax.devices()[:1])
-  assert ctx.layout.tau.adapters_only
+  assert ctx.layout.tau.on_kernels_only
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=3,
                                    z_loss=config.train.z_loss, layout=ctx.layout)
   params = _perturbed(ctx)
@@ -158,6 +158,6 @@ def test_routed_forward_equals_merged_forward_and_subtree_is_merged():
   norm = context_lib.build_context(_config(**{
       "decomposition.mode": "subtree", "decomposition.targets": r"attn/q/kernel|attn_norm"}),
       jax.devices()[:1])
-  assert not norm.layout.tau.adapters_only
+  assert not norm.layout.tau.on_kernels_only
   with pytest.raises(ValueError, match="other than Dense kernels"):
     norm.layout.tau.with_adapters(_perturbed(norm), rows)

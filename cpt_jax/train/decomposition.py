@@ -16,7 +16,7 @@ gathered row by row), and each row is in one signal only (loss_new reads `new` r
 loss_old every other row), so the activation cotangents of the whole loss on a row are
 those of that row's signal. One backward of the whole loss therefore carries both
 gradients, if each parameter's gradient sums the right rows: with tau on Dense kernels
-only (`Tau.adapters_only`) the model gets sigma's weights with tau's A and scale * B beside
+only (`Tau.on_kernels_only`) the model gets sigma's weights with tau's A and scale * B beside
 them (`Tau.with_adapters`) and the mask of new rows m_new (m_old = 1 - m_new). Each
 targeted Dense computes Y = X (W + A B) as the merged model does; its backward
 (model/transformer.py) gives dX = dY (W + A B)^T from all rows, dW = X^T (m_old dY) to
@@ -31,14 +31,15 @@ FLOP count of the step is 1.02x a plain step with LoRA on q, v and the MLP (READ
 "Performance").
 
 Otherwise (tau entries on leaves other than Dense kernels: norm scales, embeddings,
-biases) tau is merged into the weights (W = sigma + delta(tau)) and one forward is traced with `jax.vjp` on
-[loss_new, loss_old]; its vjp function is called twice, with cotangents [1, 0] (kept:
-tau's gradient) and [0, 1] (kept: sigma's gradient): two backward passes, the second
-also through the full-size dW of each targeted kernel, and only on steps with an old
-signal (its rows are counted in aux['pullback_rows']; the loop adds their backward FLOPs
-to the stage's budget, part 'second_pullback'). With `freeze_sigma` only tau's
-gradient is taken, and sigma gets neither a gradient nor optimizer state. With
-`routing=False` both groups follow the full loss (one backward, merged weights).
+biases) tau is merged into the weights (W = sigma + delta(tau)) and one forward is
+traced with `jax.vjp` on [loss_new, loss_old]; its vjp function is called twice, with
+cotangents [1, 0] (kept: tau's gradient) and [0, 1] (kept: sigma's gradient): two
+backward passes, the second also through the full-size dW of each targeted kernel, and
+only on steps with an old signal (its rows are counted in aux['pullback_rows']; the loop
+adds their backward FLOPs to the stage's budget, part 'second_pullback'). With
+`freeze_sigma` only tau's gradient is taken, and sigma gets neither a gradient nor
+optimizer state. With `routing=False` both groups follow the full loss (one backward,
+merged weights).
 
 Optimizers: one per group (sigma: `config.optimizer`; tau: the same with the
 `decomposition.tau_*` overrides), each with its own clipping, schedule and weight decay;
@@ -161,7 +162,7 @@ class SigmaTau:
   def grads(self, loss_fn: Callable, params: dict, batch: dict, frozen: Any):
     """({group: gradient}, aux): tau follows loss_new, sigma loss_old (with routing)."""
     groups = self.trainable_groups
-    if self.routing and self.tau.adapters_only:
+    if self.routing and self.tau.on_kernels_only:
       # One backward of the whole loss; the model routes each row's cotangents (new rows
       # to tau's adapters, the others to sigma): see the module docstring.
       rows_B = (batch["roles"] == batch_lib.NEW).astype(jnp.float32)

@@ -17,7 +17,7 @@ For the routed train step (train/decomposition.py) `Tau.with_adapters` gives the
 tree the other way: sigma's kernels unchanged, A and scale * B (LoRA) or the delta
 (subtree) beside each targeted kernel (the model adds (x A) (scale B), or x delta, to
 x W: model/transformer.py's Dense), and the [B] mask of the rows whose cotangents train
-tau. Only tau entries on Dense kernels can run so (`Tau.adapters_only`); entries on other
+tau. Only tau entries on Dense kernels can run so (`Tau.on_kernels_only`); entries on other
 leaves (norm scales, embeddings, biases) are merged.
 
 Keeping tau a *delta* on a full sigma makes three things trivial: B = 0 / delta = 0 leaves
@@ -146,17 +146,17 @@ class Tau:
     return out
 
   @property
-  def adapters_only(self) -> bool:
+  def on_kernels_only(self) -> bool:
     """Every entry sits on a Dense kernel (a LoRA adapter or a subtree delta), so it can be
     a side branch of that kernel's matmul."""
     return all(s.keys[-1] == "kernel" for s in self.specs)
 
   def with_adapters(self, both: dict, adapter_rows_B: jax.Array) -> Any:
-    """The model tree with tau as side branches (needs `adapters_only`): sigma's leaves,
+    """The model tree with tau as side branches (needs `on_kernels_only`): sigma's leaves,
     plus lora_a = A and lora_b = scale * B (LoRA) or `delta` (subtree) beside each
     targeted kernel, and the top-level [B] mask of the rows whose cotangents train them
     (model/transformer.py)."""
-    if not self.adapters_only:
+    if not self.on_kernels_only:
       raise ValueError(f"decomposition.targets={self.targets!r} (mode {self.mode!r}) has "
                        "entries on leaves other than Dense kernels")
     out = jax.tree.map(lambda x: x, both["sigma"])  # shallow copy of the dict structure
