@@ -8,6 +8,7 @@ r"""Replay selection benchmark: forgetting vs replay size and selection cost.
   python benchmarks/cpt_suite.py ... --search 24        # choose on dev (suite_search.py)
   python benchmarks/cpt_suite.py ... --add-rows OUT.chosen.json   # the chosen config's row
   python benchmarks/cpt_suite.py ... --preset gpu       # 34M params, one GPU, ~10 min
+  python benchmarks/cpt_suite.py ... --preset mid       # 4.4M params, 2-core CPU, ~1 h
 
 Pretrains M on --old (cached in --cache, keyed by the pretrain settings), then
 continues pre-training on --new at equal T tokens for every row (see
@@ -57,8 +58,9 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--corpora", default=os.environ.get("CPT_CORPORA", ""))
   p.add_argument("--json", required=True, help="output JSON path")
-  p.add_argument("--preset", default="", choices=("", "gpu"),
-                 help="gpu: 34M params, 2 seeds, the rows that matter (suite_lib.gpu_preset)")
+  p.add_argument("--preset", default="", choices=("", "mid", "gpu"),
+                 help="gpu: 34M params, 2 seeds, the rows that matter (suite_lib.gpu_preset); "
+                      "mid: 4.4M params on CPU, 1 seed (suite_lib.mid_preset)")
   p.add_argument("--quick", action="store_true",
                  help="small model, 1 seed, 5%% column only (with --preset: the preset's rows)")
   p.add_argument("--old", default=None, help="comma-separated pretraining domains")
@@ -93,8 +95,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   s = suite.Settings(corpora=sources_lib.find_corpus_dir(a.corpora), cache=a.cache,
                      workdir=a.workdir)
-  if a.preset == "gpu":
-    s = suite.gpu_preset(s)
+  if a.preset:
+    s = {"gpu": suite.gpu_preset, "mid": suite.mid_preset}[a.preset](s)
   if a.quick:
     s = suite.quick(s, rows=not a.preset)
   over = {"old": tuple(a.old.split(",")) if a.old else None, "new": a.new,

@@ -192,6 +192,22 @@ def gpu_preset(settings: Settings) -> Settings:
       only="no_replay,random_0.01,random_0.05,online_0.01,online_0.01+kd*", workers=1)
 
 
+def mid_preset(settings: Settings) -> Settings:
+  """--preset mid: 4.4M parameters (d 256, 4 layers; 7x the default), otherwise the
+  default scale (rows of 128 bytes, batch 32, M 1,900 steps, 400 T-steps), 1 seed, the
+  rows that say whether the default scale's ranking moves with capacity: random 1% / 5%
+  and online 1% with replay KD (`--add-rows` adds a chosen configuration).
+
+  A step between the default scale and --preset gpu that a 2-core CPU runs in about an
+  hour (learning rates scaled down with width, as in --preset gpu).
+  """
+  return dataclasses.replace(
+      settings, d_model=256, num_layers=4, lr=2e-3, cpt_lr=1.5e-3, seeds=1,
+      random_fractions=(0.01, 0.05), strategies=("online",), strategy_fractions=(0.01,),
+      extras=("kd",), kd_strategies=("online",), kd_fraction=0.01,
+      only="random_0.01,random_0.05,online_0.01+kd*")
+
+
 def base_config(s: Settings):
   c = config_lib.default_config()
   c.model.update(d_model=s.d_model, num_layers=s.num_layers, num_heads=4, num_kv_heads=4,

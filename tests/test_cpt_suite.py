@@ -371,12 +371,15 @@ def test_pareto_frontier_and_beats_random_on_hand_made_points():
                              "z_0.01"]
 
 
-def test_gpu_preset_quick_runs_its_rows_on_cpu(tmp_path):
-  """--preset gpu --quick: the preset's rows (no replay, random 1/5%, online 1% +-KD), small."""
+@pytest.mark.parametrize("preset,rows,workers", [
+    ("gpu", ["no_replay", "random_0.01", "random_0.05", "online_0.01", "online_0.01+kd"], 1),
+    ("mid", ["random_0.01", "random_0.05", "online_0.01+kd"], None)])
+def test_preset_quick_runs_its_rows_on_cpu(tmp_path, preset, rows, workers):
+  """--preset P --quick: the preset's rows, with the quick model (gpu: one run at a time)."""
   import os  # pylint: disable=g-import-not-at-top
   corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
-  out = tmp_path / "gpu.json"
-  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--preset", "gpu",
+  out = tmp_path / f"{preset}.json"
+  cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--preset", preset,
          "--quick", "--corpora", str(corpus), "--json", str(out),
          "--cache", str(tmp_path / "cache"), "--old", "alpha,beta", "--new", "gamma",
          "--unavailable", "beta", "--pretrain-steps", "6", "--cpt-steps", "12"]
@@ -384,8 +387,22 @@ def test_gpu_preset_quick_runs_its_rows_on_cpu(tmp_path):
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   data = json.loads(out.read_text())
-  assert [r["name"] for r in data["table"]] == ["no_replay", "random_0.01", "random_0.05",
-                                                "online_0.01", "online_0.01+kd"]
-  assert data["settings"]["workers"] == 1 and data["settings"]["d_model"] == 64
+  assert [r["name"] for r in data["table"]] == rows
+  assert data["settings"]["d_model"] == 64
+  if workers:
+    assert data["settings"]["workers"] == workers
   full = suite.gpu_preset(suite.Settings(corpora="x"))
   assert (full.d_model, full.num_layers, full.seq_len, full.seeds) == (512, 8, 512, 2)
+
+
+def test_mid_preset_scales_the_model_and_keeps_the_default_stage():
+  """--preset mid: 7x the default model at the default stage length, the rows that compare."""
+  base = suite.Settings(corpora="x")
+  s = suite.mid_preset(base)
+  assert (s.d_model, s.num_layers, s.seeds) == (256, 4, 1)
+  # The stage is the default one (same T tokens, same M steps), so only capacity changes.
+  assert (s.seq_len, s.batch, s.pretrain_steps, s.cpt_steps) == (
+      base.seq_len, base.batch, base.pretrain_steps, base.cpt_steps)
+  assert s.pretrain_key() != base.pretrain_key()  # its own M
+  names = [sp["name"] for sp in suite.select_specs(suite.run_specs(s), s.only)]
+  assert names == ["random_0.01", "random_0.05", "online_0.01+kd"]
