@@ -58,7 +58,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--corpora", default=os.environ.get("CPT_CORPORA", ""))
   p.add_argument("--json", required=True, help="output JSON path")
-  p.add_argument("--preset", default="", choices=("", "mid", "gpu"),
+  p.add_argument("--preset", default="", choices=("", *suite.PRESETS),
                  help="gpu: 34M params, 2 seeds, the rows that matter (suite_lib.gpu_preset); "
                       "mid: 4.4M params on CPU, 1 seed (suite_lib.mid_preset)")
   p.add_argument("--quick", action="store_true",
@@ -96,7 +96,7 @@ def main(argv=None):
   s = suite.Settings(corpora=sources_lib.find_corpus_dir(a.corpora), cache=a.cache,
                      workdir=a.workdir)
   if a.preset:
-    s = {"gpu": suite.gpu_preset, "mid": suite.mid_preset}[a.preset](s)
+    s = suite.PRESETS[a.preset](s)
   if a.quick:
     s = suite.quick(s, rows=not a.preset)
   over = {"old": tuple(a.old.split(",")) if a.old else None, "new": a.new,

@@ -178,6 +178,13 @@ def quick(settings: Settings, rows: bool = True) -> Settings:
 PARETO_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 
 
+# The row groups both presets draw from (each preset's `only` picks its rows): random 1% /
+# 5%, online 1%, and online 1% with replay KD.
+_PRESET_ROWS = dict(random_fractions=(0.01, 0.05), strategies=("online",),
+                    strategy_fractions=(0.01,), extras=("kd",), kd_strategies=("online",),
+                    kd_fraction=0.01)
+
+
 def gpu_preset(settings: Settings) -> Settings:
   """--preset gpu: 34M parameters (d 512, 8 layers, rows of 512 bytes), 2 seeds, the rows
   that matter: no replay, random 1% / 5%, online 1% with and without replay KD.
@@ -186,9 +193,7 @@ def gpu_preset(settings: Settings) -> Settings:
   """
   return dataclasses.replace(
       settings, d_model=512, num_layers=8, seq_len=512, batch=32, pretrain_steps=3000,
-      cpt_steps=800, lr=1e-3, cpt_lr=6e-4, seeds=2, random_fractions=(0.01, 0.05),
-      strategies=("online",), strategy_fractions=(0.01,), extras=("kd",),
-      kd_strategies=("online",), kd_fraction=0.01,
+      cpt_steps=800, lr=1e-3, cpt_lr=6e-4, seeds=2, **_PRESET_ROWS,
       only="no_replay,random_0.01,random_0.05,online_0.01,online_0.01+kd*", workers=1)
 
 
@@ -202,10 +207,12 @@ def mid_preset(settings: Settings) -> Settings:
   hour (learning rates scaled down with width, as in --preset gpu).
   """
   return dataclasses.replace(
-      settings, d_model=256, num_layers=4, lr=2e-3, cpt_lr=1.5e-3, seeds=1,
-      random_fractions=(0.01, 0.05), strategies=("online",), strategy_fractions=(0.01,),
-      extras=("kd",), kd_strategies=("online",), kd_fraction=0.01,
+      settings, d_model=256, num_layers=4, lr=2e-3, cpt_lr=1.5e-3, seeds=1, **_PRESET_ROWS,
       only="random_0.01,random_0.05,online_0.01+kd*")
+
+
+# --preset NAME: a function of the Settings (cpt_suite.py's --preset choices).
+PRESETS = {"gpu": gpu_preset, "mid": mid_preset}
 
 
 def base_config(s: Settings):

@@ -371,10 +371,11 @@ def test_pareto_frontier_and_beats_random_on_hand_made_points():
                              "z_0.01"]
 
 
-@pytest.mark.parametrize("preset,rows,workers", [
-    ("gpu", ["no_replay", "random_0.01", "random_0.05", "online_0.01", "online_0.01+kd"], 1),
-    ("mid", ["random_0.01", "random_0.05", "online_0.01+kd"], None)])
-def test_preset_quick_runs_its_rows_on_cpu(tmp_path, preset, rows, workers):
+@pytest.mark.parametrize("preset,rows,workers,full_shape", [
+    ("gpu", ["no_replay", "random_0.01", "random_0.05", "online_0.01", "online_0.01+kd"], 1,
+     (512, 8, 512, 2)),
+    ("mid", ["random_0.01", "random_0.05", "online_0.01+kd"], None, (256, 4, 128, 1))])
+def test_preset_quick_runs_its_rows_on_cpu(tmp_path, preset, rows, workers, full_shape):
   """--preset P --quick: the preset's rows, with the quick model (gpu: one run at a time)."""
   import os  # pylint: disable=g-import-not-at-top
   corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
@@ -391,8 +392,8 @@ def test_preset_quick_runs_its_rows_on_cpu(tmp_path, preset, rows, workers):
   assert data["settings"]["d_model"] == 64
   if workers:
     assert data["settings"]["workers"] == workers
-  full = suite.gpu_preset(suite.Settings(corpora="x"))
-  assert (full.d_model, full.num_layers, full.seq_len, full.seeds) == (512, 8, 512, 2)
+  full = suite.PRESETS[preset](suite.Settings(corpora="x"))
+  assert (full.d_model, full.num_layers, full.seq_len, full.seeds) == full_shape
 
 
 def test_mid_preset_scales_the_model_and_keeps_the_default_stage():
