@@ -4,6 +4,7 @@ the package): throughput.py, memory.py and input_pipeline.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -160,11 +161,15 @@ def interleaved_times(benches: dict[str, Bench], steps: int, rounds: int) -> dic
 def time_train_step(config: ml_collections.ConfigDict, steps: int = 10, repeats: int = 3,
                     devices=None, trace_dir: str = "") -> dict:
   """Median seconds per step of the real jitted step on random packed batches; with
-  `trace_dir` two more steps under a `jax.profiler` trace written there (untimed)."""
+  `trace_dir` two more steps under a `jax.profiler` trace written there (untimed), beside
+  the compiled step's HLO text (train_step.hlo.txt)."""
   bench = build_bench(config, devices=devices)
   bench.run(1)
   times = [bench.run(steps) for _ in range(repeats)]
-  if trace_dir:
+  if trace_dir:  # the compiled module beside the trace: profile_summary.py reads both
+    os.makedirs(trace_dir, exist_ok=True)
+    with open(os.path.join(trace_dir, "train_step.hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(bench.compiled.as_text())
     with jax.profiler.trace(trace_dir):
       bench.run(2)
   sec = float(np.median(times))

@@ -6,13 +6,16 @@ and the step-time price of each CPT feature.
   python benchmarks/throughput.py --quick         # a tiny shape in seconds (smoke test)
   python benchmarks/throughput.py --gpt2_small    # d768 x 12 layers, seq 1024, bf16 (GPU)
   python benchmarks/throughput.py --llama_1b --attention cudnn --batch 4 --no_baseline \
-      --peak_n 8192 --topk_vocabs '' --features distill_25
-                                                  # Llama-3.2-1B shape, seq 4096, and with
-                                                  # 25% distill rows and a teacher (GPU)
+      --peak_n 8192 --remat dots_no_batch --no_features --profile /tmp/trace
+                                                  # Llama-3.2-1B shape, seq 4096 (GPU);
+                                                  # gpu_session.sh runs it, then the same
+                                                  # with 25% distill rows and a teacher
 
 Prints one JSON object: tokens_per_sec, model_tflops_per_step, peak_gflops (a
 matmul in the compute dtype, measured before and after the step timings in this
-same run; the higher is used), mfu, the same figures for a plain Flax step of
+same run; the higher is used), mfu, mfu_spec (against the chip's datasheet rate,
+SPEC_BF16_TFLOPS, in bf16), with --profile the trace's summary (`profile`:
+profile_summary.py's time per kind of op), the same figures for a plain Flax step of
 the same shape (`baseline`), nanodo's own train step at the same shape
 (`nanodo`, when it is installed; its MFU from its own model's FLOPs), the
 machine's /proc/loadavg before and after, and `features`: step time with each
@@ -62,6 +65,21 @@ from cpt_jax.model.transformer import flops_per_token, ModelConfig  # pylint: di
 from cpt_jax.schema import mixing as mixing_config  # pylint: disable=wrong-import-position
 from cpt_jax.train import metrics  # pylint: disable=wrong-import-position
 import bench_lib as bench  # pylint: disable=wrong-import-position
+import profile_summary  # pylint: disable=wrong-import-position
+
+# Dense bf16 TFLOP/s per chip by the vendors' datasheets, by jax's device_kind (the first
+# name contained in it); `mfu_spec` divides by it. --spec_tflops overrides.
+SPEC_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0),
+                    ("TPU v6 lite", 918.0))
+
+
+def spec_tflops(device_kind: str, dtype) -> float | None:
+  """The datasheet's dense bf16 TFLOP/s of `device_kind` (None: unknown, or not bf16)."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return None
+  return next((v for k, v in SPEC_BF16_TFLOPS if k in device_kind), None)
+
 
 NANODO_SKIPPED = {"skipped": "not installed: pip install git+https://github.com/google-deepmind/nanodo"}
 LORA = dict(mode="lora", targets=r"(attn/(q|v)|mlp/(gate|up|down))/kernel", lora_rank=8,
@@ -334,6 +352,9 @@ def main() -> None:
   ap.add_argument("--profile", default="",
                   help="folder: a jax.profiler trace of two headline steps (after the timing)")
   ap.add_argument("--attention", default="", help="model.attention (native, dot_product, cudnn)")
+  ap.add_argument("--spec_tflops", type=float, default=0.0,
+                  help="the chip's specified dense TFLOP/s in the compute dtype for "
+                       "`mfu_spec` (default: SPEC_BF16_TFLOPS by device kind)")
   ap.add_argument("--peak_n", type=int, default=0,
                   help="matmul size of the peak (default 2048 on CPU, 8192 elsewhere)")
   args = ap.parse_args()
@@ -398,6 +419,11 @@ def main() -> None:
       "peak_gflops_before_after": [peak_before / 1e9, peak_after / 1e9],
       "mfu": flops_step / ours["seconds_per_step"] / peak,
   }
+  spec = args.spec_tflops or spec_tflops(out["device"], dtype)
+  out["spec_tflops"] = spec
+  out["mfu_spec"] = flops_step / ours["seconds_per_step"] / (spec * 1e12) if spec else None
+  if args.profile:
+    out["profile"] = profile_summary.summarize(args.profile)
   if base is not None:
     out["baseline"] = {"tokens_per_sec": base["tokens_per_sec"],
                        "mfu": flops_step / base["seconds_per_step"] / peak}

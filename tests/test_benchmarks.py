@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, write_corpus
 
 from cpt_jax.schema import mixing as mixing_schema
 
@@ -38,10 +38,16 @@ def test_memory_quick_fsdp_shards_state_and_teacher():
     assert r["temp_bytes"] > 0 and r["peak_bytes"] >= r["argument_bytes"]
 
 
-def test_throughput_quick_prices_every_feature():
-  out = _run("throughput.py", "--quick", "--no_baseline",
+def test_throughput_quick_prices_every_feature(tmp_path):
+  out = _run("throughput.py", "--quick", "--no_baseline", "--profile", str(tmp_path / "trace"),
              "--features", "replay_25,distill_5,distill_25,sigma_tau_routing")
   assert out["tokens_per_sec"] > 0 and 0 < out["mfu"]
+  assert out["spec_tflops"] is None and out["mfu_spec"] is None  # f32 on a CPU: no datasheet
+  # The profiled step: its matmuls are found (through the compiled module beside the trace).
+  prof = out["profile"]
+  assert (tmp_path / "trace" / "train_step.hlo.txt").exists()
+  assert prof["kinds"]["matmul"]["seconds"] > 0 and prof["top_ops"]
+  assert abs(sum(k["share"] for k in prof["kinds"].values()) - 1) < 1e-6
   if importlib.util.find_spec("nanodo") is None:
     assert "not installed" in out["nanodo"]["skipped"]
   else:  # nanodo's two-matrix MLP does less work a token than our SwiGLU
@@ -67,3 +73,119 @@ def test_throughput_quick_prices_every_feature():
   assert topk["temp_bytes_saved_vs_full_kd"] > 0
   assert set(f["controllers_200_domains"]) == set(mixing_schema.CONTROLLERS)
   assert len(f["timing"]["loadavg_before"]) == 3
+
+
+def _load(script: str):
+  spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[script] = module  # its dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_spec_rate_is_the_named_chips_bf16_datasheet_figure():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  tp = _load("throughput")
+  assert tp.spec_tflops("NVIDIA H200", jnp.bfloat16) == 989.0
+  assert tp.spec_tflops("NVIDIA H100 80GB HBM3", jnp.bfloat16) == 989.0
+  assert tp.spec_tflops("NVIDIA H100 PCIe", jnp.bfloat16) == 756.0  # not the SXM part's
+  assert tp.spec_tflops("TPU v5 lite", jnp.bfloat16) == 197.0  # v5e, not v5p
+  assert tp.spec_tflops("TPU v5", jnp.bfloat16) == 459.0
+  assert tp.spec_tflops("NVIDIA H200", jnp.float32) is None
+  assert tp.spec_tflops("cpu", jnp.bfloat16) is None
+
+
+def test_profile_summary_tells_matmuls_from_elementwise_work(tmp_path):
+  """Two programs traced on this CPU: the one that multiplies matrices spends its time in
+  matmuls, the elementwise one in other fusions (XLA's CPU backend names both fusions
+  alike; the compiled module beside the trace tells them apart)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ps = _load("profile_summary")
+  x = jnp.ones((512, 512))
+  programs = {"matmul": (jax.jit(lambda a: (a @ a) @ a), x),
+              "fusion": (jax.jit(lambda a: jnp.tanh(jnp.exp(a) * 3 + 1).sum()), x)}
+  for expected, (fn, arg) in programs.items():
+    compiled = fn.lower(arg).compile()
+    trace = tmp_path / expected
+    trace.mkdir()
+    (trace / "step.hlo.txt").write_text(compiled.as_text())
+    compiled(arg).block_until_ready()
+    with jax.profiler.trace(str(trace)):
+      for _ in range(3):
+        compiled(arg).block_until_ready()
+    out = ps.summarize(str(trace))
+    top_kind = max(out["kinds"], key=lambda k: out["kinds"][k]["seconds"])
+    assert top_kind == expected, out["kinds"]
+    assert out["device_ops_seconds"] > 0 and out["busy_fraction"] > 0
+  # The command line prints the same summary.
+  cli = _run("profile_summary.py", str(tmp_path / "matmul"), "--top", "3")
+  assert len(cli["top_ops"]) <= 3 and cli["top_ops"][0]["kind"] == "matmul"
+
+
+def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
+  """benchmarks/gpu_session.sh (the one call a lent GPU gets) end to end on this CPU at
+  the quick sizes: both throughput parts, the suite rows, the files it hands back."""
+  corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
+  out, state = tmp_path / "out", tmp_path / "state"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OUT=str(out), STATE=str(state),
+             BUDGET="900", CORPORA=str(corpus), SHAPE="--quick",
+             SUITE_EXTRA="--quick --pretrain-steps 6 --cpt-steps 12 --old alpha,beta "
+                         "--new gamma --unavailable beta")
+  res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=env,
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  tp = json.loads((out / "throughput_1b.json").read_text())
+  assert tp["remat"] == "dots_no_batch" and "profile" not in tp
+  assert json.loads((out / "profile_1b.json").read_text())["profile"]["top_ops"]
+  distill = json.loads((out / "distill_1b.json").read_text())
+  assert distill["remat"] == "full" and distill["features"]["distill_25"]["ratio"] > 0
+  rows = json.loads((out / "suite_rows.json").read_text())["rows"]
+  assert sorted(r["name"] for r in rows) == sorted(
+      ["random_0.05", "online_0.01+kd3_t2_e132_w0.25_q0_r0", "random_0.01+kd3_t2"])
+  assert (out / "trace.tgz").exists() and (out / "log.txt").exists()
+  # A second call on the same machine skips what is done and reuses the suite's rows.
+  res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=env,
+                       capture_output=True, text=True, timeout=900, check=False)
+  assert res.returncode == 0 and "== 1." not in res.stdout and "3 reused" in res.stdout
+
+
+def test_hlo_kinds_reads_gpu_custom_calls_and_fusions():
+  """A compiled module's text as a GPU backend writes it: cuBLAS and cuDNN custom calls,
+  a fusion around a dot, a copy-only fusion, an elementwise fusion, a tuple-typed op."""
+  ps = _load("profile_summary")
+  hlo = """
+%fused_dot (p0: bf16[8,8], p1: bf16[8,8]) -> bf16[8,8] {
+  %p0 = bf16[8,8]{1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %dot.2 = bf16[8,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_copy (p0.1: bf16[8,8]) -> bf16[8,8] {
+  %p0.1 = bf16[8,8]{1,0} parameter(0)
+  %bitcast.1 = bf16[8,8]{0,1} bitcast(%p0.1)
+  ROOT %transpose.3 = bf16[8,8]{1,0} transpose(%bitcast.1), dimensions={1,0}
+}
+
+%fused_add (p0.2: bf16[8,8]) -> bf16[8,8] {
+  %p0.2 = bf16[8,8]{1,0} parameter(0)
+  ROOT %add.1 = bf16[8,8]{1,0} add(%p0.2, %p0.2)
+}
+
+ENTRY %main (a: bf16[8,8]) -> bf16[8,8] {
+  %a = bf16[8,8]{1,0} parameter(0)
+  %custom-call.1 = (bf16[8,8]{1,0}, s8[4096]{0}) custom-call(%a, %a), custom_call_target="__cublas$lt$matmul"
+  %custom-call.2 = (bf16[8,8]{1,0}, u8[0]{0}) custom-call(%a, %a, %a), custom_call_target="__cudnn$fmhaSoftmax"
+  %gemm_fusion.4 = bf16[8,8]{1,0} fusion(%a, %a), kind=kCustom, calls=%fused_dot
+  %loop_transpose_fusion = bf16[8,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_copy
+  %loop_add_fusion = bf16[8,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_add
+  ROOT %all-reduce.7 = bf16[8,8]{1,0} all-reduce(%a), replica_groups={}, to_apply=%fused_add
+}
+"""
+  kinds = ps.hlo_kinds(hlo)
+  assert kinds["custom-call.1"] == "matmul"
+  assert kinds["custom-call.2"] == "attention"
+  assert kinds["gemm_fusion.4"] == "matmul"
+  assert kinds["loop_transpose_fusion"] == "copy_transpose"
+  assert kinds["loop_add_fusion"] == "fusion"
+  assert kinds["all-reduce.7"] == "collective"

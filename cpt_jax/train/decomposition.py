@@ -198,10 +198,10 @@ class SigmaTau:
         updates = jax.tree.map(lambda u, s=signals[g]: jnp.where(s, u, jnp.zeros_like(u)),
                                updates)
       params[g] = optax.apply_updates(state.params[g], updates)
-      metrics[f"grad_norm_{g}"] = optax.global_norm(grads[g])
-      metrics[f"update_norm_{g}"] = optax.global_norm(updates)
+      metrics[f"grad_norm_{g}"] = optax.tree.norm(grads[g])
+      metrics[f"update_norm_{g}"] = optax.tree.norm(updates)
       metrics[f"stepped_{g}"] = signals[g].astype(jnp.float32)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["update_norm"] = jnp.sqrt(sum(jnp.square(metrics[f"update_norm_{g}"])
                                           for g in self.txs))
     metrics["tau_learning_rate"] = self.schedules["tau"](state.step)

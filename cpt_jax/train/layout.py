@@ -105,8 +105,8 @@ class Plain:
     del aux
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return params, opt_state, {"grad_norm": optax.global_norm(grads),
-                               "update_norm": optax.global_norm(updates)}
+    return params, opt_state, {"grad_norm": optax.tree.norm(grads),
+                               "update_norm": optax.tree.norm(updates)}
 
   def state_bytes(self, params: Any, opt_state: Any) -> dict:
     return {"params": {"model": tree_bytes(params)}, "opt_state": {"model": tree_bytes(opt_state)},

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The measurements that need one GPU (H100 / H200), as one script that fits a short lease:
+#
+#   1. throughput.py at the Llama-3.2-1B shape (d 2048, 16 layers, 32 / 8 heads, MLP 8192,
+#      vocabulary 128,256, sequence 4096, batch 4, bf16, cuDNN attention, `dots_no_batch`
+#      remat): tokens/s, MFU against the measured bf16 matmul peak and the datasheet
+#      (`mfu_spec`); then the same step profiled, where two steps spend their time
+#      (`profile` in profile_1b.json);
+#   2. the same shape with 25% distill rows and a teacher over the plain step, measured in
+#      one process with the two taking turns (`full` remat: both steps' states, the teacher
+#      and one step's temporaries fit on the card together);
+#   3. the replay suite at --preset gpu (34M parameters), one seed: random 5% and the rows
+#      of rows_gpu_scale.json (the dev-chosen 1% row, random 1% with the same replay KD),
+#      for whatever time is left; its cache stays in $STATE, so running the script again on
+#      the same machine continues it.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh            # BUDGET=560 seconds by default
+#
+# Parts 1 and 2 are skipped when their JSON is already in $STATE (a second call).
+# Everything lands in $OUT: throughput_1b.json, profile_1b.json, distill_1b.json,
+# suite_rows.json (suite.json once every row is done), log.txt, trace.tgz. On one H200 parts
+# 1 and 2 took about 6 min, M 2 min and each suite row about 1 min: the suite needs a second
+# call on the same machine (BUDGET = the seconds it may use). CORPORA: the suite's corpora
+# (default .gpu_corpora in the checkout: a git-ignored copy that the call carries). Wheels
+# in .whl/ (packages the machine lacks, e.g. ml_collections) are installed first.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder for the results}
+STATE=${STATE:-/tmp/gpu_session}
+BUDGET=${BUDGET:-560}
+CORPORA=${CORPORA:-${CPT_CORPORA:-.gpu_corpora}}
+START=$(date +%s)
+mkdir -p "$STATE" "$OUT"
+exec > >(tee -a "$STATE/log.txt") 2>&1
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/*.whl || exit 1
+fi
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+echo "== $(date -u +%FT%TZ) budget ${BUDGET}s"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())" || exit 1
+
+# SHAPE and SUITE_EXTRA change the sizes (the CPU smoke test: SHAPE="--quick", SUITE_EXTRA=
+# "--quick --pretrain-steps 6 --cpt-steps 12").
+read -r -a LLAMA <<< "${SHAPE:---llama_1b --attention cudnn --batch 4 --peak_n 8192} --no_baseline --nanodo no"
+read -r -a EXTRA <<< "${SUITE_EXTRA:-}"
+if [ ! -s "$STATE/throughput_1b.json" ]; then
+  echo "== 1. Llama-3.2-1B shape, dots_no_batch ($(left)s left)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 200 python3 benchmarks/throughput.py \
+    "${LLAMA[@]}" --remat dots_no_batch --no_features \
+    > "$STATE/throughput_1b.json.tmp" && mv "$STATE/throughput_1b.json.tmp" "$STATE/throughput_1b.json"
+fi
+if [ ! -s "$STATE/profile_1b.json" ] && [ "$(left)" -gt 300 ]; then
+  # XLA's command buffers would put the whole step into one traced op: off for the trace.
+  echo "== 1b. the same, profiled, command buffers off ($(left)s left)"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
+    timeout 150 python3 benchmarks/throughput.py "${LLAMA[@]}" --remat dots_no_batch \
+    --no_features --steps 3 --repeats 2 --profile "$STATE/trace" \
+    > "$STATE/profile_1b.json.tmp" && mv "$STATE/profile_1b.json.tmp" "$STATE/profile_1b.json"
+fi
+if [ ! -s "$STATE/distill_1b.json" ] && [ "$(left)" -gt 200 ]; then
+  echo "== 2. 25% distill rows with a teacher, full remat ($(left)s left)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 260 python3 benchmarks/throughput.py \
+    "${LLAMA[@]}" --remat full --topk_vocabs '' --features distill_25 --feature_rounds 5 \
+    --steps 3 --repeats 2 > "$STATE/distill_1b.json.tmp" \
+    && mv "$STATE/distill_1b.json.tmp" "$STATE/distill_1b.json"
+fi
+SUITE_S=$(( $(left) - 25 ))
+if [ -d "$CORPORA" ] && [ "$SUITE_S" -gt 30 ]; then
+  echo "== 3. replay suite, --preset gpu, 1 seed (${SUITE_S}s)"
+  timeout "$SUITE_S" python3 benchmarks/cpt_suite.py --preset gpu --seeds 1 \
+    --corpora "$CORPORA" --cache "$STATE/suite_cache" --json "$STATE/suite.json" \
+    --only random_0.05 --add-rows benchmarks/rows_gpu_scale.json "${EXTRA[@]}"
+  echo "suite rc $?"
+fi
+python3 - "$STATE" <<'EOF'
+import glob, json, os, sys
+state = sys.argv[1]
+rows = []
+for path in sorted(glob.glob(os.path.join(state, "suite_cache", "**", "row.json"), recursive=True)):
+  with open(path) as f:
+    rows.append(json.load(f))
+m = glob.glob(os.path.join(state, "suite_cache", "pretrain-*", "*.json"))
+with open(os.path.join(state, "suite_rows.json"), "w") as f:
+  json.dump({"rows": rows, "pretrain_files": m}, f, indent=1)
+print(f"{len(rows)} suite rows done")
+EOF
+for f in throughput_1b.json profile_1b.json distill_1b.json suite_rows.json suite.json log.txt; do
+  [ -s "$STATE/$f" ] && cp "$STATE/$f" "$OUT/"
+done
+[ -d "$STATE/trace" ] && tar czf "$OUT/trace.tgz" -C "$STATE" trace
+# A file over the lease's 16 MiB limit would not come back: the summary in the JSON stays.
+[ -f "$OUT/trace.tgz" ] && [ "$(stat -c %s "$OUT/trace.tgz")" -gt 15000000 ] && rm "$OUT/trace.tgz"
+python3 - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+for name in ("throughput_1b.json", "profile_1b.json", "distill_1b.json"):
+  p = os.path.join(out, name)
+  if not os.path.exists(p):
+    print(name, "missing"); continue
+  d = json.load(open(p))
+  keep = {k: d.get(k) for k in ("device", "remat", "tokens_per_sec", "seconds_per_step",
+                                "compile_seconds", "model_tflops_per_step", "peak_gflops",
+                                "mfu", "mfu_spec")}
+  print(name, json.dumps(keep))
+  if "profile" in d:
+    p = d["profile"]
+    print(" profile busy", round(p["busy_fraction"] or 0, 3),
+          {k: round(v["share"], 3) for k, v in p["kinds"].items()})
+    for o in p["top_ops"][:8]:
+      print("  ", o["kind"], o["name"], round(o["share"], 3), o["count"])
+  if "features" in d:
+    print(" features", json.dumps({k: {kk: v.get(kk) for kk in ("ratio", "goal", "hlo_flops_ratio")}
+                                   for k, v in d["features"].items() if isinstance(v, dict) and "ratio" in v}))
+EOF
+echo "== done, $(left)s of the budget left"
