@@ -4,11 +4,14 @@
 #   1. throughput.py at the Llama-3.2-1B shape (d 2048, 16 layers, 32 / 8 heads, MLP 8192,
 #      vocabulary 128,256, sequence 4096, batch 4, bf16, cuDNN attention, `dots_no_batch`
 #      remat): tokens/s, MFU against the measured bf16 matmul peak and the datasheet
-#      (`mfu_spec`); then the same step profiled, where two steps spend their time
-#      (`profile` in profile_1b.json);
+#      (`mfu_spec`); the same with `dots_no_batch_attention` (cuDNN attention's forward
+#      kept, not recomputed: attention_1b.json); that step profiled, where two steps
+#      spend their time (`profile` in profile_1b.json);
 #   2. the same shape with 25% distill rows and a teacher over the plain step, measured in
 #      one process with the two taking turns (`full` remat: both steps' states, the teacher
-#      and one step's temporaries fit on the card together);
+#      and one step's temporaries fit on the card together); then every feature's price
+#      (replay, distill, top-k KD, sigma / tau routing, controllers) at the GPT-2-small
+#      shape, where all the variants fit together (features_gpt2.json);
 #   3. the replay suite at --preset gpu (34M parameters), one seed: random 5% and the rows
 #      of rows_gpu_scale.json (the dev-chosen 1% row, random 1% with the same replay KD),
 #      for whatever time is left; its cache stays in $STATE, so running the script again on
@@ -16,9 +19,10 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # BUDGET=560 seconds by default
 #
-# Parts 1 and 2 are skipped when their JSON is already in $STATE (a second call).
-# Everything lands in $OUT: throughput_1b.json, profile_1b.json, distill_1b.json,
-# suite_rows.json (suite.json once every row is done), log.txt, trace.tgz. On one H200 parts
+# Parts 1 and 2 are skipped when their JSON is already in $STATE (a second call), and a
+# part is left for the next call when too little of BUDGET is left for it.
+# Everything lands in $OUT: throughput_1b.json, attention_1b.json, profile_1b.json,
+# distill_1b.json, features_gpt2.json, suite_rows.json (suite.json once every row is done), log.txt, trace.tgz. On one H200 parts
 # 1 and 2 took about 6 min, M 2 min and each suite row about 1 min: the suite needs a second
 # call on the same machine (BUDGET = the seconds it may use). CORPORA: the suite's corpora
 # (default .gpu_corpora in the checkout: a git-ignored copy that the call carries). Wheels
@@ -44,8 +48,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --f
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())" || exit 1
 
-# SHAPE and SUITE_EXTRA change the sizes (the CPU smoke test: SHAPE="--quick", SUITE_EXTRA=
-# "--quick --pretrain-steps 6 --cpt-steps 12").
+# SHAPE, FEATURES (part 2b's rows) and SUITE_EXTRA change the sizes (the CPU smoke test:
+# SHAPE="--quick", FEATURES=replay_25, SUITE_EXTRA="--quick --pretrain-steps 6 --cpt-steps 12").
 read -r -a LLAMA <<< "${SHAPE:---llama_1b --attention cudnn --batch 4 --peak_n 8192} --no_baseline --nanodo no"
 read -r -a EXTRA <<< "${SUITE_EXTRA:-}"
 if [ ! -s "$STATE/throughput_1b.json" ]; then
@@ -54,11 +58,21 @@ if [ ! -s "$STATE/throughput_1b.json" ]; then
     "${LLAMA[@]}" --remat dots_no_batch --no_features \
     > "$STATE/throughput_1b.json.tmp" && mv "$STATE/throughput_1b.json.tmp" "$STATE/throughput_1b.json"
 fi
+if [ ! -s "$STATE/attention_1b.json" ] && [ "$(left)" -gt 300 ]; then
+  echo "== 1a. the same, cuDNN attention's forward kept by the remat ($(left)s left)"
+  python3 -c "from jax._src.cudnn import fused_attention_stablehlo as fa
+from cpt_jax.model.transformer import CUDNN_ATTENTION_FWD as names
+print('cuDNN forward primitives', fa._dot_product_attention_fwd_p_wrapper.name,
+      fa._dot_product_attention_fwd_p.name, 'kept by name:', sorted(names))"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 200 python3 benchmarks/throughput.py \
+    "${LLAMA[@]}" --remat dots_no_batch_attention --no_features \
+    > "$STATE/attention_1b.json.tmp" && mv "$STATE/attention_1b.json.tmp" "$STATE/attention_1b.json"
+fi
 if [ ! -s "$STATE/profile_1b.json" ] && [ "$(left)" -gt 300 ]; then
   # XLA's command buffers would put the whole step into one traced op: off for the trace.
   echo "== 1b. the same, profiled, command buffers off ($(left)s left)"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-    timeout 150 python3 benchmarks/throughput.py "${LLAMA[@]}" --remat dots_no_batch \
+    timeout 150 python3 benchmarks/throughput.py "${LLAMA[@]}" --remat dots_no_batch_attention \
     --no_features --steps 3 --repeats 2 --profile "$STATE/trace" \
     > "$STATE/profile_1b.json.tmp" && mv "$STATE/profile_1b.json.tmp" "$STATE/profile_1b.json"
 fi
@@ -68,6 +82,13 @@ if [ ! -s "$STATE/distill_1b.json" ] && [ "$(left)" -gt 200 ]; then
     "${LLAMA[@]}" --remat full --topk_vocabs '' --features distill_25 --feature_rounds 5 \
     --steps 3 --repeats 2 > "$STATE/distill_1b.json.tmp" \
     && mv "$STATE/distill_1b.json.tmp" "$STATE/distill_1b.json"
+fi
+if [ ! -s "$STATE/features_gpt2.json" ] && [ "$(left)" -gt 420 ]; then
+  echo "== 2b. every feature's price at the GPT-2-small shape ($(left)s left)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 300 python3 benchmarks/throughput.py \
+    ${SHAPE:---gpt2_small --attention cudnn} --no_baseline --nanodo no \
+    ${FEATURES:+--features "$FEATURES" --topk_vocabs ''} \
+    > "$STATE/features_gpt2.json.tmp" && mv "$STATE/features_gpt2.json.tmp" "$STATE/features_gpt2.json"
 fi
 SUITE_S=$(( $(left) - 25 ))
 if [ -d "$CORPORA" ] && [ "$SUITE_S" -gt 30 ]; then
@@ -89,7 +110,7 @@ with open(os.path.join(state, "suite_rows.json"), "w") as f:
   json.dump({"rows": rows, "pretrain_files": m}, f, indent=1)
 print(f"{len(rows)} suite rows done")
 EOF
-for f in throughput_1b.json profile_1b.json distill_1b.json suite_rows.json suite.json log.txt; do
+for f in throughput_1b.json attention_1b.json profile_1b.json distill_1b.json features_gpt2.json suite_rows.json suite.json log.txt; do
   [ -s "$STATE/$f" ] && cp "$STATE/$f" "$OUT/"
 done
 [ -d "$STATE/trace" ] && tar czf "$OUT/trace.tgz" -C "$STATE" trace
@@ -98,7 +119,8 @@ done
 python3 - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("throughput_1b.json", "profile_1b.json", "distill_1b.json"):
+for name in ("throughput_1b.json", "attention_1b.json", "profile_1b.json", "distill_1b.json",
+             "features_gpt2.json"):
   p = os.path.join(out, name)
   if not os.path.exists(p):
     print(name, "missing"); continue

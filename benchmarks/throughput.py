@@ -335,7 +335,7 @@ def main() -> None:
   ap.add_argument("--llama_1b", action="store_true",
                   help="Llama-3.2-1B shape (d2048 x 16, 32/8 heads, MLP 8192, vocab 128,256), "
                        "seq 4096, bf16, remat full")
-  ap.add_argument("--remat", default="", help="model.remat (none, full, dots, dots_no_batch)")
+  ap.add_argument("--remat", default="", help="model.remat (transformer.REMAT_POLICIES)")
   ap.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--batch", type=int, default=0, help="override the batch size")

@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
       qkv_bias=False,  # Biases on q/k/v projections (Qwen2).
       init_std=0.02,  # Stddev of kernel initialisers.
       dtype="float32",  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
-      remat="none",  # 'none', 'full', 'dots' or 'dots_no_batch'.
+      remat="none",  # 'none', 'full', 'dots', 'dots_no_batch', 'dots_no_batch_attention'.
       scan_layers=False,  # nn.scan over layers (faster compiles for deep models).
       attention="native",  # 'native' (einsum; best on CPU), 'dot_product' or 'cudnn' (GPU).
   )

@@ -129,7 +129,7 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
   corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
   out, state = tmp_path / "out", tmp_path / "state"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OUT=str(out), STATE=str(state),
-             BUDGET="900", CORPORA=str(corpus), SHAPE="--quick",
+             BUDGET="900", CORPORA=str(corpus), SHAPE="--quick", FEATURES="replay_25",
              SUITE_EXTRA="--quick --pretrain-steps 6 --cpt-steps 12 --old alpha,beta "
                          "--new gamma --unavailable beta")
   res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=env,
@@ -137,9 +137,12 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   tp = json.loads((out / "throughput_1b.json").read_text())
   assert tp["remat"] == "dots_no_batch" and "profile" not in tp
+  assert json.loads((out / "attention_1b.json").read_text())["remat"] == "dots_no_batch_attention"
   assert json.loads((out / "profile_1b.json").read_text())["profile"]["top_ops"]
   distill = json.loads((out / "distill_1b.json").read_text())
   assert distill["remat"] == "full" and distill["features"]["distill_25"]["ratio"] > 0
+  features = json.loads((out / "features_gpt2.json").read_text())["features"]
+  assert features["replay_25"]["ratio"] > 0 and "distill_25" not in features
   rows = json.loads((out / "suite_rows.json").read_text())["rows"]
   assert sorted(r["name"] for r in rows) == sorted(
       ["random_0.05", "online_0.01+kd3_t2_e132_w0.25_q0_r0", "random_0.01+kd3_t2"])

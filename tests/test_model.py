@@ -60,7 +60,7 @@ def test_causal():
   np.testing.assert_allclose(a[0, :8], b[0, :8], atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch_attention"])
 def test_scan_and_remat_match_unrolled(remat):
   model, params = _init(CFG)
   scan_cfg = dataclasses.replace(CFG, scan_layers=True, remat=remat)
@@ -73,6 +73,56 @@ def test_scan_and_remat_match_unrolled(remat):
   np.testing.assert_allclose(got, want, atol=1e-5)
   g = jax.grad(lambda p: Transformer(scan_cfg).apply({"params": p}, tokens).sum())(stacked)
   assert np.isfinite(np.asarray(g["layers"]["mlp"]["up"]["kernel"])).all()
+
+
+def _attention_like(name: str):
+  """A function with a custom VJP whose forward binds a primitive called `name` (lowered as
+  sin) and whose backward reads that primitive's output: cuDNN attention's structure."""
+  from jax.extend.core import Primitive  # pylint: disable=g-import-not-at-top
+  from jax.interpreters import mlir  # pylint: disable=g-import-not-at-top
+  prim = Primitive(name)
+  prim.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, x.dtype))
+  mlir.register_lowering(prim, mlir.lower_fun(jnp.sin, multiple_results=False))
+
+  @jax.custom_vjp
+  def f(x):
+    return prim.bind(x)
+
+  def fwd(x):
+    out = prim.bind(x)
+    return out, out
+
+  f.defvjp(fwd, lambda out, g: (g * out,))
+  return f
+
+
+@pytest.mark.parametrize("name", sorted(
+    __import__("cpt_jax.model.transformer", fromlist=["x"]).CUDNN_ATTENTION_FWD))
+def test_dots_no_batch_attention_keeps_the_attention_forward(name):
+  """The loss and its gradient, as a train step asks for them: under `dots_no_batch` the
+  backward runs an attention-like forward kernel again; under `dots_no_batch_attention` its
+  output is kept (one kernel, not two), for the primitives named as cuDNN's forward is."""
+  from cpt_jax.model.transformer import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  attn = _attention_like(name)
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 8)) * 0.1
+
+  def kernels(policy):
+    layer = jax.checkpoint(lambda x, w: attn(x @ w) @ w, policy=REMAT_POLICIES[policy])
+    grad = jax.jit(jax.value_and_grad(lambda x, w: layer(x, w).sum(), argnums=1))
+    return grad.lower(x, w).as_text().count("stablehlo.sine")
+
+  assert kernels("dots_no_batch") == 2
+  assert kernels("dots_no_batch_attention") == 1
+
+
+def test_cudnn_attention_forward_primitives_carry_the_names_the_policy_keeps():
+  """The installed JAX names cuDNN attention's forward primitives as
+  CUDNN_ATTENTION_FWD says (a JAX upgrade that renames them fails here, not silently)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
+  from cpt_jax.model.transformer import CUDNN_ATTENTION_FWD  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  assert {fa._dot_product_attention_fwd_p_wrapper.name,
+          fa._dot_product_attention_fwd_p.name} == set(CUDNN_ATTENTION_FWD)
 
 
 def test_bf16_compute_keeps_f32_params():

@@ -38,11 +38,26 @@ Array = jax.Array
 ADAPTER_ROWS = "adapter_rows"  # top-level params entry: [B] rows whose cotangents train adapters
 DELTA = "delta"  # a Dense's params entry beside `kernel`: a full-shape delta the rows train
 
+# The primitives of cuDNN's attention forward (jax.nn.dot_product_attention with
+# implementation='cudnn'): their outputs, the attention output and its softmax statistics,
+# are what the attention's backward reads.
+CUDNN_ATTENTION_FWD = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd"})
+
+
+def _dots_no_batch_and_attention(prim, *args, **params) -> bool:
+  """`dots_no_batch`, and the cuDNN attention forward's outputs kept (about B*L*D bf16 a
+  layer), so the backward does not run the forward kernel again; with other attention
+  kinds the same as `dots_no_batch`."""
+  return (prim.name in CUDNN_ATTENTION_FWD
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_no_batch_attention": _dots_no_batch_and_attention,
 }
 
 
