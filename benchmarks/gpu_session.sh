@@ -19,6 +19,11 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # BUDGET=560 seconds by default
 #
+# Before the call, in the checkout (both folders are git-ignored; the call carries them):
+#   cp -r ../shared/corpora .gpu_corpora
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       -d .whl ml-collections==1.1.0 importlib_resources
+#
 # Parts 1 and 2 are skipped when their JSON is already in $STATE (a second call), and a
 # part is left for the next call when too little of BUDGET is left for it.
 # Everything lands in $OUT: throughput_1b.json, attention_1b.json, profile_1b.json,
