@@ -57,43 +57,42 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 # SHAPE="--quick", FEATURES=replay_25, SUITE_EXTRA="--quick --pretrain-steps 6 --cpt-steps 12").
 read -r -a LLAMA <<< "${SHAPE:---llama_1b --attention cudnn --batch 4 --peak_n 8192} --no_baseline --nanodo no"
 read -r -a EXTRA <<< "${SUITE_EXTRA:-}"
-if [ ! -s "$STATE/throughput_1b.json" ]; then
-  echo "== 1. Llama-3.2-1B shape, dots_no_batch ($(left)s left)"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 200 python3 benchmarks/throughput.py \
-    "${LLAMA[@]}" --remat dots_no_batch --no_features \
-    > "$STATE/throughput_1b.json.tmp" && mv "$STATE/throughput_1b.json.tmp" "$STATE/throughput_1b.json"
-fi
-if [ ! -s "$STATE/attention_1b.json" ] && [ "$(left)" -gt 300 ]; then
-  echo "== 1a. the same, cuDNN attention's forward kept by the remat ($(left)s left)"
+# measure NAME LIMIT TITLE ARGS...: throughput.py ARGS into $STATE/NAME.json within LIMIT
+# seconds (kept only when it finished), unless NAME.json is there from an earlier call.
+measure() {
+  local name=$1 limit=$2 title=$3
+  shift 3
+  [ -s "$STATE/$name.json" ] && return 0
+  echo "== $title ($(left)s left)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout "$limit" python3 benchmarks/throughput.py "$@" \
+    > "$STATE/$name.json.tmp" && mv "$STATE/$name.json.tmp" "$STATE/$name.json"
+}
+measure throughput_1b 200 "1. Llama-3.2-1B shape, dots_no_batch" \
+  "${LLAMA[@]}" --remat dots_no_batch --no_features
+if [ "$(left)" -gt 300 ]; then
   python3 -c "from jax._src.cudnn import fused_attention_stablehlo as fa
 from cpt_jax.model.transformer import CUDNN_ATTENTION_FWD as names
 print('cuDNN forward primitives', fa._dot_product_attention_fwd_p_wrapper.name,
       fa._dot_product_attention_fwd_p.name, 'kept by name:', sorted(names))"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 200 python3 benchmarks/throughput.py \
-    "${LLAMA[@]}" --remat dots_no_batch_attention --no_features \
-    > "$STATE/attention_1b.json.tmp" && mv "$STATE/attention_1b.json.tmp" "$STATE/attention_1b.json"
+  measure attention_1b 200 "1a. the same, cuDNN attention's forward kept by the remat" \
+    "${LLAMA[@]}" --remat dots_no_batch_attention --no_features
 fi
-if [ ! -s "$STATE/profile_1b.json" ] && [ "$(left)" -gt 300 ]; then
+if [ "$(left)" -gt 300 ]; then
   # XLA's command buffers would put the whole step into one traced op: off for the trace.
-  echo "== 1b. the same, profiled, command buffers off ($(left)s left)"
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-    timeout 150 python3 benchmarks/throughput.py "${LLAMA[@]}" --remat dots_no_batch_attention \
-    --no_features --steps 3 --repeats 2 --profile "$STATE/trace" \
-    > "$STATE/profile_1b.json.tmp" && mv "$STATE/profile_1b.json.tmp" "$STATE/profile_1b.json"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" measure profile_1b 150 \
+    "1b. the same, profiled, command buffers off" "${LLAMA[@]}" \
+    --remat dots_no_batch_attention --no_features --steps 3 --repeats 2 --profile "$STATE/trace"
 fi
-if [ ! -s "$STATE/distill_1b.json" ] && [ "$(left)" -gt 200 ]; then
-  echo "== 2. 25% distill rows with a teacher, full remat ($(left)s left)"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 260 python3 benchmarks/throughput.py \
-    "${LLAMA[@]}" --remat full --topk_vocabs '' --features distill_25 --feature_rounds 5 \
-    --steps 3 --repeats 2 > "$STATE/distill_1b.json.tmp" \
-    && mv "$STATE/distill_1b.json.tmp" "$STATE/distill_1b.json"
+if [ "$(left)" -gt 200 ]; then
+  measure distill_1b 260 "2. 25% distill rows with a teacher, full remat" "${LLAMA[@]}" \
+    --remat full --topk_vocabs '' --features distill_25 --feature_rounds 5 --steps 3 --repeats 2
 fi
-if [ ! -s "$STATE/features_gpt2.json" ] && [ "$(left)" -gt 420 ]; then
-  echo "== 2b. every feature's price at the GPT-2-small shape ($(left)s left)"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 300 python3 benchmarks/throughput.py \
-    ${SHAPE:---gpt2_small --attention cudnn} --no_baseline --nanodo no \
-    ${FEATURES:+--features "$FEATURES" --topk_vocabs ''} \
-    > "$STATE/features_gpt2.json.tmp" && mv "$STATE/features_gpt2.json.tmp" "$STATE/features_gpt2.json"
+if [ "$(left)" -gt 420 ]; then
+  read -r -a GPT2 <<< "${SHAPE:---gpt2_small --attention cudnn}"
+  FEATURE_ARGS=()
+  [ -n "${FEATURES:-}" ] && FEATURE_ARGS=(--features "$FEATURES" --topk_vocabs '')
+  measure features_gpt2 300 "2b. every feature's price at the GPT-2-small shape" \
+    "${GPT2[@]}" --no_baseline --nanodo no "${FEATURE_ARGS[@]}"
 fi
 SUITE_S=$(( $(left) - 25 ))
 if [ -d "$CORPORA" ] && [ "$SUITE_S" -gt 30 ]; then
@@ -115,17 +114,18 @@ with open(os.path.join(state, "suite_rows.json"), "w") as f:
   json.dump({"rows": rows, "pretrain_files": m}, f, indent=1)
 print(f"{len(rows)} suite rows done")
 EOF
-for f in throughput_1b.json attention_1b.json profile_1b.json distill_1b.json features_gpt2.json suite_rows.json suite.json log.txt; do
-  [ -s "$STATE/$f" ] && cp "$STATE/$f" "$OUT/"
+MEASURED="throughput_1b attention_1b profile_1b distill_1b features_gpt2"
+for f in $MEASURED suite_rows suite; do
+  [ -s "$STATE/$f.json" ] && cp "$STATE/$f.json" "$OUT/"
 done
+cp "$STATE/log.txt" "$OUT/"
 [ -d "$STATE/trace" ] && tar czf "$OUT/trace.tgz" -C "$STATE" trace
 # A file over the lease's 16 MiB limit would not come back: the summary in the JSON stays.
 [ -f "$OUT/trace.tgz" ] && [ "$(stat -c %s "$OUT/trace.tgz")" -gt 15000000 ] && rm "$OUT/trace.tgz"
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" $MEASURED <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("throughput_1b.json", "attention_1b.json", "profile_1b.json", "distill_1b.json",
-             "features_gpt2.json"):
+for name in (n + ".json" for n in sys.argv[2:]):
   p = os.path.join(out, name)
   if not os.path.exists(p):
     print(name, "missing"); continue

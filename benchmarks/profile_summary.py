@@ -163,18 +163,15 @@ def summarize(trace_dir: str, top: int = 15) -> dict:
   for hlo in sorted(glob.glob(os.path.join(trace_dir, "*.hlo.txt"))):
     with open(hlo, encoding="utf-8") as f:
       known.update(hlo_kinds(f.read()))
-  per_op = collections.defaultdict(lambda: [0.0, 0, "other"])
+  per_op = collections.defaultdict(lambda: [0.0, 0])  # (name less ".N", kind) -> [s, count]
   kinds = {k: [0.0, 0] for k in KINDS}
   first, last = None, None
   for name, start, dur, texts in _op_events(data):
     name = name.lstrip("%")
     kind = kind_of(name, texts, known)
-    entry = per_op[(re.sub(r"\.\d+$", "", name), kind)]
-    entry[2] = kind
-    entry[0] += dur * 1e-9
-    entry[1] += 1
-    kinds[entry[2]][0] += dur * 1e-9
-    kinds[entry[2]][1] += 1
+    for entry in (per_op[(re.sub(r"\.\d+$", "", name), kind)], kinds[kind]):
+      entry[0] += dur * 1e-9
+      entry[1] += 1
     first = start if first is None else min(first, start)
     last = start + dur if last is None else max(last, start + dur)
   total = sum(v[0] for v in kinds.values())
@@ -189,7 +186,7 @@ def summarize(trace_dir: str, top: int = 15) -> dict:
       "busy_fraction": total / span if span else None,
       "kinds": {k: {"seconds": s, "share": s / total, "ops": n} for k, (s, n) in kinds.items()},
       "top_ops": [{"name": n, "kind": k, "seconds": s, "count": c, "share": s / total}
-                  for (n, _), (s, c, k) in ranked],
+                  for (n, k), (s, c) in ranked],
   }
 
 

@@ -12,6 +12,8 @@ import sys
 from helpers import REPO, write_corpus
 
 from cpt_jax.schema import mixing as mixing_schema
+import profile_summary  # benchmarks/ is on sys.path (conftest)
+import throughput
 
 
 def _run(script: str, *args: str) -> dict:
@@ -75,24 +77,15 @@ def test_throughput_quick_prices_every_feature(tmp_path):
   assert len(f["timing"]["loadavg_before"]) == 3
 
 
-def _load(script: str):
-  spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[script] = module  # its dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_spec_rate_is_the_named_chips_bf16_datasheet_figure():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  tp = _load("throughput")
-  assert tp.spec_tflops("NVIDIA H200", jnp.bfloat16) == 989.0
-  assert tp.spec_tflops("NVIDIA H100 80GB HBM3", jnp.bfloat16) == 989.0
-  assert tp.spec_tflops("NVIDIA H100 PCIe", jnp.bfloat16) == 756.0  # not the SXM part's
-  assert tp.spec_tflops("TPU v5 lite", jnp.bfloat16) == 197.0  # v5e, not v5p
-  assert tp.spec_tflops("TPU v5", jnp.bfloat16) == 459.0
-  assert tp.spec_tflops("NVIDIA H200", jnp.float32) is None
-  assert tp.spec_tflops("cpu", jnp.bfloat16) is None
+  assert throughput.spec_tflops("NVIDIA H200", jnp.bfloat16) == 989.0
+  assert throughput.spec_tflops("NVIDIA H100 80GB HBM3", jnp.bfloat16) == 989.0
+  assert throughput.spec_tflops("NVIDIA H100 PCIe", jnp.bfloat16) == 756.0  # not the SXM part's
+  assert throughput.spec_tflops("TPU v5 lite", jnp.bfloat16) == 197.0  # v5e, not v5p
+  assert throughput.spec_tflops("TPU v5", jnp.bfloat16) == 459.0
+  assert throughput.spec_tflops("NVIDIA H200", jnp.float32) is None
+  assert throughput.spec_tflops("cpu", jnp.bfloat16) is None
 
 
 def test_profile_summary_tells_matmuls_from_elementwise_work(tmp_path):
@@ -101,7 +94,6 @@ def test_profile_summary_tells_matmuls_from_elementwise_work(tmp_path):
   alike; the compiled module beside the trace tells them apart)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  ps = _load("profile_summary")
   x = jnp.ones((512, 512))
   programs = {"matmul": (jax.jit(lambda a: (a @ a) @ a), x),
               "fusion": (jax.jit(lambda a: jnp.tanh(jnp.exp(a) * 3 + 1).sum()), x)}
@@ -114,7 +106,7 @@ def test_profile_summary_tells_matmuls_from_elementwise_work(tmp_path):
     with jax.profiler.trace(str(trace)):
       for _ in range(3):
         compiled(arg).block_until_ready()
-    out = ps.summarize(str(trace))
+    out = profile_summary.summarize(str(trace))
     top_kind = max(out["kinds"], key=lambda k: out["kinds"][k]["seconds"])
     assert top_kind == expected, out["kinds"]
     assert out["device_ops_seconds"] > 0 and out["busy_fraction"] > 0
@@ -156,7 +148,6 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
 def test_hlo_kinds_reads_gpu_custom_calls_and_fusions():
   """A compiled module's text as a GPU backend writes it: cuBLAS and cuDNN custom calls,
   a fusion around a dot, a copy-only fusion, an elementwise fusion, a tuple-typed op."""
-  ps = _load("profile_summary")
   hlo = """
 %fused_dot (p0: bf16[8,8], p1: bf16[8,8]) -> bf16[8,8] {
   %p0 = bf16[8,8]{1,0} parameter(0)
@@ -185,7 +176,7 @@ ENTRY %main (a: bf16[8,8]) -> bf16[8,8] {
   ROOT %all-reduce.7 = bf16[8,8]{1,0} all-reduce(%a), replica_groups={}, to_apply=%fused_add
 }
 """
-  kinds = ps.hlo_kinds(hlo)
+  kinds = profile_summary.hlo_kinds(hlo)
   assert kinds["custom-call.1"] == "matmul"
   assert kinds["custom-call.2"] == "attention"
   assert kinds["gemm_fusion.4"] == "matmul"
