@@ -91,31 +91,37 @@ def test_budget_pace_leaves_one_off_work_out_and_looks_ahead():
   assert b2.check(use, next_steps=10) == ""
 
 
-def test_online_refresh_past_the_cap_stops_the_stage_before_it(tmp_path):
+@pytest.mark.parametrize("score", ["loss", "kl"])
+def test_online_refresh_past_the_cap_stops_the_stage_before_it(tmp_path, score):
   """Refreshes at steps 4 and 8; the cap holds everything up to step 8's refresh."""
   c = _base_config(tmp_path)
   c.data.replay = "beta"  # one replay domain: its candidates fill whole scoring batches
   c.train.update(steps=10, global_batch_size=2, log_every=2, checkpoint_every=4,
                  eval_batches=1)
   c.replay.update(strategy="online", fraction=0.5, selection_fraction=0.9, online_every=4,
-                  online_pool=16, online_swap=0.5, score_batch=8)
+                  online_pool=16, online_swap=0.5, score_batch=8, online_score=score)
   L, gbs, B, P = c.data.seq_len, 2, 8, 16
   row = _fwd_row(c)
   step = gbs * L * flops_per_token(ModelConfig.from_config(c.model), L, training=True)
   pad = lambda n: -(-n // B) * B
 
-  def used(steps, refreshes, buf, measures=1):
-    # Rate measurement 2 batches, the buffer under M once, per refresh the buffer now and
-    # the P candidates under M and now (a buffer of <= 7 rows leaves >= 9 of the 16 rows
-    # of d's rolling window as candidates: 2 whole batches either way).
-    return (steps * step + (measures * 2 * B + pad(buf) + refreshes * (pad(buf) + 2 * P))
-            * row) / 1e12
+  # Forwards of a buffer row: 'loss' runs it under M once, then under the model now at
+  # each refresh; 'kl' runs it under both at each refresh.
+  once, per = (1, 1) if score == "loss" else (0, 2)
 
-  # Planner's view (rows asked for): buffer + 2 refreshes x (2 P + buffer) must fit, so
-  # the cap is >= 10 steps + (4 P + 3 buf) rows; with 7 buffer rows that is below
-  # used(8, 2) = 8 steps + 104 rows (2 steps are 12 rows here).
+  def used(steps, refreshes, buf, measures=1):
+    # Rate measurement 2 batches, the buffer's passes, per refresh the P candidates under
+    # M and now (a buffer of <= 7 rows leaves >= 9 of the 16 rows of d's rolling window as
+    # candidates: 2 whole batches either way).
+    return (steps * step + (measures * 2 * B + once * pad(buf)
+                            + refreshes * (per * pad(buf) + 2 * P)) * row) / 1e12
+
+  # Planner's view (rows asked for): once x buffer + 2 refreshes x (2 P + per x buffer)
+  # must fit, so the cap is >= 10 steps + (4 P + 3 buf) rows ('loss'; 'kl': 4 P + 4 buf);
+  # with 7 buffer rows that is below used(8, 2) = 8 steps + 104 rows ('kl': 112; 2 steps
+  # are 12 rows here).
   buf = 7
-  lo, hi = (10 * step + (4 * P + 3 * buf) * row) / 1e12, used(8, 2, buf)
+  lo, hi = (10 * step + (4 * P + (once + 2 * per) * buf) * row) / 1e12, used(8, 2, buf)
   assert lo < hi
   c.replay.max_tflops = (lo + hi) / 2
   dev = jax.devices()[:1]

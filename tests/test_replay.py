@@ -165,6 +165,14 @@ def test_planner_fits_online_refreshes_into_the_selection_cap():
   assert tight["tflops"]["selection"] <= 0.3 / 0.7 * (tight["total_tflops"] - tight[
       "tflops"]["selection"]) * (1 + 1e-9)
   assert "online refreshes" in tight["warnings"][0]
+  # online_score 'kl' scores the buffer under M and now at each refresh and keeps no M
+  # losses: k refreshes of 2 n + 2 x 134 rows in 1028.6 need n >= 34: k = 3 (n = 37), every
+  # ceil(100 / 4) = 25 steps; rows scored 3 x (2 x 37 + 268) = 1026.
+  kl = _plan(strategy="online", rcfg={"fraction": 0.2, "online_every": 10, "online_pool": 64,
+                                      "online_swap": 0.25, "selection_fraction": 0.3,
+                                      "online_score": "kl"})
+  assert (kl["online_refreshes"], kl["online_pool"], kl["online_every"]) == (3, 37, 25)
+  assert kl["tflops"]["selection"] == pytest.approx(1026 * 3.2e-5, rel=1e-9)
   none = _plan(strategy="online", rcfg={"fraction": 0.2, "online_every": 10,
                                         "selection_fraction": 0.02})
   assert none["online_refreshes"] == 0 and none["online_every"] == 0
@@ -310,15 +318,49 @@ def test_strategy_interface_bounded_and_costed(tmp_path, strategy):
     assert np.isfinite(np.concatenate(list(sel.scores.values()))).all()
 
 
-@pytest.mark.parametrize("decomposition", ["", "lora"])
-def test_online_refresh_survives_resume(tmp_path, decomposition):
+def test_scorer_divergences_are_the_per_row_kl_of_the_two_models(tmp_path):
+  """KL(ref || params) per row at a temperature, against scipy on the models' logits."""
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  from cpt_jax.replay import scoring  # pylint: disable=g-import-not-at-top
+  from cpt_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  corpus = write_corpus(tmp_path / "corpus", docs=40)
+  c = _config(corpus, tmp_path, "online")
+  ctx = context_lib.build_context(c, jax.devices()[:1])
+  init = lambda seed: state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, seed,
+                                           c.data.seq_len).params
+  params, ref = init(0), init(1)
+  rows = np.arange(11)  # a full batch of 8 and a padded one of 3
+  with data_lib.make_pipeline(c.data, global_batch_size=8) as pipe:
+    store = pipe.full_training_store("beta")
+    scorer = scoring.Scorer(ctx.model, ctx.model_cfg, ctx.mesh, ctx.rules, 8, c.data.seq_len)
+    got = scorer.divergences(params, ref, store, rows, temperature=2.0)
+    assert (scorer.rows_scored, scorer.rows_run) == (22, 32)  # two forwards a row
+    same = scorer.divergences(ref, ref, store, rows, temperature=2.0)
+    logits = jax.jit(lambda p, b: (ctx.model.apply({"params": p}, b["inputs"], b["segment_ids"],
+                                                   b["positions"]), b["loss_weights"]))
+    want = []
+    for (_, (s_BxLxV, w_BxL)), (_, (t_BxLxV, _)) in zip(
+        scorer.map(logits, params, store, rows), scorer.map(logits, ref, store, rows)):
+      logp_t = special.log_softmax(t_BxLxV.astype(np.float64) / 2.0, axis=-1)
+      logp_s = special.log_softmax(s_BxLxV.astype(np.float64) / 2.0, axis=-1)
+      kl_BxL = special.rel_entr(np.exp(logp_t), np.exp(logp_s)).sum(-1)
+      want.append((kl_BxL * w_BxL).sum(-1) / w_BxL.sum(-1))
+  np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-4, atol=1e-7)
+  assert got.shape == (11,) and np.all(got > 1e-4)
+  np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("decomposition,score", [("", "loss"), ("lora", "loss"), ("", "kl")])
+def test_online_refresh_survives_resume(tmp_path, decomposition, score):
   """Resume re-scores against M rebuilt as at the start (no teacher is kept here)."""
   corpus = write_corpus(tmp_path / "corpus", docs=60)
-  c = _config(corpus, tmp_path, "online", online_every=2, online_pool=40, online_swap=0.5)
+  c = _config(corpus, tmp_path, "online", online_every=2, online_pool=40, online_swap=0.5,
+              online_score=score)
   c.train.update(steps=8, checkpoint_every=4, log_every=2)
   c.decomposition.mode = decomposition
   ref = stages.train(c, str(tmp_path / "ref"), devices=jax.devices()[:1])
-  assert ref["selection"]["online"]["refreshes"] == 3
+  # 'kl' scores the buffer under M at each refresh: half the stage holds 2 of them.
+  assert ref["selection"]["online"]["refreshes"] == (3 if score == "loss" else 2)
   assert ref["selection"]["online"]["swaps"] > 0
   assert ref["selection"]["tflops"] > 0
 
@@ -344,6 +386,10 @@ def test_invalid_replay_config_names_the_key():
   c.replay.strategy = "nope"
   with pytest.raises(ValueError, match="replay.strategy"):
     config_lib.validate_config(c)
+  c.replay.update(strategy="online", online_score="entropy")
+  with pytest.raises(ValueError, match="replay.online_score"):
+    config_lib.validate_config(c)
+  c.replay.online_score = "kl"
   c.replay.update(strategy="random", band_low=0.9, band_high=0.5)
   with pytest.raises(ValueError, match="replay.band_low"):
     config_lib.validate_config(c)

@@ -251,8 +251,10 @@ class ReplayManager:
 class OnlineBuffer:
   """Sequential re-selection: every N steps swap buffer rows for more-forgotten candidates.
 
-  Interference of a row = its loss under the current model minus its loss
-  under M (the stage's starting params). Each refresh scores the next
+  Interference of a row (`replay.online_score`): 'loss', its loss under the
+  current model minus its loss under M (the stage's starting params; M's losses
+  of buffer rows are kept); 'kl', its mean KL(M || current) per token at
+  objective.kd_temperature, what replay KD pulls back. Each refresh scores the next
   `online_pool` candidates of a rolling, seeded per-domain order (quota by
   domain size) under both, and the buffer under the current model; per domain
   up to online_swap x (its buffer rows) of the least-interfered buffer rows are
@@ -275,14 +277,28 @@ class OnlineBuffer:
     self.refreshes, self.swaps = int(o.get("refreshes", 0)), int(o.get("swaps", 0))
     self.forgetting = dict(o.get("forgetting", {}))  # per domain, at the last refresh
     self._timed = [0, 0.0]  # rows run and seconds of this invocation's refreshes
-    if not self.ref_loss:
+    self.kl = manager.rcfg.get("online_score", "loss") == "kl"
+    self.temperature = float(manager.config.objective.kd_temperature)
+    if not self.ref_loss:  # 'kl' keeps no M losses (zeros, carried along with the rows)
       rows = self.m.pipeline.replay_rows
-      self.ref_loss = {d: self._loss(self.ref_params, d, rows[d]) for d in rows}
+      self.ref_loss = {d: np.zeros((np.size(rows[d]),)) if self.kl else
+                       self._loss(self.ref_params, d, rows[d]) for d in rows}
 
   def _loss(self, params, d, rows):
     if params is None:
       return np.zeros((np.size(rows),))
     return self.m.scorer.losses(params, self.m.stores[d], np.asarray(rows, np.int64))
+
+  def _interference(self, params, d, rows, ref_loss) -> tuple[np.ndarray, np.ndarray]:
+    """(interference of `rows` under params, their M losses): 'loss' scores rows without
+    known M losses (ref_loss None) under M too; 'kl' needs none (zeros)."""
+    rows = np.asarray(rows, np.int64)
+    if self.kl:
+      return (self.m.scorer.divergences(params, self.ref_params, self.m.stores[d], rows,
+                                        self.temperature), np.zeros((rows.size,)))
+    if ref_loss is None:
+      ref_loss = self._loss(self.ref_params, d, rows)
+    return self._loss(params, d, rows) - ref_loss, ref_loss
 
   def _order(self, d: str) -> np.ndarray:
     n = self.m.stores[d].num_rows
@@ -308,11 +324,12 @@ class OnlineBuffer:
     """
     sc, rows_run = self.m.scorer, 0
     cursor, quotas = dict(self.cursor), self._quotas()
+    per_buffer = planner_lib.online_buffer_passes(self.m.rcfg)[1]
     for i in range(k):
       for d, buf in self.m.pipeline.replay_rows.items():
         cand, cursor[d] = self._candidates(d, cursor.get(d, 0), quotas.get(d, 0))
         n = int(np.sum(~np.isin(cand, buf))) if i == 0 else cand.size
-        rows_run += sc.padded(np.size(buf)) + 2 * sc.padded(n)
+        rows_run += per_buffer * sc.padded(np.size(buf)) + 2 * sc.padded(n)
     flops = rows_run * sc.seq_len * sc.fwd_flops_tok
     if self._timed[0]:
       secs = rows_run * self._timed[1] / self._timed[0]
@@ -334,9 +351,9 @@ class OnlineBuffer:
     for d, buf in rows.items():
       cand, self.cursor[d] = self._candidates(d, self.cursor.get(d, 0), quotas.get(d, 0))
       cand = cand[~np.isin(cand, buf)]
-      cand_ref = self._loss(self.ref_params, d, cand)
-      scored[d] = (self._loss(params, d, buf) - self.ref_loss[d], cand, cand_ref,
-                   self._loss(params, d, cand) - cand_ref)
+      buf_int, _ = self._interference(params, d, buf, self.ref_loss[d])
+      cand_int, cand_ref = self._interference(params, d, cand, None)
+      scored[d] = (buf_int, cand, cand_ref, cand_int)
     sizes = {d: int(np.size(b)) for d, b in rows.items()}
     if self.m.rcfg.online_quota > 0:  # buffer rows move to the domains that forget most
       # Each domain's mean buffer-row interference, averaged with the last refresh's

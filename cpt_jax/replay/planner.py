@@ -119,11 +119,13 @@ def plan(*, rcfg, steps: int, batch: int, seq_len: int, weights: Mapping[str, fl
   fixed = strategy.fixed_flops(rcfg, batch, seq_len, f_train) / tf
   refreshes, online_pool, online_every, candidates = 0, 0, 0, 0
   if strategy.name == "online":
+    once, per_buffer = online_buffer_passes(rcfg)
     refreshes, online_pool, online_every = _online_plan(rcfg, steps, buffer_rows,
                                                         sel_cap / (seq_len * f_fwd / tf))
-    per_refresh_rows = 2 * online_pool + buffer_rows  # candidates under M and now, buffer now
-    # The buffer's M losses are scored once, only when some refresh will use them.
-    rows_scored = buffer_rows + refreshes * per_refresh_rows if refreshes else 0
+    # Candidates under M and now; the buffer now ('loss') or under both ('kl').
+    per_refresh_rows = 2 * online_pool + per_buffer * buffer_rows
+    # 'loss': the buffer's M losses are scored once, only when some refresh will use them.
+    rows_scored = once * buffer_rows + refreshes * per_refresh_rows if refreshes else 0
     sel_tflops = rows_scored * seq_len * f_fwd / tf
   elif strategy.name == "steered":  # refreshed from training's own losses: no forward
     online_every = int(rcfg.online_every)
@@ -200,19 +202,29 @@ def format_plan(p: dict) -> str:
           + ("".join(f"\n  warning: {w}" for w in p["warnings"])))
 
 
+def online_buffer_passes(rcfg) -> tuple[int, int]:
+  """Forwards per buffer row of `online` scoring: (once at the start, at every refresh).
+
+  'loss' keeps the buffer's M losses (one forward each, once) and runs the model
+  now at each refresh; 'kl' runs both models on the buffer at each refresh.
+  """
+  return (0, 2) if rcfg.get("online_score", "loss") == "kl" else (1, 1)
+
+
 def _online_plan(rcfg, steps: int, buffer_rows: int, cap_rows: float) -> tuple[int, int, int]:
   """(refreshes, candidates per refresh, steps between refreshes) within cap_rows forwards.
 
-  The buffer's M losses cost buffer_rows once; a refresh with n candidates costs
-  2 n + buffer_rows. Keeps the configured number of refreshes while the pool it
+  With b buffer rows and (once, per refresh) = online_buffer_passes: the start
+  costs once x b, a refresh with n candidates 2 n + per refresh x b. Keeps the configured number of refreshes while the pool it
   leaves holds at least online_swap x buffer_rows candidates (a refresh could
   swap that many rows), else plans fewer, evenly spaced refreshes; none fit: 0.
   """
   wanted = (steps - 1) // rcfg.online_every  # none at the last step
   min_pool = max(1, math.ceil(float(rcfg.online_swap) * buffer_rows))
-  avail = cap_rows - buffer_rows
+  once, per_buffer = online_buffer_passes(rcfg)
+  avail = cap_rows - once * buffer_rows
   for k in range(wanted, 0, -1):
-    pool = min(int(rcfg.online_pool), int((avail / k - buffer_rows) / 2))
+    pool = min(int(rcfg.online_pool), int((avail / k - per_buffer * buffer_rows) / 2))
     if pool >= min(min_pool, int(rcfg.online_pool)) and pool >= 1:
       every = rcfg.online_every if k == wanted else -(-steps // (k + 1))
       return (steps - 1) // every, pool, every

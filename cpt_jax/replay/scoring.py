@@ -2,7 +2,8 @@
 
 `Scorer.stream(params, store, rows)` yields, batch by batch, each row's mean
 token cross-entropy and its pooled final hidden state (mean over the row's
-real tokens), so callers select with bounded memory. Batches are global:
+real tokens), so callers select with bounded memory; `Scorer.divergences`
+gives each row's mean KL(reference || params) per token (two forwards a row). Batches are global:
 every process feeds its slice and gets the whole batch's scores back.
 FLOPs are counted as rows x seq_len x forward FLOPs/token: `flops` over the
 rows asked for (the selection's cost), `run_flops` over every row the device
@@ -26,6 +27,7 @@ from cpt_jax.data import packing
 from cpt_jax.model.transformer import flops_per_token
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.train import loss as loss_lib
+from cpt_jax.train import objective as objective_lib
 
 
 def _masked_mean_ce(logits_BxLxV, batch):
@@ -67,6 +69,16 @@ class Scorer:
       return loss_B, pooled_BxD
 
     self._fwd = jax.jit(fwd)
+
+    def divergence(params, batch, ref_params, temperature):
+      def logits(p):
+        return model.apply({"params": p}, batch["inputs"], batch["segment_ids"],
+                           batch["positions"])
+      kl_BxL = objective_lib.kl_full(logits(ref_params), logits(params), temperature)
+      w_BxL = batch["loss_weights"].astype(jnp.float32)
+      return (loss_lib.row_sums(kl_BxL, w_BxL) / jnp.maximum(jnp.sum(w_BxL, axis=-1), 1.0),)
+
+    self._divergence = jax.jit(divergence)
 
     def lookahead(params, batch, lr):
       g = jax.grad(lambda p: _masked_mean_ce(
@@ -125,19 +137,20 @@ class Scorer:
     return packing.rows_to_batch(planes, np.zeros((per,), np.int32),
                                  np.full((per,), batch_lib.EVAL, np.int32), self.start_id)
 
-  def map(self, fn, params: Any, store, rows: np.ndarray, *args
+  def map(self, fn, params: Any, store, rows: np.ndarray, *args, passes: int = 1
           ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
     """Yields (rows_B, fn's outputs for those rows) over `rows` of `store`, batch by batch.
 
-    fn(params, batch, *args) -> a tuple of arrays with a leading row axis (jitted)."""
+    fn(params, batch, *args) -> a tuple of arrays with a leading row axis (jitted);
+    `passes`: the forwards fn runs per row (what the counters add)."""
     rows = np.asarray(rows, np.int64)
     for start in range(0, rows.size, self.batch_rows):
       t0 = time.perf_counter()
       chunk = rows[start:start + self.batch_rows]
       batch = shd.global_batch(self._local_batch(store, chunk), self.mesh)
       out = tuple(self._fetch(x)[:chunk.size] for x in self._run(fn, params, batch, *args))
-      self.rows_scored += chunk.size
-      self.rows_run += self.batch_rows
+      self.rows_scored += passes * chunk.size
+      self.rows_run += passes * self.batch_rows
       self.seconds += time.perf_counter() - t0
       yield chunk, out
 
@@ -159,6 +172,15 @@ class Scorer:
     """Per-row mean loss of all `rows` (for small, bounded row sets)."""
     out = [l for _, l, _ in self.stream(params, store, rows)]
     return np.concatenate(out) if out else np.zeros((0,))
+
+  def divergences(self, params: Any, ref_params: Any, store, rows: np.ndarray,
+                  temperature: float = 1.0) -> np.ndarray:
+    """Per-row mean over real tokens of KL(softmax(ref/T) || softmax(params/T)): [rows].
+
+    Two forwards a row (both models), counted as two row-passes."""
+    out = [kl_B for _, (kl_B,) in self.map(self._divergence, params, store, rows, ref_params,
+                                           jnp.float32(temperature), passes=2)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0,))
 
   def lookahead(self, params: Any, batches: list[dict[str, np.ndarray]], lr: float) -> Any:
     """Params after one virtual sign-SGD step per batch (each a global-size local batch)."""

@@ -27,6 +27,7 @@ from cpt_jax.schema import deprecated
 STRATEGIES = ("random", "proportional", "teacher_loss", "forgetting", "diversity", "gradient",
               "online", "steered", "dro")
 SCORED = ("teacher_loss", "forgetting", "diversity", "gradient", "dro")
+ONLINE_SCORES = ("loss", "kl")
 
 
 def default_replay_config() -> ml_collections.ConfigDict:
@@ -64,6 +65,10 @@ def default_replay_config() -> ml_collections.ConfigDict:
       # rows swapped for fresh ones per refresh (fraction).
       online_init="proportional",  # online, steered: the initial buffer ('random' or
       # 'proportional').
+      online_score="loss",  # online: a row's interference. 'loss': its loss now minus
+      # under M (M's losses kept; one forward a buffer row, two a candidate); 'kl': its mean
+      # KL(M || now) per token at objective.kd_temperature (what replay KD pulls back; two
+      # forwards a buffer row or candidate).
       online_quota=0.0,  # online: 0 keeps each domain's buffer rows; a in (0, 1] re-allocates
       # them at each refresh, share a by each domain's measured forgetting (replay/quota.py).
       steer_quota=0.5,  # steered: share of the buffer re-split at each refresh by each
@@ -114,6 +119,8 @@ def validate_replay_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"replay.grad_batches={c.grad_batches} must be >= 1")
   if c.online_every < 1 or c.online_pool < 0 or not 0 <= c.online_swap <= 1:
     raise ValueError("replay.online_every >= 1, online_pool >= 0, 0 <= online_swap <= 1")
+  if c.online_score not in ONLINE_SCORES:
+    raise ValueError(f"replay.online_score={c.online_score!r}; one of {ONLINE_SCORES}")
   if not 0.0 <= c.online_quota <= 1.0:
     raise ValueError(f"replay.online_quota={c.online_quota} must be in [0, 1]")
   if not 0.0 <= c.steer_quota <= 1.0:
