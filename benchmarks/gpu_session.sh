@@ -12,10 +12,14 @@
 #      and one step's temporaries fit on the card together); then every feature's price
 #      (replay, distill, top-k KD, sigma / tau routing, controllers) at the GPT-2-small
 #      shape, where all the variants fit together (features_gpt2.json);
-#   3. the replay suite at --preset gpu (34M parameters), one seed: random 5% and the rows
-#      of rows_gpu_scale.json (the dev-chosen 1% row, random 1% with the same replay KD),
-#      for whatever time is left; its cache stays in $STATE, so running the script again on
-#      the same machine continues it.
+#   3. the replay suite at --preset gpu (34M parameters), 2 seeds, on the GPU in
+#      SUITE_WORKERS (3) processes at once: a dev search (successive halving, 8 runs) over
+#      search_grid_gpu_kd.json (replay KD weight 3 / 6 / 10 on random 1%, `online` KL
+#      scoring under KD 6) on the default split, then its choice beside random 5% on the
+#      second split (M on man_fr, man_es, man_pl, legal; T = code_py); its caches stay in
+#      $STATE, so running the script again on the same machine continues it.
+#
+# Order: 1, 1a, 3, then 2b, 1b, 2 (each when the budget still holds it).
 #
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh            # BUDGET=560 seconds by default
 #
@@ -27,9 +31,10 @@
 # Parts 1 and 2 are skipped when their JSON is already in $STATE (a second call), and a
 # part is left for the next call when too little of BUDGET is left for it.
 # Everything lands in $OUT: throughput_1b.json, attention_1b.json, profile_1b.json,
-# distill_1b.json, features_gpt2.json, suite_rows.json (suite.json once every row is done), log.txt, trace.tgz. On one H200 parts
-# 1 and 2 took about 6 min, M 2 min and each suite row about 1 min: the suite needs a second
-# call on the same machine (BUDGET = the seconds it may use). CORPORA: the suite's corpora
+# distill_1b.json, features_gpt2.json, suite_rows.json (every finished suite row),
+# search.json and search.chosen.json, split2.json, log.txt, trace.tgz. On one H200 parts
+# 1 and 2 took about 6 min, M 2 min and each suite row about 1 min one at a time: the rest
+# needs a second call on the same machine (BUDGET = the seconds it may use). CORPORA: the suite's corpora
 # (default .gpu_corpora in the checkout: a git-ignored copy that the call carries). Wheels
 # in .whl/ (packages the machine lacks, e.g. ml_collections) are installed first.
 set -u
@@ -53,8 +58,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --f
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())" || exit 1
 
-# SHAPE, FEATURES (part 2b's rows) and SUITE_EXTRA change the sizes (the CPU smoke test:
-# SHAPE="--quick", FEATURES=replay_25, SUITE_EXTRA="--quick --pretrain-steps 6 --cpt-steps 12").
+# SHAPE, FEATURES (part 2b's rows), SUITE_EXTRA, SPLIT2 and SUITE_SEEDS change the sizes (the
+# CPU smoke test: SHAPE="--quick", FEATURES=replay_25, SUITE_EXTRA="--quick --pretrain-steps 6
+# --cpt-steps 12 --old ... --new ...", SPLIT2="--old ... --new ...", SUITE_SEEDS=1).
 read -r -a LLAMA <<< "${SHAPE:---llama_1b --attention cudnn --batch 4 --peak_n 8192} --no_baseline --nanodo no"
 read -r -a EXTRA <<< "${SUITE_EXTRA:-}"
 # measure NAME LIMIT TITLE ARGS...: throughput.py ARGS into $STATE/NAME.json within LIMIT
@@ -77,6 +83,32 @@ print('cuDNN forward primitives', fa._dot_product_attention_fwd_p_wrapper.name,
   measure attention_1b 200 "1a. the same, cuDNN attention's forward kept by the remat" \
     "${LLAMA[@]}" --remat dots_no_batch_attention --no_features
 fi
+read -r -a SPLIT2 <<< "${SPLIT2:---old man_fr,man_es,man_pl,legal --new code_py --unavailable legal}"
+# suite NAME ARGS...: cpt_suite.py --preset gpu ARGS in the budget left (less 25 s), its
+# runs SUITE_WORKERS at a time on the one GPU (each process a share of its memory).
+suite() {
+  local name=$1 limit=$(( $(left) - 25 ))
+  shift
+  [ "$limit" -gt 30 ] || return 0
+  echo "== 3. replay suite, --preset gpu: $name (${limit}s)"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout "$limit" python3 benchmarks/cpt_suite.py \
+    --preset gpu --seeds "${SUITE_SEEDS:-2}" --workers "${SUITE_WORKERS:-3}" \
+    --corpora "$CORPORA" --json "$STATE/$name.json" "${EXTRA[@]}" "$@"
+  echo "suite $name rc $?"
+}
+if [ -d "$CORPORA" ]; then
+  suite search --cache "$STATE/suite_cache" --search 8 \
+    --search-grid benchmarks/search_grid_gpu_kd.json
+  [ -s "$STATE/search.chosen.json" ] && suite split2 --cache "$STATE/suite_cache2" \
+    --only random_0.05 --add-rows "$STATE/search.chosen.json" "${SPLIT2[@]}"
+fi
+if [ "$(left)" -gt 420 ]; then
+  read -r -a GPT2 <<< "${SHAPE:---gpt2_small --attention cudnn}"
+  FEATURE_ARGS=()
+  [ -n "${FEATURES:-}" ] && FEATURE_ARGS=(--features "$FEATURES" --topk_vocabs '')
+  measure features_gpt2 300 "2b. every feature's price at the GPT-2-small shape" \
+    "${GPT2[@]}" --no_baseline --nanodo no "${FEATURE_ARGS[@]}"
+fi
 if [ "$(left)" -gt 300 ]; then
   # XLA's command buffers would put the whole step into one traced op: off for the trace.
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" measure profile_1b 150 \
@@ -87,35 +119,20 @@ if [ "$(left)" -gt 200 ]; then
   measure distill_1b 260 "2. 25% distill rows with a teacher, full remat" "${LLAMA[@]}" \
     --remat full --topk_vocabs '' --features distill_25 --feature_rounds 5 --steps 3 --repeats 2
 fi
-if [ "$(left)" -gt 420 ]; then
-  read -r -a GPT2 <<< "${SHAPE:---gpt2_small --attention cudnn}"
-  FEATURE_ARGS=()
-  [ -n "${FEATURES:-}" ] && FEATURE_ARGS=(--features "$FEATURES" --topk_vocabs '')
-  measure features_gpt2 300 "2b. every feature's price at the GPT-2-small shape" \
-    "${GPT2[@]}" --no_baseline --nanodo no "${FEATURE_ARGS[@]}"
-fi
-SUITE_S=$(( $(left) - 25 ))
-if [ -d "$CORPORA" ] && [ "$SUITE_S" -gt 30 ]; then
-  echo "== 3. replay suite, --preset gpu, 1 seed (${SUITE_S}s)"
-  timeout "$SUITE_S" python3 benchmarks/cpt_suite.py --preset gpu --seeds 1 \
-    --corpora "$CORPORA" --cache "$STATE/suite_cache" --json "$STATE/suite.json" \
-    --only random_0.05 --add-rows benchmarks/rows_gpu_scale.json "${EXTRA[@]}"
-  echo "suite rc $?"
-fi
 python3 - "$STATE" <<'EOF'
 import glob, json, os, sys
 state = sys.argv[1]
 rows = []
-for path in sorted(glob.glob(os.path.join(state, "suite_cache", "**", "row.json"), recursive=True)):
+for path in sorted(glob.glob(os.path.join(state, "suite_cache*", "**", "row.json"), recursive=True)):
   with open(path) as f:
     rows.append(json.load(f))
-m = glob.glob(os.path.join(state, "suite_cache", "pretrain-*", "*.json"))
+m = glob.glob(os.path.join(state, "suite_cache*", "pretrain-*", "*.json"))
 with open(os.path.join(state, "suite_rows.json"), "w") as f:
   json.dump({"rows": rows, "pretrain_files": m}, f, indent=1)
 print(f"{len(rows)} suite rows done")
 EOF
 MEASURED="throughput_1b attention_1b profile_1b distill_1b features_gpt2"
-for f in $MEASURED suite_rows suite; do
+for f in $MEASURED suite_rows search search.chosen split2; do
   [ -s "$STATE/$f.json" ] && cp "$STATE/$f.json" "$OUT/"
 done
 cp "$STATE/log.txt" "$OUT/"

@@ -123,7 +123,8 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OUT=str(out), STATE=str(state),
              BUDGET="900", CORPORA=str(corpus), SHAPE="--quick", FEATURES="replay_25",
              SUITE_EXTRA="--quick --pretrain-steps 6 --cpt-steps 12 --old alpha,beta "
-                         "--new gamma --unavailable beta")
+                         "--new gamma --unavailable beta",
+             SPLIT2="--old gamma,beta --new alpha --unavailable beta", SUITE_SEEDS="1")
   res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=env,
                        capture_output=True, text=True, timeout=900, check=False)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -135,14 +136,22 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
   assert distill["remat"] == "full" and distill["features"]["distill_25"]["ratio"] > 0
   features = json.loads((out / "features_gpt2.json").read_text())["features"]
   assert features["replay_25"]["ratio"] > 0 and "distill_25" not in features
+  # The dev search (the grid's 4 rows and random 5% on seed 0), then its choice and random
+  # 5% on the second split.
+  grid = [r["name"] for r in json.loads(
+      (REPO / "benchmarks" / "search_grid_gpu_kd.json").read_text())]
+  chosen = json.loads((out / "search.chosen.json").read_text())["name"]
+  assert chosen in grid
   rows = json.loads((out / "suite_rows.json").read_text())["rows"]
-  assert sorted(r["name"] for r in rows) == sorted(
-      ["random_0.05", "online_0.01+kd3_t2_e132_w0.25_q0_r0", "random_0.01+kd3_t2"])
+  assert sorted(r["name"] for r in rows) == sorted([*grid, "random_0.05", chosen, "random_0.05"])
+  split2 = json.loads((out / "split2.json").read_text())
+  assert split2["settings"]["new"] == "alpha" and len(split2["rows"]) == 2
   assert (out / "trace.tgz").exists() and (out / "log.txt").exists()
   # A second call on the same machine skips what is done and reuses the suite's rows.
   res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=env,
                        capture_output=True, text=True, timeout=900, check=False)
-  assert res.returncode == 0 and "== 1." not in res.stdout and "3 reused" in res.stdout
+  assert res.returncode == 0 and "== 1." not in res.stdout
+  assert "5 reused" in res.stdout and "2 reused" in res.stdout
 
 
 def test_hlo_kinds_reads_gpu_custom_calls_and_fusions():
