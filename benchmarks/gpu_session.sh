@@ -16,8 +16,9 @@
 #      SUITE_WORKERS (3) processes at once: a dev search (successive halving, 8 runs) over
 #      search_grid_gpu_kd.json (replay KD weight 3 / 6 / 10 on random 1%, `online` KL
 #      scoring under KD 6) on the default split, then its choice beside random 5% on the
-#      second split (M on man_fr, man_es, man_pl, legal; T = code_py); its caches stay in
-#      $STATE, so running the script again on the same machine continues it.
+#      second split (M on man_fr, man_es, man_pl, legal; T = code_py), then no replay and
+#      random 1% on the default split; its caches stay in $STATE, so running the script
+#      again on the same machine continues it.
 #
 # Order: 1, 1a, 3, then 2b, 1b, 2 (each when the budget still holds it).
 #
@@ -29,14 +30,15 @@
 #       -d .whl ml-collections==1.1.0 importlib_resources
 #
 # Parts 1 and 2 are skipped when their JSON is already in $STATE (a second call), and a
-# part is left for the next call when too little of BUDGET is left for it.
-# Everything lands in $OUT: throughput_1b.json, attention_1b.json, profile_1b.json,
-# distill_1b.json, features_gpt2.json, suite_rows.json (every finished suite row),
-# search.json and search.chosen.json, split2.json, log.txt, trace.tgz. On one H200 parts
-# 1 and 2 took about 6 min, M 2 min and each suite row about 1 min one at a time: the rest
-# needs a second call on the same machine (BUDGET = the seconds it may use). CORPORA: the suite's corpora
-# (default .gpu_corpora in the checkout: a git-ignored copy that the call carries). Wheels
-# in .whl/ (packages the machine lacks, e.g. ml_collections) are installed first.
+# part is left for the next call when too little of BUDGET is left for it; the suite's
+# finished runs are reused from its caches. Everything lands in $OUT: throughput_1b.json,
+# attention_1b.json, profile_1b.json, distill_1b.json, features_gpt2.json, suite_rows.json
+# (every finished suite row), search.json and search.chosen.json, split2.json, rows.json,
+# log.txt, trace.tgz. On one H200 parts 1 and 2 took about 6 min, M 2 min and each suite
+# row about 1 min one at a time: the rest needs a second call on the same machine
+# (BUDGET = the seconds it may use). CORPORA: the suite's corpora (default .gpu_corpora in
+# the checkout: a git-ignored copy that the call carries). Wheels in .whl/ (packages the
+# machine lacks, e.g. ml_collections) are installed first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder for the results}
@@ -101,6 +103,8 @@ if [ -d "$CORPORA" ]; then
     --search-grid benchmarks/search_grid_gpu_kd.json
   [ -s "$STATE/search.chosen.json" ] && suite split2 --cache "$STATE/suite_cache2" \
     --only random_0.05 --add-rows "$STATE/search.chosen.json" "${SPLIT2[@]}"
+  # The rest of the preset's rows on the default split: does 0.6M's ranking hold at 34M?
+  suite rows --cache "$STATE/suite_cache" --only no_replay,random_0.01
 fi
 if [ "$(left)" -gt 420 ]; then
   read -r -a GPT2 <<< "${SHAPE:---gpt2_small --attention cudnn}"
@@ -132,7 +136,7 @@ with open(os.path.join(state, "suite_rows.json"), "w") as f:
 print(f"{len(rows)} suite rows done")
 EOF
 MEASURED="throughput_1b attention_1b profile_1b distill_1b features_gpt2"
-for f in $MEASURED suite_rows search search.chosen split2; do
+for f in $MEASURED suite_rows search search.chosen split2 rows; do
   [ -s "$STATE/$f.json" ] && cp "$STATE/$f.json" "$OUT/"
 done
 cp "$STATE/log.txt" "$OUT/"

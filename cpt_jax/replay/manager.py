@@ -256,7 +256,8 @@ class OnlineBuffer:
   of buffer rows are kept); 'kl', its mean KL(M || current) per token at
   objective.kd_temperature, what replay KD pulls back. Each refresh scores the next
   `online_pool` candidates of a rolling, seeded per-domain order (quota by
-  domain size) under both, and the buffer under the current model; per domain
+  domain size) under both, and the buffer under the current model ('kl': under
+  both); per domain
   up to online_swap x (its buffer rows) of the least-interfered buffer rows are
   replaced by more-interfered candidates. Buffer sizes per domain stay fixed.
   State (buffer ids, their M losses, cursors) is host JSON in the checkpoint.

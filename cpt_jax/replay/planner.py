@@ -215,9 +215,10 @@ def _online_plan(rcfg, steps: int, buffer_rows: int, cap_rows: float) -> tuple[i
   """(refreshes, candidates per refresh, steps between refreshes) within cap_rows forwards.
 
   With b buffer rows and (once, per refresh) = online_buffer_passes: the start
-  costs once x b, a refresh with n candidates 2 n + per refresh x b. Keeps the configured number of refreshes while the pool it
-  leaves holds at least online_swap x buffer_rows candidates (a refresh could
-  swap that many rows), else plans fewer, evenly spaced refreshes; none fit: 0.
+  costs once x b, a refresh with n candidates 2 n + per refresh x b. Keeps the
+  configured number of refreshes while the pool it leaves holds at least
+  online_swap x buffer_rows candidates (a refresh could swap that many rows),
+  else plans fewer, evenly spaced refreshes; none fit: 0.
   """
   wanted = (steps - 1) // rcfg.online_every  # none at the last step
   min_pool = max(1, math.ceil(float(rcfg.online_swap) * buffer_rows))

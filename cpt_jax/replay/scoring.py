@@ -3,8 +3,9 @@
 `Scorer.stream(params, store, rows)` yields, batch by batch, each row's mean
 token cross-entropy and its pooled final hidden state (mean over the row's
 real tokens), so callers select with bounded memory; `Scorer.divergences`
-gives each row's mean KL(reference || params) per token (two forwards a row). Batches are global:
-every process feeds its slice and gets the whole batch's scores back.
+gives each row's mean KL(reference || params) per token (two forwards a row).
+Batches are global: every process feeds its slice and gets the whole batch's
+scores back.
 FLOPs are counted as rows x seq_len x forward FLOPs/token: `flops` over the
 rows asked for (the selection's cost), `run_flops` over every row the device
 ran (the padding of a partial last batch and the rate measurement included),
