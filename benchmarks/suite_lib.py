@@ -528,9 +528,10 @@ def result_row(s: Settings, spec: dict, seed: int, summary: dict, m_loss: dict,
            "dev_new_gain": m_loss[s.new + DEV] - ev[s.new + DEV]}
   sel = summary.get("selection") or {}
   sel_tf = float(sel.get("tflops", 0.0))
-  # train steps, teacher forwards, second pull-backs (projection, subtree sigma / tau), selection
+  # train steps, teacher forwards, second pull-backs (projection, subtree sigma / tau), the
+  # EWC Fisher pass, selection
   train_tf = summary["train_tflops"] + summary["teacher_tflops"] + \
-      float(summary.get("pullback_tflops", 0.0))
+      float(summary.get("pullback_tflops", 0.0)) + float(summary.get("fisher_tflops", 0.0))
   tok = summary["data"]["tokens_per_role"]
   replay_frac = tok.get("replay", 0) / max(tok.get("new", 1), 1)
   return {"name": spec["name"], "strategy": spec["strategy"] or spec["name"], "seed": seed,

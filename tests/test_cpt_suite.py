@@ -407,3 +407,17 @@ def test_mid_preset_scales_the_model_and_keeps_the_default_stage():
   assert s.pretrain_key() != base.pretrain_key()  # its own M
   names = [sp["name"] for sp in suite.select_specs(suite.run_specs(s), s.only)]
   assert names == ["random_0.01", "random_0.05", "online_0.01+kd"]
+
+
+def test_a_row_counts_every_part_of_the_stage_in_its_total_tflops():
+  """Train steps, teacher forwards, second pull-backs, the EWC Fisher pass and selection:
+  each a distinct power of two, so a part left out or counted twice shows."""
+  s = suite.Settings(corpora="unused", old=("a",), new="t", dev_share=0.0)
+  summary = {"eval": {"a": {"loss": 1.0}, "t": {"loss": 2.0}}, "train_tflops": 1.0,
+             "teacher_tflops": 2.0, "pullback_tflops": 4.0, "fisher_tflops": 8.0,
+             "selection": {"tflops": 16.0}, "data": {"tokens_per_role": {"new": 10}},
+             "steps_run": 1, "seconds": 1.0}
+  row = suite.result_row(s, {"name": "r", "strategy": "online", "fraction": 0.01}, 0,
+                         summary, {"a": 0.5, "t": 3.0})
+  assert row["total_tflops"] == 31.0 and row["selection_share"] == 16.0 / 31.0
+  assert row["mean_forgetting"] == 0.5 and row["new_gain"] == 1.0

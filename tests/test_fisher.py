@@ -10,7 +10,9 @@ from cpt_jax import data as data_lib
 from cpt_jax.train import context as context_lib
 from cpt_jax.train import regularizers
 from cpt_jax.train import state as state_lib
-from tests.helpers import tiny_config, write_corpus
+from cpt_jax.model.transformer import flops_per_token
+from tests.helpers import crash_then_resume, one_device_config, tiny_config, train_one_device
+from tests.helpers import write_corpus
 
 ROWS, SEED = 5, 3
 
@@ -95,3 +97,21 @@ def test_true_fisher_samples_labels_from_the_model(setup):
   bad.objective.ewc_fisher = "fisher"
   with pytest.raises(ValueError, match="objective.ewc_fisher"):
     config_lib.validate_config(bad)
+
+
+def test_a_stage_reports_its_fisher_pass_also_after_a_resume(tmp_path):
+  """summary['fisher_tflops']: ewc_batches x global_batch_size rows, forward and backward,
+  counted once for the stage, in a resumed invocation too (it restores the Fisher)."""
+  corpus = write_corpus(tmp_path / "corpus")
+  plain = train_one_device(one_device_config(corpus, **{"train.steps": 2}), tmp_path / "m")
+  assert plain["fisher_tflops"] == 0.0
+  c = one_device_config(corpus, **{"train.steps": 6, "train.checkpoint_every": 2,
+                                   "train.log_every": 2, "objective.ewc": 1.0,
+                                   "objective.ewc_batches": 2,
+                                   "train.init_checkpoint": str(tmp_path / "m")})
+  out = crash_then_resume(c, tmp_path / "cpt", step=4)
+  assert out["init"].startswith("resumed")
+  L = c.data.seq_len
+  model_cfg = context_lib.build_context(c, jax.devices()[:1]).model_cfg
+  want = 2 * c.train.global_batch_size * L * flops_per_token(model_cfg, L, training=True) / 1e12
+  assert out["fisher_tflops"] == pytest.approx(want, rel=1e-12) and want > 0

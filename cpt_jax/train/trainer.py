@@ -491,6 +491,7 @@ class Trainer:
         "teacher_tflops": self._teacher_tflops(),
         "teacher_skipped_steps": self.teacher_skipped_steps, "peak_flops": self._peak,
         "pullback_rows": self.pullback_rows, "pullback_tflops": self._pullback_tflops(),
+        "fisher_tflops": self._fisher_tflops(),
         "num_devices": int(ctx.mesh.devices.size),
         "data": self.pipeline.stats(), "config_changes": self.identity.changes_made()}
     summary["state_bytes"] = self._state_bytes  # parameter / optimizer bytes per group
@@ -527,6 +528,12 @@ class Trainer:
     return self.pullback_rows * seq_len * (flops_per_token(cfg, seq_len) - flops_per_token(
         cfg, seq_len, training=False)) / 1e12
 
+  def _fisher_tflops(self) -> float:
+    """The stage's EWC Fisher pass (run once, at its fresh start); 0 without EWC."""
+    if "fisher" not in self.ctx.frozen_keys:
+      return 0.0
+    return regularizers.fisher_tflops(self.config, self.ctx.model_cfg)
+
   def _usage(self, step: int) -> budget_lib.Usage:
     """Seconds (all invocations) and TFLOPs by `step`: train steps, teacher forwards, every
     replay scoring forward run (padding, rate measurement, refreshes), the EWC Fisher pass
@@ -536,8 +543,8 @@ class Trainer:
              **self.budget.counted}
     if self.pullback_rows:
       parts["second_pullback"] = self._pullback_tflops()
-    if "fisher" in self.ctx.frozen_keys and self.frozen_fn is None:  # at the fresh start
-      parts["fisher"] = regularizers.fisher_tflops(self.config, self.ctx.model_cfg)
+    if self.frozen_fn is None and self._fisher_tflops():  # at the fresh start
+      parts["fisher"] = self._fisher_tflops()
     fixed_s, ahead = 0.0, []
     for cost in filter(None, (h.cost(step) for h in self.hooks)):  # replay selection
       parts.update(cost.tflops)
