@@ -543,8 +543,8 @@ class Trainer:
              **self.budget.counted}
     if self.pullback_rows:
       parts["second_pullback"] = self._pullback_tflops()
-    if self.frozen_fn is None and self._fisher_tflops():  # at the fresh start
-      parts["fisher"] = self._fisher_tflops()
+    if self.frozen_fn is None and (fisher := self._fisher_tflops()):  # at the fresh start
+      parts["fisher"] = fisher
     fixed_s, ahead = 0.0, []
     for cost in filter(None, (h.cost(step) for h in self.hooks)):  # replay selection
       parts.update(cost.tflops)
