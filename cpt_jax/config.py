@@ -40,6 +40,7 @@ from cpt_jax.schema.train import validate_divergence
 ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
 PROJECTIONS = ("", "old", "new", "both")  # objective.projection (train/projection.py)
+KD_TOKENS = ("all", "forgotten")  # objective.kd_tokens (train/objective.py)
 # Integer keys that must be >= 1 / >= 0 (checked first, so later checks may divide by them).
 POSITIVE_INTS = {"model": ("vocab_size", "vocab_pad_multiple", "d_model", "num_layers",
                            "num_heads", "num_kv_heads", "mlp_dim"),
@@ -114,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
       replay_kd_ramp=0.0,
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
+      # Which tokens of the teacher's rows the KL covers: 'all', or 'forgotten' (only where
+      # the student's CE on the next token exceeds the teacher's; train/objective.py).
+      kd_tokens="all",
       l2sp=0.0,  # L2-SP pull toward the stage's starting params.
       ewc=0.0,  # EWC strength (diagonal Fisher).
       ewc_batches=4,  # Batches used to estimate the Fisher.
@@ -251,6 +255,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      f"{cfg.decomposition.mode!r} routes the two signals itself")
   if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
     raise ValueError(f"objective.replay_kd_ramp={o.replay_kd_ramp} must be in [-1, 1]")
+  if o.get("kd_tokens", "all") not in KD_TOKENS:
+    raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
   decomposition_schema.validate_decomposition_config(cfg.decomposition, "decomposition",

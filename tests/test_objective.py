@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cpt_jax import batch as batch_lib
+from cpt_jax import config as config_lib
 from cpt_jax.train import objective
 from cpt_jax.train import step as step_lib
 from tests.helpers import tiny_config
@@ -185,3 +186,67 @@ def test_topk_tail_is_never_negative():
   want = float(np.sum(pt[:3] * (np.log(pt[:3]) - np.log(ps[:3]))))
   assert kl == pytest.approx(want, abs=2e-6)
   assert float(objective.kl_topk(lp, ids, t, 1.0)[0, 0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_forgotten_mask_by_hand():
+  """Label 0: the teacher predicts it with p = 0.78; students at 1/3, 0.78 and 0.92."""
+  t = jnp.asarray([[[2.0, 0.0, 0.0]] * 3], jnp.float32)
+  s = jnp.asarray([[[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [3.0, 0.0, 0.0]]], jnp.float32)
+  y = jnp.zeros((1, 3), jnp.int32)
+  s_ce = -jax.nn.log_softmax(s)[..., 0]
+  assert objective.forgotten_mask(t, s_ce, y).tolist() == [[1.0, 0.0, 0.0]]
+
+
+class _Bigram:
+  """apply_fn whose logits at a token are a row of the table for its input token."""
+
+  def __call__(self, params, inputs, segment_ids, positions):
+    return params["table"][inputs]
+
+
+def test_forgotten_kd_leaves_the_tokens_the_student_still_knows_alone():
+  """Replay KD with kd_tokens='forgotten' on a bigram model whose label is input + 1.
+
+  The student is the teacher with the label's logit raised (it knows the token
+  better than M) for even inputs and lowered (it has forgotten it) for odd ones.
+  A table row's gradient gathers its input's tokens: even rows must get what they
+  get without replay KD, odd rows what they get with KD on every token.
+  """
+  v = 13
+  roles = [batch_lib.NEW, batch_lib.REPLAY, batch_lib.REPLAY]
+  batch = _batch(roles)
+  batch["targets"] = (batch["inputs"] + 1) % v
+  batch["distill_index"] = jnp.asarray(
+      step_lib.distill_index(np.asarray(roles), 1, with_replay=True)[0])
+  teacher = {"table": jax.random.normal(jax.random.key(3), (v, v))}
+  sign = jnp.where(jnp.arange(v) % 2 == 0, 1.0, -1.0)
+  bump = jax.nn.one_hot((jnp.arange(v) + 1) % v, v) * (0.7 * sign)[:, None]
+  student = {"table": teacher["table"] + bump}
+  frozen = {"teacher": teacher}
+
+  def grads(**kw):
+    fn = objective.make_loss_fn(_Bigram(), _obj(lambda_kd=0.0, kd_temperature=2.0, **kw), 1)
+    return jax.grad(lambda p: fn(p, batch, frozen)[0])(student)["table"], fn
+
+  g_none, _ = grads(replay_kd=0.0)
+  g_all, _ = grads(replay_kd=3.0)
+  g_forgot, fn = grads(replay_kd=3.0, kd_tokens="forgotten")
+  even, odd = np.arange(0, v, 2), np.arange(1, v, 2)
+  np.testing.assert_allclose(g_forgot[even], g_none[even], atol=1e-7)
+  np.testing.assert_allclose(g_forgot[odd], g_all[odd], atol=1e-7)
+  assert float(jnp.abs(g_all[even] - g_none[even]).max()) > 1e-3  # KD acts there otherwise
+  # The kept tokens: replay tokens whose input is odd.
+  w, x = np.asarray(batch["loss_weights"]), np.asarray(batch["inputs"])
+  _, aux = fn(student, batch, frozen)
+  assert float(aux["kd_kept_tokens"]) == float((w[1:] * (x[1:] % 2 == 1)).sum())
+  # A student that has forgotten nothing gets no replay KD at all.
+  better = {"table": teacher["table"] + jnp.abs(bump)}
+  _, aux_better = fn(better, batch, frozen)
+  assert float(aux_better["replay_kd_term"]) == 0.0 and float(aux_better["kd_kept_tokens"]) == 0
+
+
+def test_bad_kd_tokens_is_named():
+  c = tiny_config()
+  c.objective.kd_tokens = "some"
+  with pytest.raises(ValueError, match=r"objective.kd_tokens='some'"):
+    config_lib.validate_config(c)

@@ -14,7 +14,9 @@ the objective does not depend on how a step is cut into microbatches: each
 microbatch adds its sums over the global normalisers and 1/A of the
 parameter-only terms (see step.py). lambda_replay = 1 is plain data mixing;
 replay_kd > 0 adds the teacher's full next-token distribution as a soft target
-on the replay rows (dark-experience replay); replay_kd_ramp = q in [-1, 1] makes
+on the replay rows (dark-experience replay); kd_tokens = 'forgotten' restricts
+both KL terms to the tokens whose CE under the student exceeds the teacher's
+(`forgotten_mask`); replay_kd_ramp = q in [-1, 1] makes
 its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
 (mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls). The
 teacher is a frozen copy of the stage's starting model; it runs only on the rows
@@ -52,6 +54,20 @@ def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
   t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+def forgotten_mask(teacher_logits_NxLxV: Array, student_ce_NxL: Array,
+                   targets_NxL: Array) -> Array:
+  """1.0 where the student's next-token CE exceeds the teacher's, else 0.0: [N, L].
+
+  What `kd_tokens='forgotten'` keeps of the KL: the tokens the student has lost
+  since M. Where it predicts the text as well as M or better (what T taught that
+  also holds on the old text), the teacher's distribution is not pulled back.
+  A constant of the step (no gradient flows through the comparison).
+  """
+  teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits_NxLxV, targets_NxL)
+  keep = jax.lax.stop_gradient(student_ce_NxL) > teacher_ce_NxL
+  return keep.astype(jnp.float32)
 
 
 def teacher_topk(teacher_logits_NxLxV: Array, k: int,
@@ -180,6 +196,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     raise ValueError("objective.replay_kd_ramp needs the stage's steps (total_steps)")
   temperature = float(obj_cfg.kd_temperature)
   topk = int(obj_cfg.kd_topk)
+  forgotten_only = obj_cfg.get("kd_tokens", "all") == "forgotten"
   l2sp = float(obj_cfg.l2sp)
   ewc = float(obj_cfg.ewc)
   nroles = len(batch_lib.ROLES)
@@ -236,6 +253,11 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       else:
         kl_NxL = kl_full(teacher_logits, student_logits, temperature)
       tok_w_NxL = take(weights_BxL, _TOKENS)
+      if forgotten_only:
+        keep_NxL = forgotten_mask(teacher_logits, take(ce_BxL, _TOKENS),
+                                  take(batch["targets"], _TOKENS))
+        kl_NxL = kl_NxL * keep_NxL
+        aux["kd_kept_tokens"] = jnp.sum(tok_w_NxL * keep_NxL * (role_N >= 0)[:, None])
       if lambda_kd > 0:
         w_NxL = tok_w_NxL * (role_N == batch_lib.DISTILL)[:, None]
         kd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), kd_den)
