@@ -210,9 +210,12 @@ PEAK_RSS = textwrap.dedent("""
 
 @needs_datasets
 def test_memory_does_not_grow_with_the_dataset(tmp_path):
-  """Peak memory of prepare on 66 MB of JSONL against 22 MB: the same within 16 MB.
+  """Peak memory of prepare on 154 MB of JSONL against 22 MB: the same within 40 MB.
 
-  (`datasets` reads JSON in blocks of 10 MB: both files are past the first block.)"""
+  Memory that followed the data would grow by the 132 MB between the two; the margin
+  leaves room for the allocator on a loaded machine (peaks differ by up to 22 MB there
+  whatever the size)."""
+  # (`datasets` reads JSON in blocks of 10 MB: both files are past the first block.)
   doc = " ".join(_WORDS) * 30  # about 4 KB
 
   def peak_kib(n_docs, name):
@@ -227,9 +230,9 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     return int(res.stdout.split()[-1])
 
-  small, large = peak_kib(5_000, "small"), peak_kib(15_000, "large")
-  assert (tmp_path / "corpus" / "large" / "train.jsonl").stat().st_size > 60e6
-  assert large - small < 16 * 1024, (small, large)
+  small, large = peak_kib(5_000, "small"), peak_kib(35_000, "large")
+  assert (tmp_path / "corpus" / "large" / "train.jsonl").stat().st_size > 140e6
+  assert large - small < 40 * 1024, (small, large)
 
 
 @needs_datasets
