@@ -320,6 +320,37 @@ def test_search_cli_with_a_grid_file_chooses_on_dev(quick_suite, tmp_path):
   assert "1 reused" in res.stdout
 
 
+def test_interpolate_reproduces_each_run_at_one_and_m_at_zero(quick_suite, tmp_path):
+  """benchmarks/suite_interpolate.py on quick_suite's runs (a plain one and a sigma / tau
+  one, whose tau must be merged): a = 1 is the suite's own row, a = 0 is M (no forgetting,
+  no gain), a = 0.5 lies elsewhere; the dev choice never takes M itself (no forgetting, but
+  no gain: the gain penalty must count); an unknown row name fails before any evaluation."""
+  import os  # pylint: disable=g-import-not-at-top
+  (runs,) = (quick_suite[2] / "cache").glob(f"cpt-*-{CPT_STEPS}")
+  rows = ["random_0.05", "random_0.05+sigma_tau_routing"]
+  out = tmp_path / "interp.json"
+  cmd = [sys.executable, str(REPO / "benchmarks" / "suite_interpolate.py"), "--runs",
+         str(runs), "--rows", ",".join(rows), "--alphas", "1,0.5,0", "--reference", "random_0.05", "--json", str(out)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PATH="/usr/bin:/bin", XLA_FLAGS="")
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  data = json.loads(out.read_text())["rows"]
+  suite_rows = {r["name"]: r for r in quick_suite[0]["rows"]}
+  for name in rows:
+    got, want = data[name]["alphas"], suite_rows[name]
+    assert data[name]["check"] < 1e-5, (name, data[name]["check"])
+    assert abs(got["1.0"]["mean_forgetting"] - want["mean_forgetting"]) < 1e-5
+    assert abs(got["1.0"]["new_gain"] - want["new_gain"]) < 1e-5
+    assert abs(got["0.0"]["mean_forgetting"]) < 1e-6 and abs(got["0.0"]["new_gain"]) < 1e-6
+    half = got["0.5"]
+    assert abs(half["new_gain"] - want["new_gain"]) > 1e-3 and abs(half["new_gain"]) > 1e-3
+    assert data[name]["chosen_alpha"] in (1.0, 0.5)
+  assert f"| {rows[0]} | 0.5 |" in res.stdout
+  bad = subprocess.run(cmd[:5] + ["random_0.05,nope"] + cmd[6:], capture_output=True,
+                       text=True, timeout=300, env=env)
+  assert bad.returncode != 0 and bad.stderr.startswith("--rows nope: no finished run")
+
+
 def test_search_cli_rejects_a_bad_grid_file_before_training(tmp_path):
   (tmp_path / "grid.json").write_text(json.dumps([{"name": "a", "strategy": "random"}]))
   cmd = [sys.executable, str(REPO / "benchmarks" / "cpt_suite.py"), "--quick", "--corpora",
