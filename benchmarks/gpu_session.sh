@@ -18,7 +18,8 @@
 #      scoring under KD 6) on the default split, then its choice beside random 5% on the
 #      second split (M on man_fr, man_es, man_pl, legal; T = code_py), then no replay and
 #      random 1% on the default split; its caches stay in $STATE, so running the script
-#      again on the same machine continues it.
+#      again on the same machine continues it; 3b. every finished default-split run merged
+#      back toward M (suite_interpolate.py: forgetting against gain, no training).
 #
 # Order: 1, 1a, 3, then 2b, 1b, 2 (each when the budget still holds it).
 #
@@ -34,8 +35,8 @@
 # finished runs are reused from its caches. Everything lands in $OUT: throughput_1b.json,
 # attention_1b.json, profile_1b.json, distill_1b.json, features_gpt2.json, suite_rows.json
 # (every finished suite row), search.json and search.chosen.json, split2.json, rows.json,
-# log.txt, trace.tgz. On one H200 parts 1 and 2 took about 6 min, M 2 min and each suite
-# row about 1 min one at a time: the rest needs a second call on the same machine
+# interpolate.json, log.txt, trace.tgz. On one H200 parts 1 and 2 took about 6 min, M 2 min
+# and each suite row about 1 min one at a time: the rest needs a second call on the same machine
 # (BUDGET = the seconds it may use). CORPORA: the suite's corpora (default .gpu_corpora in
 # the checkout: a git-ignored copy that the call carries). Wheels in .whl/ (packages the
 # machine lacks, e.g. ml_collections) are installed first.
@@ -105,6 +106,17 @@ if [ -d "$CORPORA" ]; then
     --only random_0.05 --add-rows "$STATE/search.chosen.json" "${SPLIT2[@]}"
   # The rest of the preset's rows on the default split: does 0.6M's ranking hold at 34M?
   suite rows --cache "$STATE/suite_cache" --only no_replay,random_0.01
+  # 3b. Every finished default-split run merged back toward M (suite_interpolate.py, dev
+  # picks a): does 0.6M's finding, merging stays on the replay-KD curve, hold at 34M?
+  RUNS=$(ls -d "$STATE"/suite_cache/cpt-*/ 2>/dev/null | head -1)
+  NAMES=$(for d in "$RUNS"*-s0; do [ -f "$d/row.json" ] && basename "$d" -s0; done | paste -sd, -)
+  limit=$(( $(left) - 25 ))
+  if [ -n "$NAMES" ] && [ "$limit" -gt 60 ] && [ ! -s "$STATE/interpolate.json" ]; then
+    echo "== 3b. merging toward M: $NAMES (${limit}s)"
+    timeout "$limit" python3 benchmarks/suite_interpolate.py --runs "$RUNS" --rows "$NAMES" \
+      --alphas 1,0.97,0.95,0.9 --reference random_0.05 --json "$STATE/interpolate.json.tmp" \
+      && mv "$STATE/interpolate.json.tmp" "$STATE/interpolate.json"
+  fi
 fi
 if [ "$(left)" -gt 420 ]; then
   read -r -a GPT2 <<< "${SHAPE:---gpt2_small --attention cudnn}"
@@ -136,7 +148,7 @@ with open(os.path.join(state, "suite_rows.json"), "w") as f:
 print(f"{len(rows)} suite rows done")
 EOF
 MEASURED="throughput_1b attention_1b profile_1b distill_1b features_gpt2"
-for f in $MEASURED suite_rows search search.chosen split2 rows; do
+for f in $MEASURED suite_rows search search.chosen split2 rows interpolate; do
   [ -s "$STATE/$f.json" ] && cp "$STATE/$f.json" "$OUT/"
 done
 cp "$STATE/log.txt" "$OUT/"

@@ -117,7 +117,8 @@ def test_profile_summary_tells_matmuls_from_elementwise_work(tmp_path):
 
 def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
   """benchmarks/gpu_session.sh (the one call a lent GPU gets) end to end on this CPU at
-  the quick sizes: both throughput parts, the suite rows, the files it hands back."""
+  the quick sizes: both throughput parts, the suite rows and their merges toward M, the
+  files it hands back."""
   corpus = write_corpus(tmp_path / "corpus", domains=("alpha", "beta", "gamma"), docs=60)
   out, state = tmp_path / "out", tmp_path / "state"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", OUT=str(out), STATE=str(state),
@@ -147,6 +148,11 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
       [*grid, "random_0.05", chosen, "random_0.05", "no_replay", "random_0.01"])
   split2 = json.loads((out / "split2.json").read_text())
   assert split2["settings"]["new"] == "alpha" and len(split2["rows"]) == 2
+  # 3b: every finished default-split run merged toward M, each reproduced at a = 1.
+  merged = json.loads((out / "interpolate.json").read_text())["rows"]
+  assert sorted(merged) == sorted([*grid, "random_0.05", "no_replay", "random_0.01"])
+  assert all(r["check"] < 1e-5 and r["chosen_alpha"] in (1.0, 0.97, 0.95, 0.9)
+             for r in merged.values())
   assert (out / "trace.tgz").exists() and (out / "log.txt").exists()
   # A second call on the same machine skips what is done and reuses the suite's rows.
   res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=env,
