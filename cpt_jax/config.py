@@ -40,6 +40,7 @@ from cpt_jax.schema.train import validate_divergence
 ATTENTION_KINDS = ("native", "dot_product", "cudnn")  # model.attention
 LR_SCHEDULES = ("constant", "cosine", "rewarm_cosine", "wsd")  # optimizer.schedule
 PROJECTIONS = ("", "old", "new", "both")  # objective.projection (train/projection.py)
+OLD_MOMENTS = ("shared", "separate")  # optimizer.old_moments (train/split_moments.py)
 KD_TOKENS = ("all", "forgotten")  # objective.kd_tokens (train/objective.py)
 # Integer keys that must be >= 1 / >= 0 (checked first, so later checks may divide by them).
 POSITIVE_INTS = {"model": ("vocab_size", "vocab_pad_multiple", "d_model", "num_layers",
@@ -104,6 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
       decay_embeddings=False,  # Apply weight decay to the embedding table.
       no_decay_pattern=r"(norm|bias|scale)",  # Regex of param paths never decayed.
       clip_norm=1.0,  # Global-norm gradient clipping (0: off).
+      # 'shared': one AdamW on the whole loss; 'separate': T's gradient and the old
+      # signal's (replay, KD, L2-SP / EWC) each get their own clipping and moments
+      # (train/split_moments.py).
+      old_moments="shared",
+      old_lr_scale=1.0,  # old_moments='separate': the old signal's lr as a multiple of lr.
   )
 
   c.objective = config_dict.create(
@@ -253,6 +259,15 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if o.get("projection", "") and cfg.decomposition.mode:
     raise ValueError("objective.projection needs the plain layout: decomposition.mode="
                      f"{cfg.decomposition.mode!r} routes the two signals itself")
+  old_moments = cfg.optimizer.get("old_moments", "shared")
+  if old_moments not in OLD_MOMENTS:
+    raise ValueError(f"optimizer.old_moments={old_moments!r}: expected one of {OLD_MOMENTS}")
+  if old_moments == "separate" and (o.get("projection", "") or cfg.decomposition.mode):
+    raise ValueError("optimizer.old_moments='separate' needs the plain layout without "
+                     "objective.projection or decomposition.mode: they take the two "
+                     "signals' gradients themselves")
+  if cfg.optimizer.get("old_lr_scale", 1.0) < 0:
+    raise ValueError(f"optimizer.old_lr_scale={cfg.optimizer.old_lr_scale} must be >= 0")
   if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
     raise ValueError(f"objective.replay_kd_ramp={o.replay_kd_ramp} must be in [-1, 1]")
   if o.get("kd_tokens", "all") not in KD_TOKENS:

@@ -75,6 +75,7 @@ from cpt_jax import batch as batch_lib
 from cpt_jax.train import layout as layout_lib
 from cpt_jax.train import optimizer as optimizer_lib
 from cpt_jax.train import projection as projection_lib
+from cpt_jax.train import split_moments as split_moments_lib
 from cpt_jax.train import tau as tau_lib
 
 GROUPS = ("sigma", "tau")
@@ -281,11 +282,15 @@ class GroupOptimizer:
 
 def make_layout(config: Any, model_boxed: Any) -> Any:
   """The layout `config.decomposition` asks for: `SigmaTau`, or when decomposition.mode
-  is '' `layout.Plain` (`projection.Projected` with objective.projection set)."""
+  is '' `layout.Plain` (`projection.Projected` with objective.projection set,
+  `split_moments.SplitMoments` with optimizer.old_moments='separate')."""
   if not config.decomposition.mode:
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
     mode = config.objective.get("projection", "")
     if mode:
       return projection_lib.Projected(tx, schedule, mode, config.objective)
+    if config.optimizer.get("old_moments", "shared") == "separate":
+      return split_moments_lib.SplitMoments(config.optimizer, config.train.steps,
+                                            config.objective)
     return layout_lib.Plain(tx, schedule)
   return SigmaTau(tau_lib.build(config.decomposition, model_boxed), config)
