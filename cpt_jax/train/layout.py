@@ -68,6 +68,20 @@ def old_signal_grad(vjp_fn: Callable, batch: dict, old_always: bool, like: Any,
   return g_old, has_old.astype(jnp.int32) * batch["roles"].shape[0]
 
 
+
+def two_signal_grads(loss_fn: Callable, params: Any, batch: dict, frozen: Any,
+                     old_always: bool) -> tuple[dict, dict]:
+  """({'new': d loss_new, 'old': d loss_old}, aux): one forward, T's pull-back, and the
+  second pull-back only on steps with an old signal (`old_signal_grad`)."""
+  def by_signal(p):
+    loss, aux = loss_fn(p, batch, frozen)
+    return signal_losses(loss, aux), aux
+
+  _, vjp_fn, aux = jax.vjp(by_signal, params, has_aux=True)
+  (g_new,) = vjp_fn(jnp.asarray([1.0, 0.0], jnp.float32))
+  g_old, aux["pullback_rows"] = old_signal_grad(vjp_fn, batch, old_always, g_new)
+  return {"new": g_new, "old": g_old}, aux
+
 class Plain:
   """The model's params, one optimizer, gradients of the whole loss."""
 

@@ -78,15 +78,7 @@ class Projected(layout_lib.Plain):
     self.old_always = layout_lib.old_signal_always(objective_cfg)
 
   def grads(self, loss_fn: Callable, params: Any, batch: dict, frozen: Any):
-    def by_signal(p):
-      loss, aux = loss_fn(p, batch, frozen)
-      return layout_lib.signal_losses(loss, aux), aux
-
-    _, vjp_fn, aux = jax.vjp(by_signal, params, has_aux=True)
-    (g_new,) = vjp_fn(jnp.asarray([1.0, 0.0], jnp.float32))
-    g_old, aux["pullback_rows"] = layout_lib.old_signal_grad(vjp_fn, batch, self.old_always,
-                                                             g_new)
-    return {"new": g_new, "old": g_old}, aux
+    return layout_lib.two_signal_grads(loss_fn, params, batch, frozen, self.old_always)
 
   def apply(self, grads: dict, state: Any, aux: dict):
     g, metrics = project(grads["new"], grads["old"], self.mode)
