@@ -110,6 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
       # (train/split_moments.py).
       old_moments="shared",
       old_lr_scale=1.0,  # old_moments='separate': the old signal's lr as a multiple of lr.
+      # k > 0: Lookahead (Reptile across batches): every k steps the weights move back to
+      # slow + lookahead_alpha * (fast - slow); one more copy of the params (train/optimizer.py).
+      lookahead_every=0,
+      lookahead_alpha=0.5,  # lookahead_every > 0: the slow weights' step, in (0, 1].
   )
 
   c.objective = config_dict.create(
@@ -266,6 +270,15 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     raise ValueError("optimizer.old_moments='separate' needs the plain layout without "
                      "objective.projection or decomposition.mode: they take the two "
                      "signals' gradients themselves")
+  every = cfg.optimizer.get("lookahead_every", 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(f"optimizer.lookahead_every={every!r} must be an int >= 0 (0: off)")
+  if every and not 0.0 < cfg.optimizer.get("lookahead_alpha", 0.5) <= 1.0:
+    raise ValueError(f"optimizer.lookahead_alpha={cfg.optimizer.lookahead_alpha} must be in "
+                     "(0, 1]")
+  if every and old_moments == "separate":
+    raise ValueError("optimizer.lookahead_every needs optimizer.old_moments='shared': the "
+                     "separate moments' two updates are summed after their optimizers")
   if cfg.optimizer.get("old_lr_scale", 1.0) < 0:
     raise ValueError(f"optimizer.old_lr_scale={cfg.optimizer.old_lr_scale} must be >= 0")
   if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
