@@ -76,13 +76,8 @@ def test_the_slow_weights_are_a_params_tree_for_sharding():
 
 def test_config_errors_name_the_key():
   def check(match, **kw):
-    c = tiny_config()
-    c.train.init_checkpoint = "teacher"
-    for key, value in kw.items():
-      group, name = key.split(".")
-      c[group][name] = value
     with pytest.raises(ValueError, match=match):
-      config_lib.validate_config(c, 1, 1)
+      config_lib.validate_config(tiny_config(**kw), 1, 1)
   check(r"optimizer.lookahead_every=-1", **{"optimizer.lookahead_every": -1})
   check(r"optimizer.lookahead_alpha=0.0", **{"optimizer.lookahead_every": 5,
                                              "optimizer.lookahead_alpha": 0.0})
