@@ -279,6 +279,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if every and old_moments == "separate":
     raise ValueError("optimizer.lookahead_every needs optimizer.old_moments='shared': the "
                      "separate moments' two updates are summed after their optimizers")
+  if every and cfg.decomposition.mode and cfg.decomposition.get("skip_idle_updates", True):
+    raise ValueError("optimizer.lookahead_every with decomposition.mode="
+                     f"{cfg.decomposition.mode!r} needs decomposition.skip_idle_updates=False: "
+                     "a zeroed idle step would drop Lookahead's pull-back but keep its slow "
+                     "weights")
   if cfg.optimizer.get("old_lr_scale", 1.0) < 0:
     raise ValueError(f"optimizer.old_lr_scale={cfg.optimizer.old_lr_scale} must be >= 0")
   if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:

@@ -83,6 +83,8 @@ def test_config_errors_name_the_key():
                                              "optimizer.lookahead_alpha": 0.0})
   check(r"lookahead_every needs optimizer.old_moments='shared'",
         **{"optimizer.lookahead_every": 5, "optimizer.old_moments": "separate"})
+  check(r"decomposition.skip_idle_updates=False",
+        **{"optimizer.lookahead_every": 5, "decomposition.mode": "lora"})
 
 
 def test_a_stage_trains_checkpoints_and_resumes_with_lookahead(tmp_path):
