@@ -13,9 +13,10 @@
 #      (replay, distill, top-k KD, sigma / tau routing, controllers) at the GPT-2-small
 #      shape, where all the variants fit together (features_gpt2.json);
 #   3. the replay suite at --preset gpu (34M parameters), 2 seeds, on the GPU in
-#      SUITE_WORKERS (3) processes at once: a dev search (successive halving, 8 runs) over
-#      search_grid_gpu_kd.json (replay KD weight 3 / 6 / 10 on random 1%, `online` KL
-#      scoring under KD 6) on the default split, then its choice beside random 5% on the
+#      SUITE_WORKERS (3) processes at once: a dev search (successive halving, 10 runs) over
+#      search_grid_gpu_kd.json (replay KD weight 3 / 6 / 10 on random 1%, `online` under
+#      KD 6, and the same under Lookahead 5 / 0.5 at 2.5x the preset's lr, the 0.6M
+#      model's best) on the default split, then its choice beside random 5% on the
 #      second split (M on man_fr, man_es, man_pl, legal; T = code_py), then no replay and
 #      random 1% on the default split; its caches stay in $STATE, so running the script
 #      again on the same machine continues it; 3b. every finished default-split run merged
@@ -100,7 +101,7 @@ suite() {
   echo "suite $name rc $?"
 }
 if [ -d "$CORPORA" ]; then
-  suite search --cache "$STATE/suite_cache" --search 8 \
+  suite search --cache "$STATE/suite_cache" --search 10 \
     --search-grid benchmarks/search_grid_gpu_kd.json
   [ -s "$STATE/search.chosen.json" ] && suite split2 --cache "$STATE/suite_cache2" \
     --only random_0.05 --add-rows "$STATE/search.chosen.json" "${SPLIT2[@]}"
