@@ -278,7 +278,8 @@ def test_default_grid_names_are_unique_and_valid_overrides():
                                          *(REPO / "benchmarks").glob("rows_*.json")]),
                          ids=lambda p: p.name)
 def test_committed_search_grids_read_and_name_config_keys(path):
-  """The grid and --add-rows files the README's runs used: valid specs and config keys."""
+  """The grid and --add-rows files the suite's recorded runs used (README,
+  docs/replay_selection.md): valid specs and config keys."""
   grid = suite_search.read_grid(str(path))
   _assert_valid_overrides(grid)
   from cpt_jax.replay import strategies  # pylint: disable=g-import-not-at-top
