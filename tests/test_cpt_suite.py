@@ -241,11 +241,15 @@ def test_successive_halving_chooses_on_dev_within_the_run_budget():
     return out
 
   res = suite_search.successive_halving(grid, 8, 3, run, ref)
-  # Scores at rung 0: a 0.50, b 0.55, c 0.40 + 10 x (0.99 - 0.95) = 0.80, d 0.60 (gain
-  # 0.995 is within 0.01 of 1.00): kept a, b. Rung 1: a 0.505, b 0.555: a.
+  # Scores at rung 0: a 0.50, b 0.55, c 0.40 + 10 x (0.993 - 0.95) = 0.83, d 0.60 (gain
+  # 0.995 is within 0.01 - 0.003 of 1.00): kept a, b. Rung 1: a 0.505, b 0.555: a.
   assert calls[0] == [("a", 0), ("b", 0), ("c", 0), ("d", 0), ("random_0.05", 0)]
   assert res["rungs"][0]["kept"] == ["a", "b"]
-  assert abs(res["rungs"][0]["dev_scores"]["c"] - 0.80) < 1e-9
+  assert abs(res["rungs"][0]["dev_scores"]["c"] - 0.83) < 1e-9
+  # The penalty starts 0.003 before the goal's 0.01 margin: a gain 0.008 below the
+  # reference's is inside the goal but pays 10 x 0.001; 0.006 below pays nothing.
+  assert abs(suite_search.dev_score(0.5, 0.992, 1.0) - 0.51) < 1e-9
+  assert suite_search.dev_score(0.5, 0.994, 1.0) == 0.5
   assert calls[1] == [("a", 1), ("b", 1), ("random_0.05", 1)]
   assert res["chosen"]["name"] == "a" and res["runs"] == 8 and len(calls) == 2
   # A budget below rung 0 is refused before anything runs.
