@@ -19,9 +19,9 @@ GAIN_SAFETY below the reference's. GAIN_MARGIN is the goal's margin; GAIN_SAFETY
 starts the penalty that much before it, so that a candidate whose dev gain sits on
 the margin is not chosen to land on either side of it on test by the seeds' luck
 (0.003 is about the seed-to-seed standard deviation of the reference's dev gain
-on the shared corpora, 0.001-0.005). Test columns never enter it. The candidate ranked first
-after the last rung is the chosen configuration (written to OUT's `search`
-entry and to <OUT>.chosen.json, which `--add-rows` reads).
+on the shared corpora, 0.001-0.005). Test columns never enter it. The candidate
+ranked first after the last rung is the chosen configuration (written to OUT's
+`search` entry and to <OUT>.chosen.json, which `--add-rows` reads).
 """
 
 from __future__ import annotations
@@ -89,10 +89,14 @@ def read_grid(path: str) -> list[dict]:
   return grid
 
 
+def penalty_start() -> float:
+  """How far the dev gain may fall below the reference's before the penalty starts."""
+  return GAIN_MARGIN - GAIN_SAFETY
+
+
 def dev_score(dev_forgetting: float, dev_gain: float, ref_dev_gain: float) -> float:
   """See the module docstring (lower is better)."""
-  slack = GAIN_MARGIN - GAIN_SAFETY
-  return dev_forgetting + GAIN_PENALTY * max(0.0, ref_dev_gain - slack - dev_gain)
+  return dev_forgetting + GAIN_PENALTY * max(0.0, ref_dev_gain - penalty_start() - dev_gain)
 
 
 def successive_halving(grid: list[dict], max_runs: int, seeds: int,
@@ -127,7 +131,7 @@ def successive_halving(grid: list[dict], max_runs: int, seeds: int,
   chosen = alive[0]
   return {"chosen": chosen, "rungs": rungs, "runs": used, "max_runs": max_runs,
           "dev_score": "dev_mean_forgetting + %g * max(0, ref_dev_gain - %g - dev_new_gain)"
-                       % (GAIN_PENALTY, GAIN_MARGIN - GAIN_SAFETY),
+                       % (GAIN_PENALTY, penalty_start()),
           "reference": ref["name"], "grid": grid}
 
 
