@@ -123,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
       # q in [-1, 1]: replay_kd's weight linear over the stage, (1 - q) -> (1 + q) times
       # replay_kd (mean replay_kd); 1 rises from 0, -1 falls to 0 (train/objective.py).
       replay_kd_ramp=0.0,
+      # p >= 0: a replay row's KL weighs 2 sigmoid(p g), g its forgetting (mean CE under the
+      # student minus under the teacher, nats per token: the `online` score); 0: every row 1.
+      replay_kd_focus=0.0,
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
       # Which tokens of the teacher's rows the KL covers: 'all', or 'forgotten' (only where
@@ -288,6 +291,12 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     raise ValueError(f"optimizer.old_lr_scale={cfg.optimizer.old_lr_scale} must be >= 0")
   if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
     raise ValueError(f"objective.replay_kd_ramp={o.replay_kd_ramp} must be in [-1, 1]")
+  focus = o.get("replay_kd_focus", 0.0)
+  if focus < 0:
+    raise ValueError(f"objective.replay_kd_focus={focus} must be >= 0")
+  if focus > 0 and o.replay_kd <= 0:
+    raise ValueError(f"objective.replay_kd_focus={focus} weighs the replay rows' KL, which "
+                     "objective.replay_kd=0 turns off: set replay_kd > 0 or the focus to 0")
   if o.get("kd_tokens", "all") not in KD_TOKENS:
     raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
   if o.kd_temperature <= 0:

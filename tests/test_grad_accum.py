@@ -89,9 +89,9 @@ def _grads_and_loss(config, grad_accum, decomp_mode=""):
   return jax.device_get(grads), jax.device_get(m)
 
 
-@pytest.mark.parametrize("topk", [0, 5])
-def test_accumulated_loss_and_grads_equal_the_full_batch(topk):
-  config = _config(kd_topk=topk)
+@pytest.mark.parametrize("topk,focus", [(0, 0.0), (5, 0.0), (0, 3.0)])
+def test_accumulated_loss_and_grads_equal_the_full_batch(topk, focus):
+  config = _config(kd_topk=topk, replay_kd_focus=focus)
   g1, m1 = _grads_and_loss(config, 1)
   for a in (2, 4):
     ga, ma = _grads_and_loss(config, a)

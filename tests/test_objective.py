@@ -204,6 +204,27 @@ class _Bigram:
     return params["table"][inputs]
 
 
+def _bigram_case(v, split_parity=False):
+  """(batch, teacher, bump): rows new, replay, replay whose label is input + 1; the
+  student is teacher + bump, which raises the label's logit for even inputs (it knows
+  them better than M) and lowers it for odd ones (it has forgotten them).
+  split_parity: replay row 1 holds only even inputs, row 2 only odd ones.
+  """
+  roles = [batch_lib.NEW, batch_lib.REPLAY, batch_lib.REPLAY]
+  batch = _batch(roles)
+  if split_parity:
+    n = batch["inputs"].shape[1]
+    batch["inputs"] = batch["inputs"].at[1].set(2 * (jnp.arange(n) % 6))
+    batch["inputs"] = batch["inputs"].at[2].set(2 * (jnp.arange(n) % 6) + 1)
+  batch["targets"] = (batch["inputs"] + 1) % v
+  batch["distill_index"] = jnp.asarray(
+      step_lib.distill_index(np.asarray(roles), 1, with_replay=True)[0])
+  teacher = {"table": jax.random.normal(jax.random.key(3), (v, v))}
+  sign = jnp.where(jnp.arange(v) % 2 == 0, 1.0, -1.0)
+  bump = jax.nn.one_hot((jnp.arange(v) + 1) % v, v) * (0.7 * sign)[:, None]
+  return batch, teacher, bump
+
+
 def test_forgotten_kd_leaves_the_tokens_the_student_still_knows_alone():
   """Replay KD with kd_tokens='forgotten' on a bigram model whose label is input + 1.
 
@@ -213,14 +234,7 @@ def test_forgotten_kd_leaves_the_tokens_the_student_still_knows_alone():
   get without replay KD, odd rows what they get with KD on every token.
   """
   v = 13
-  roles = [batch_lib.NEW, batch_lib.REPLAY, batch_lib.REPLAY]
-  batch = _batch(roles)
-  batch["targets"] = (batch["inputs"] + 1) % v
-  batch["distill_index"] = jnp.asarray(
-      step_lib.distill_index(np.asarray(roles), 1, with_replay=True)[0])
-  teacher = {"table": jax.random.normal(jax.random.key(3), (v, v))}
-  sign = jnp.where(jnp.arange(v) % 2 == 0, 1.0, -1.0)
-  bump = jax.nn.one_hot((jnp.arange(v) + 1) % v, v) * (0.7 * sign)[:, None]
+  batch, teacher, bump = _bigram_case(v)
   student = {"table": teacher["table"] + bump}
   frozen = {"teacher": teacher}
 
@@ -243,6 +257,53 @@ def test_forgotten_kd_leaves_the_tokens_the_student_still_knows_alone():
   better = {"table": teacher["table"] + jnp.abs(bump)}
   _, aux_better = fn(better, batch, frozen)
   assert float(aux_better["replay_kd_term"]) == 0.0 and float(aux_better["kd_kept_tokens"]) == 0
+
+
+def test_replay_kd_focus_moves_the_kd_to_the_rows_the_student_forgot():
+  """replay_kd_focus on a bigram model whose label is input + 1: replay row 1 holds
+  only even inputs (the student knows their labels better than M), row 2 only odd
+  ones (it has forgotten them). A sharp focus drops row 1's KD and doubles row 2's;
+  focus 0 is plain replay KD; a moderate focus lies between.
+  """
+  v = 13
+  batch, teacher, bump = _bigram_case(v, split_parity=True)
+  student = {"table": teacher["table"] + bump}
+  frozen = {"teacher": teacher}
+
+  def run(**kw):
+    fn = objective.make_loss_fn(_Bigram(), _obj(lambda_kd=0.0, kd_temperature=2.0, **kw), 1)
+    g = jax.grad(lambda p: fn(p, batch, frozen)[0])(student)["table"]
+    return g, fn(student, batch, frozen)
+
+  g_none, _ = run(replay_kd=0.0)
+  g_all, (loss_all, _) = run(replay_kd=3.0)
+  g_sharp, (_, aux) = run(replay_kd=3.0, replay_kd_focus=1e3)
+  even, odd = np.arange(0, v - 1, 2), np.arange(1, v, 2)
+  kd_all = g_all - g_none
+  assert float(jnp.abs(kd_all[even]).max()) > 1e-3  # plain KD acts on both rows
+  np.testing.assert_allclose(g_sharp[even], g_none[even], atol=1e-6)
+  np.testing.assert_allclose(g_sharp[odd] - g_none[odd], 2.0 * kd_all[odd], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(float(aux["replay_kd_row_weight"]), 2.0, atol=1e-5)
+  assert float(aux["replay_kd_rows"]) == 2.0
+  _, (loss_zero, aux_zero) = run(replay_kd=3.0, replay_kd_focus=0.0)
+  assert float(loss_zero) == float(loss_all) and "replay_kd_row_weight" not in aux_zero
+  g_mid, _ = run(replay_kd=3.0, replay_kd_focus=1.0)
+  mid_odd = float(jnp.abs(g_mid[odd] - g_none[odd]).sum())
+  mid_even = float(jnp.abs(g_mid[even] - g_none[even]).sum())
+  assert float(jnp.abs(kd_all[odd]).sum()) < mid_odd < 2 * float(jnp.abs(kd_all[odd]).sum())
+  assert 0 < mid_even < float(jnp.abs(kd_all[even]).sum())
+
+
+@pytest.mark.parametrize("focus,replay_kd,match", [
+    (-1.0, 1.0, r"objective.replay_kd_focus=-1.0 must be >= 0"),
+    (2.0, 0.0, r"objective.replay_kd_focus=2.0 weighs .* objective.replay_kd=0")])
+def test_bad_replay_kd_focus_is_named(focus, replay_kd, match):
+  c = tiny_config()
+  c.train.init_checkpoint = "teacher"
+  c.objective.update(replay_kd=replay_kd, replay_kd_focus=focus)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(c)
 
 
 def test_bad_kd_tokens_is_named():

@@ -1,8 +1,8 @@
 """The continued pre-training objective over rows with roles.
 
   loss = [sum_new CE + lambda_replay * sum_replay CE] / N_ce
-       + replay_kd * r(t) * T^2 * [sum_replay KL(teacher || student)] / N_ce
-                                                     (T: kd_temperature, r(t): the ramp)
+       + replay_kd * r(t) * T^2 * [sum_replay w_row KL(teacher || student)] / N_ce
+                  (T: kd_temperature, r(t): the ramp, w_row: replay_kd_focus's row weight)
        + lambda_kd * T^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
@@ -18,7 +18,9 @@ on the replay rows (dark-experience replay); kd_tokens = 'forgotten' restricts
 both KL terms to the tokens whose CE under the student exceeds the teacher's
 (`forgotten_mask`); replay_kd_ramp = q in [-1, 1] makes
 its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
-(mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls). The
+(mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls);
+replay_kd_focus = p > 0 weighs each replay row's KL by 2 sigmoid(p g), g the row's
+forgetting (`row_focus_weights`). The
 teacher is a frozen copy of the stage's starting model; it runs only on the rows
 gathered by `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
@@ -68,6 +70,22 @@ def forgotten_mask(teacher_logits_NxLxV: Array, student_ce_NxL: Array,
   teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits_NxLxV, targets_NxL)
   keep = jax.lax.stop_gradient(student_ce_NxL) > teacher_ce_NxL
   return keep.astype(jnp.float32)
+
+
+def row_focus_weights(student_ce_NxL: Array, teacher_ce_NxL: Array, weights_NxL: Array,
+                      focus: float) -> Array:
+  """Each row's replay-KD weight 2 sigmoid(focus g), g its forgetting: [N].
+
+  g = the row's mean next-token CE under the student minus under the teacher
+  (nats per token over its loss-weighted tokens): the `online` strategy's score
+  of the row, here measured on the step's own forwards. A row the student
+  predicts as well as M (g = 0) weighs 1, a forgotten one up to 2, one it now
+  predicts better than M down to 0. Per row, so it does not depend on how a
+  step is cut into microbatches; a constant of the step (no gradient).
+  """
+  tok_N = jnp.maximum(jnp.sum(weights_NxL, axis=-1), 1.0)
+  gap_N = jnp.sum((student_ce_NxL - teacher_ce_NxL) * weights_NxL, axis=-1) / tok_N
+  return jax.lax.stop_gradient(2.0 * jax.nn.sigmoid(focus * gap_N))
 
 
 def teacher_topk(teacher_logits_NxLxV: Array, k: int,
@@ -197,6 +215,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   temperature = float(obj_cfg.kd_temperature)
   topk = int(obj_cfg.kd_topk)
   forgotten_only = obj_cfg.get("kd_tokens", "all") == "forgotten"
+  focus = float(obj_cfg.get("replay_kd_focus", 0.0)) if replay_kd > 0 else 0.0
   l2sp = float(obj_cfg.l2sp)
   ewc = float(obj_cfg.ewc)
   nroles = len(batch_lib.ROLES)
@@ -265,7 +284,15 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         aux["kd_tokens"] = jnp.sum(w_NxL)
         loss = loss + lambda_kd * temperature ** 2 * kd_term
       if replay_kd > 0:  # shares the CE normaliser, like the replay rows' CE
-        w_NxL = tok_w_NxL * (role_N == batch_lib.REPLAY)[:, None]
+        is_replay_N = (role_N == batch_lib.REPLAY).astype(jnp.float32)
+        w_NxL = tok_w_NxL * is_replay_N[:, None]
+        if focus > 0:
+          teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits, take(batch["targets"],
+                                                                          _TOKENS))
+          row_w_N = row_focus_weights(take(ce_BxL, _TOKENS), teacher_ce_NxL, tok_w_NxL, focus)
+          w_NxL = w_NxL * row_w_N[:, None]
+          aux["replay_kd_row_weight"] = jnp.sum(row_w_N * is_replay_N)
+          aux["replay_kd_rows"] = jnp.sum(is_replay_N)
         rkd_term = loss_lib.safe_div(jnp.sum(kl_NxL * w_NxL), ce_den)
         aux["replay_kd_term"] = rkd_term
         weight = replay_kd
