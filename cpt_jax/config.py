@@ -123,9 +123,11 @@ def default_config() -> ml_collections.ConfigDict:
       # q in [-1, 1]: replay_kd's weight linear over the stage, (1 - q) -> (1 + q) times
       # replay_kd (mean replay_kd); 1 rises from 0, -1 falls to 0 (train/objective.py).
       replay_kd_ramp=0.0,
-      # p >= 0: a replay row's KL weighs 2 sigmoid(p g), g its forgetting (mean CE under the
-      # student minus under the teacher, nats per token: the `online` score); 0: every row 1.
+      # p >= 0: a replay row's KL weighs 2 sigmoid(p (g - g0)), g its forgetting (mean CE
+      # under the student minus under the teacher, nats per token: the `online` score),
+      # g0 = replay_kd_focus_center; 0: every row weighs 1 (train/objective.py).
       replay_kd_focus=0.0,
+      replay_kd_focus_center=0.0,  # g0 (nats per token): the forgetting that weighs 1.
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
       # Which tokens of the teacher's rows the KL covers: 'all', or 'forgotten' (only where
@@ -297,6 +299,9 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if focus > 0 and o.replay_kd <= 0:
     raise ValueError(f"objective.replay_kd_focus={focus} weighs the replay rows' KL, which "
                      "objective.replay_kd=0 turns off: set replay_kd > 0 or the focus to 0")
+  if o.get("replay_kd_focus_center", 0.0) and not focus:
+    raise ValueError(f"objective.replay_kd_focus_center={o.replay_kd_focus_center} centres "
+                     "the focus's row weights, which objective.replay_kd_focus=0 turns off")
   if o.get("kd_tokens", "all") not in KD_TOKENS:
     raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
   if o.kd_temperature <= 0:

@@ -288,6 +288,11 @@ def test_replay_kd_focus_moves_the_kd_to_the_rows_the_student_forgot():
   assert float(aux["replay_kd_rows"]) == 2.0
   _, (loss_zero, aux_zero) = run(replay_kd=3.0, replay_kd_focus=0.0)
   assert float(loss_zero) == float(loss_all) and "replay_kd_row_weight" not in aux_zero
+  # A centre above both rows' forgetting takes the KD off both; one below doubles both.
+  g_high, _ = run(replay_kd=3.0, replay_kd_focus=1e3, replay_kd_focus_center=5.0)
+  np.testing.assert_allclose(g_high, g_none, atol=1e-6)
+  g_low, _ = run(replay_kd=3.0, replay_kd_focus=1e3, replay_kd_focus_center=-5.0)
+  np.testing.assert_allclose(g_low - g_none, 2.0 * kd_all, rtol=1e-5, atol=1e-7)
   g_mid, _ = run(replay_kd=3.0, replay_kd_focus=1.0)
   mid_odd = float(jnp.abs(g_mid[odd] - g_none[odd]).sum())
   mid_even = float(jnp.abs(g_mid[even] - g_none[even]).sum())
@@ -297,11 +302,13 @@ def test_replay_kd_focus_moves_the_kd_to_the_rows_the_student_forgot():
 
 @pytest.mark.parametrize("focus,replay_kd,match", [
     (-1.0, 1.0, r"objective.replay_kd_focus=-1.0 must be >= 0"),
-    (2.0, 0.0, r"objective.replay_kd_focus=2.0 weighs .* objective.replay_kd=0")])
+    (2.0, 0.0, r"objective.replay_kd_focus=2.0 weighs .* objective.replay_kd=0"),
+    (0.0, 1.0, r"objective.replay_kd_focus_center=0.5 centres .*replay_kd_focus=0")])
 def test_bad_replay_kd_focus_is_named(focus, replay_kd, match):
   c = tiny_config()
   c.train.init_checkpoint = "teacher"
-  c.objective.update(replay_kd=replay_kd, replay_kd_focus=focus)
+  c.objective.update(replay_kd=replay_kd, replay_kd_focus=focus,
+                     replay_kd_focus_center=0.5 if focus == 0 else 0.0)
   with pytest.raises(ValueError, match=match):
     config_lib.validate_config(c)
 

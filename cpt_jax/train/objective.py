@@ -19,8 +19,8 @@ both KL terms to the tokens whose CE under the student exceeds the teacher's
 (`forgotten_mask`); replay_kd_ramp = q in [-1, 1] makes
 its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
 (mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls);
-replay_kd_focus = p > 0 weighs each replay row's KL by 2 sigmoid(p g), g the row's
-forgetting (`row_focus_weights`). The
+replay_kd_focus = p > 0 weighs each replay row's KL by 2 sigmoid(p (g - g0)), g the
+row's forgetting, g0 = replay_kd_focus_center (`row_focus_weights`). The
 teacher is a frozen copy of the stage's starting model; it runs only on the rows
 gathered by `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
@@ -73,19 +73,22 @@ def forgotten_mask(teacher_logits_NxLxV: Array, student_ce_NxL: Array,
 
 
 def row_focus_weights(student_ce_NxL: Array, teacher_ce_NxL: Array, weights_NxL: Array,
-                      focus: float) -> Array:
-  """Each row's replay-KD weight 2 sigmoid(focus g), g its forgetting: [N].
+                      focus: float, center: float = 0.0) -> Array:
+  """Each row's replay-KD weight 2 sigmoid(focus (g - center)), g its forgetting: [N].
 
   g = the row's mean next-token CE under the student minus under the teacher
   (nats per token over its loss-weighted tokens): the `online` strategy's score
-  of the row, here measured on the step's own forwards. A row the student
-  predicts as well as M (g = 0) weighs 1, a forgotten one up to 2, one it now
-  predicts better than M down to 0. Per row, so it does not depend on how a
-  step is cut into microbatches; a constant of the step (no gradient).
+  of the row, here measured on the step's own forwards. A row whose forgetting
+  is `center` weighs 1 (center 0: a row the student predicts as well as M), a
+  more forgotten one up to 2, a less forgotten one down to 0. The rows an
+  `online` buffer replays are its most forgotten, so with center 0 nearly all
+  weigh about 2; a center near their typical g spreads the weight among them.
+  Per row, so it does not depend on how a step is cut into microbatches; a
+  constant of the step (no gradient).
   """
   tok_N = jnp.maximum(jnp.sum(weights_NxL, axis=-1), 1.0)
   gap_N = jnp.sum((student_ce_NxL - teacher_ce_NxL) * weights_NxL, axis=-1) / tok_N
-  return jax.lax.stop_gradient(2.0 * jax.nn.sigmoid(focus * gap_N))
+  return jax.lax.stop_gradient(2.0 * jax.nn.sigmoid(focus * (gap_N - center)))
 
 
 def teacher_topk(teacher_logits_NxLxV: Array, k: int,
@@ -216,6 +219,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   topk = int(obj_cfg.kd_topk)
   forgotten_only = obj_cfg.get("kd_tokens", "all") == "forgotten"
   focus = float(obj_cfg.get("replay_kd_focus", 0.0)) if replay_kd > 0 else 0.0
+  focus_center = float(obj_cfg.get("replay_kd_focus_center", 0.0))
   l2sp = float(obj_cfg.l2sp)
   ewc = float(obj_cfg.ewc)
   nroles = len(batch_lib.ROLES)
@@ -289,7 +293,8 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         if focus > 0:
           teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits, take(batch["targets"],
                                                                           _TOKENS))
-          row_w_N = row_focus_weights(take(ce_BxL, _TOKENS), teacher_ce_NxL, tok_w_NxL, focus)
+          row_w_N = row_focus_weights(take(ce_BxL, _TOKENS), teacher_ce_NxL, tok_w_NxL,
+                                      focus, focus_center)
           w_NxL = w_NxL * row_w_N[:, None]
           aux["replay_kd_row_weight"] = jnp.sum(row_w_N * is_replay_N)
           aux["replay_kd_rows"] = jnp.sum(is_replay_N)
