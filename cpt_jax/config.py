@@ -123,9 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
       # q in [-1, 1]: replay_kd's weight linear over the stage, (1 - q) -> (1 + q) times
       # replay_kd (mean replay_kd); 1 rises from 0, -1 falls to 0 (train/objective.py).
       replay_kd_ramp=0.0,
-      # p >= 0: a replay row's KL weighs 2 sigmoid(p (g - g0)), g its forgetting (mean CE
-      # under the student minus under the teacher, nats per token: the `online` score),
-      # g0 = replay_kd_focus_center; 0: every row weighs 1 (train/objective.py).
+      # p: a replay row's KL weighs 2 sigmoid(p (g - g0)), g its forgetting (mean CE under
+      # the student minus under the teacher, nats per token: the `online` score), g0 =
+      # replay_kd_focus_center; p > 0 favours the most forgotten rows, p < 0 the least;
+      # 0: every row weighs 1 (train/objective.py).
       replay_kd_focus=0.0,
       replay_kd_focus_center=0.0,  # g0 (nats per token): the forgetting that weighs 1.
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
@@ -294,9 +295,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
     raise ValueError(f"objective.replay_kd_ramp={o.replay_kd_ramp} must be in [-1, 1]")
   focus = o.get("replay_kd_focus", 0.0)
-  if focus < 0:
-    raise ValueError(f"objective.replay_kd_focus={focus} must be >= 0")
-  if focus > 0 and o.replay_kd <= 0:
+  if focus and o.replay_kd <= 0:
     raise ValueError(f"objective.replay_kd_focus={focus} weighs the replay rows' KL, which "
                      "objective.replay_kd=0 turns off: set replay_kd > 0 or the focus to 0")
   if o.get("replay_kd_focus_center", 0.0) and not focus:

@@ -262,8 +262,9 @@ def test_forgotten_kd_leaves_the_tokens_the_student_still_knows_alone():
 def test_replay_kd_focus_moves_the_kd_to_the_rows_the_student_forgot():
   """replay_kd_focus on a bigram model whose label is input + 1: replay row 1 holds
   only even inputs (the student knows their labels better than M), row 2 only odd
-  ones (it has forgotten them). A sharp focus drops row 1's KD and doubles row 2's;
-  focus 0 is plain replay KD; a moderate focus lies between.
+  ones (it has forgotten them). A sharp focus drops row 1's KD and doubles row 2's,
+  a sharp negative one the reverse; focus 0 is plain replay KD; a moderate focus
+  lies between.
   """
   v = 13
   batch, teacher, bump = _bigram_case(v, split_parity=True)
@@ -293,6 +294,11 @@ def test_replay_kd_focus_moves_the_kd_to_the_rows_the_student_forgot():
   np.testing.assert_allclose(g_high, g_none, atol=1e-6)
   g_low, _ = run(replay_kd=3.0, replay_kd_focus=1e3, replay_kd_focus_center=-5.0)
   np.testing.assert_allclose(g_low - g_none, 2.0 * kd_all, rtol=1e-5, atol=1e-7)
+  # A negative focus favours the row the student still knows: the mirror image.
+  g_inverse, _ = run(replay_kd=3.0, replay_kd_focus=-1e3)
+  np.testing.assert_allclose(g_inverse[odd], g_none[odd], atol=1e-6)
+  np.testing.assert_allclose(g_inverse[even] - g_none[even], 2.0 * kd_all[even], rtol=1e-5,
+                             atol=1e-7)
   g_mid, _ = run(replay_kd=3.0, replay_kd_focus=1.0)
   mid_odd = float(jnp.abs(g_mid[odd] - g_none[odd]).sum())
   mid_even = float(jnp.abs(g_mid[even] - g_none[even]).sum())
@@ -301,7 +307,7 @@ def test_replay_kd_focus_moves_the_kd_to_the_rows_the_student_forgot():
 
 
 @pytest.mark.parametrize("focus,replay_kd,match", [
-    (-1.0, 1.0, r"objective.replay_kd_focus=-1.0 must be >= 0"),
+    (-1.0, 0.0, r"objective.replay_kd_focus=-1.0 weighs .* objective.replay_kd=0"),
     (2.0, 0.0, r"objective.replay_kd_focus=2.0 weighs .* objective.replay_kd=0"),
     (0.0, 1.0, r"objective.replay_kd_focus_center=0.5 centres .*replay_kd_focus=0")])
 def test_bad_replay_kd_focus_is_named(focus, replay_kd, match):

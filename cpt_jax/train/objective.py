@@ -19,7 +19,7 @@ both KL terms to the tokens whose CE under the student exceeds the teacher's
 (`forgotten_mask`); replay_kd_ramp = q in [-1, 1] makes
 its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
 (mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls);
-replay_kd_focus = p > 0 weighs each replay row's KL by 2 sigmoid(p (g - g0)), g the
+replay_kd_focus = p != 0 weighs each replay row's KL by 2 sigmoid(p (g - g0)), g the
 row's forgetting, g0 = replay_kd_focus_center (`row_focus_weights`). The
 teacher is a frozen copy of the stage's starting model; it runs only on the rows
 gathered by `distill_index` (distill rows when lambda_kd > 0, replay rows when
@@ -79,8 +79,9 @@ def row_focus_weights(student_ce_NxL: Array, teacher_ce_NxL: Array, weights_NxL:
   g = the row's mean next-token CE under the student minus under the teacher
   (nats per token over its loss-weighted tokens): the `online` strategy's score
   of the row, here measured on the step's own forwards. A row whose forgetting
-  is `center` weighs 1 (center 0: a row the student predicts as well as M), a
-  more forgotten one up to 2, a less forgotten one down to 0. The rows an
+  is `center` weighs 1 (center 0: a row the student predicts as well as M); for
+  focus > 0 a more forgotten one up to 2 and a less forgotten one down to 0,
+  for focus < 0 the other way round. The rows an
   `online` buffer replays are its most forgotten, so with center 0 nearly all
   weigh about 2; a center near their typical g spreads the weight among them.
   Per row, so it does not depend on how a step is cut into microbatches; a
@@ -218,7 +219,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   temperature = float(obj_cfg.kd_temperature)
   topk = int(obj_cfg.kd_topk)
   forgotten_only = obj_cfg.get("kd_tokens", "all") == "forgotten"
-  focus = float(obj_cfg.get("replay_kd_focus", 0.0)) if replay_kd > 0 else 0.0
+  focus = float(obj_cfg.get("replay_kd_focus", 0.0)) if replay_kd > 0 else 0.0  # p
   focus_center = float(obj_cfg.get("replay_kd_focus_center", 0.0))
   l2sp = float(obj_cfg.l2sp)
   ewc = float(obj_cfg.ewc)
@@ -290,7 +291,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       if replay_kd > 0:  # shares the CE normaliser, like the replay rows' CE
         is_replay_N = (role_N == batch_lib.REPLAY).astype(jnp.float32)
         w_NxL = tok_w_NxL * is_replay_N[:, None]
-        if focus > 0:
+        if focus:
           teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits, take(batch["targets"],
                                                                           _TOKENS))
           row_w_N = row_focus_weights(take(ce_BxL, _TOKENS), teacher_ce_NxL, tok_w_NxL,
