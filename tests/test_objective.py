@@ -7,6 +7,7 @@ import pytest
 
 from cpt_jax import batch as batch_lib
 from cpt_jax import config as config_lib
+from cpt_jax.train import loss as loss_lib
 from cpt_jax.train import objective
 from cpt_jax.train import step as step_lib
 from tests.helpers import tiny_config
@@ -194,7 +195,8 @@ def test_forgotten_mask_by_hand():
   s = jnp.asarray([[[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [3.0, 0.0, 0.0]]], jnp.float32)
   y = jnp.zeros((1, 3), jnp.int32)
   s_ce = -jax.nn.log_softmax(s)[..., 0]
-  assert objective.forgotten_mask(t, s_ce, y).tolist() == [[1.0, 0.0, 0.0]]
+  t_ce, _ = loss_lib.cross_entropy(t, y)
+  assert objective.forgotten_mask(s_ce, t_ce).tolist() == [[1.0, 0.0, 0.0]]
 
 
 class _Bigram:

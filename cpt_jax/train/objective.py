@@ -58,8 +58,7 @@ def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
   return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
-def forgotten_mask(teacher_logits_NxLxV: Array, student_ce_NxL: Array,
-                   targets_NxL: Array) -> Array:
+def forgotten_mask(student_ce_NxL: Array, teacher_ce_NxL: Array) -> Array:
   """1.0 where the student's next-token CE exceeds the teacher's, else 0.0: [N, L].
 
   What `kd_tokens='forgotten'` keeps of the KL: the tokens the student has lost
@@ -67,7 +66,6 @@ def forgotten_mask(teacher_logits_NxLxV: Array, student_ce_NxL: Array,
   also holds on the old text), the teacher's distribution is not pulled back.
   A constant of the step (no gradient flows through the comparison).
   """
-  teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits_NxLxV, targets_NxL)
   keep = jax.lax.stop_gradient(student_ce_NxL) > teacher_ce_NxL
   return keep.astype(jnp.float32)
 
@@ -88,7 +86,7 @@ def row_focus_weights(student_ce_NxL: Array, teacher_ce_NxL: Array, weights_NxL:
   constant of the step (no gradient).
   """
   tok_N = jnp.maximum(jnp.sum(weights_NxL, axis=-1), 1.0)
-  gap_N = jnp.sum((student_ce_NxL - teacher_ce_NxL) * weights_NxL, axis=-1) / tok_N
+  gap_N = loss_lib.row_sums(student_ce_NxL - teacher_ce_NxL, weights_NxL) / tok_N
   return jax.lax.stop_gradient(2.0 * jax.nn.sigmoid(focus * (gap_N - center)))
 
 
@@ -277,9 +275,12 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       else:
         kl_NxL = kl_full(teacher_logits, student_logits, temperature)
       tok_w_NxL = take(weights_BxL, _TOKENS)
+      if forgotten_only or (replay_kd > 0 and focus):  # both compare the two models' CE
+        student_ce_NxL = take(ce_BxL, _TOKENS)
+        teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits,
+                                                   take(batch["targets"], _TOKENS))
       if forgotten_only:
-        keep_NxL = forgotten_mask(teacher_logits, take(ce_BxL, _TOKENS),
-                                  take(batch["targets"], _TOKENS))
+        keep_NxL = forgotten_mask(student_ce_NxL, teacher_ce_NxL)
         kl_NxL = kl_NxL * keep_NxL
         aux["kd_kept_tokens"] = jnp.sum(tok_w_NxL * keep_NxL * (role_N >= 0)[:, None])
       if lambda_kd > 0:
@@ -292,10 +293,8 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         is_replay_N = (role_N == batch_lib.REPLAY).astype(jnp.float32)
         w_NxL = tok_w_NxL * is_replay_N[:, None]
         if focus:
-          teacher_ce_NxL, _ = loss_lib.cross_entropy(teacher_logits, take(batch["targets"],
-                                                                          _TOKENS))
-          row_w_N = row_focus_weights(take(ce_BxL, _TOKENS), teacher_ce_NxL, tok_w_NxL,
-                                      focus, focus_center)
+          row_w_N = row_focus_weights(student_ce_NxL, teacher_ce_NxL, tok_w_NxL, focus,
+                                      focus_center)
           w_NxL = w_NxL * row_w_N[:, None]
           aux["replay_kd_row_weight"] = jnp.sum(row_w_N * is_replay_N)
           aux["replay_kd_rows"] = jnp.sum(is_replay_N)
