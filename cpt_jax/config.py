@@ -252,6 +252,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     data_schema.validate_data_config(cfg.data)
   mixing_schema.validate_mixing_config(cfg.mixing, log_every=t.log_every)
   replay_schema.validate_replay_config(cfg.replay)
+  if cfg.replay.get("ramp", 0.0) and cfg.mixing.controller != "static":
+    raise ValueError(f"replay.ramp={cfg.replay.ramp} sets the replay share over the stage, and "
+                     f"mixing.controller={cfg.mixing.controller!r} sets the weights too: use one "
+                     "(the ramp needs controller 'static')")
   o = cfg.objective
   if min(o.lambda_kd, o.lambda_replay, o.replay_kd, o.l2sp, o.ewc) < 0:
     raise ValueError("objective.lambda_kd / lambda_replay / replay_kd / l2sp / ewc must be >= 0")

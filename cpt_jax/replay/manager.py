@@ -95,6 +95,15 @@ class ReplayManager:
     w = self.pipeline.weights
     return {d: float(x) for d, x in zip(self.pipeline.domains, w)}
 
+  def weights_at(self, step: int, buffer_rows: dict[str, int]) -> dict[str, float]:
+    """Mixture weights for the batches from `step` on: the replay share (the plan's, or
+    its `replay.ramp` value at `step`) split over the replay domains by buffer rows."""
+    share = planner_lib.ramp_share(self.plan["replay_share"], self.rcfg.get("ramp", 0.0),
+                                   step, self.config.train.steps,
+                                   self.rcfg.get("ramp_every", 50))
+    return planner_lib.replay_weights(self.plan, self.configured_weights(), self.roles,
+                                      buffer_rows, share)
+
   def _make_plan(self, params) -> dict:
     c = self.config
     t0 = time.perf_counter()
@@ -134,7 +143,11 @@ class ReplayManager:
     params = self.model_params(state.params)
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
-    w0 = self.configured_weights()
+    ramp = self.rcfg.get("ramp", 0.0)
+    if ramp and self.plan["replay_share"] * (1 + abs(ramp)) >= 1:
+      raise ValueError(f"replay.ramp={ramp}: the replay share {self.plan['replay_share']:.3g} "
+                       f"would reach {self.plan['replay_share'] * (1 + abs(ramp)):.3g} of the "
+                       "batch (>= 1); lower the ramp or the replay amount")
     if resume and host.get("rows") is None and paths.as_path(
         self.dir, selection_lib.SELECTION_FILE).is_file():
       host = dict(host, rows=selection_lib.read_selection(self.dir)[0])
@@ -163,8 +176,8 @@ class ReplayManager:
            f"{self.selection.candidates} candidates; {self.scorer.flops / 1e12:.4g} TFLOPs, "
            f"{self.seconds:.1f}s; written to {self.dir}")
     rows = self.selection.rows
-    weights = planner_lib.replay_weights(self.plan, w0, self.roles,
-                                         {d: int(np.size(v)) for d, v in rows.items()})
+    weights = self.weights_at(int(jax.device_get(state.step)),
+                              {d: int(np.size(v)) for d, v in rows.items()})
     # On resume the pipeline's restore brings back the checkpointed weights.
     self.pipeline.set_replay_rows(rows, None if self.reused and resume else weights)
     if self.strategy.name == "online" and self.plan.get("online_refreshes"):
@@ -192,10 +205,16 @@ class ReplayManager:
             and done < self.config.train.steps)
 
   def maybe_refresh(self, done: int, state) -> None:
+    """After step `done`: the online / steered refresh when due, then the ramp's share."""
     if self._refreshes_at(done):
       t0 = time.perf_counter()
       self.refresher.refresh(done, state)
       self.seconds += time.perf_counter() - t0
+    every = self.rcfg.get("ramp_every", 50)
+    if self.rcfg.get("ramp", 0.0) and done % every == 0 and done < self.config.train.steps:
+      rows = self.pipeline.replay_rows
+      self.pipeline.set_weights(self.weights_at(done, {d: int(np.size(v))
+                                                       for d, v in rows.items()}))
 
   def observe(self, record: dict) -> None:
     """A log window's record: the steered refresh reads the replay domains' training loss."""
@@ -390,8 +409,7 @@ class OnlineBuffer:
     self.refreshes += 1
     weights = None
     if self.m.rcfg.online_quota > 0:  # each buffer row still replayed equally often
-      weights = planner_lib.replay_weights(self.m.plan, self.m.configured_weights(),
-                                           self.m.roles, sizes)
+      weights = self.m.weights_at(step, sizes)
     self.m.pipeline.set_replay_rows(new_rows, weights)
     self._timed[0] += self.m.scorer.rows_run - r0
     self._timed[1] += time.perf_counter() - t0

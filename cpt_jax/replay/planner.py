@@ -172,11 +172,26 @@ def _amount(rcfg, value: bool = True) -> str:
   return f"replay.{key}" + (f"={rcfg[key]:g}" if value else "")
 
 
+def ramp_share(p: float, q: float, step: int, steps: int, every: int) -> float:
+  """The replay share of the batch at `step` under `replay.ramp` q in [-1, 1].
+
+  Piecewise constant over segments of `every` steps: p (1 + q (2 m / steps - 1)), m the
+  middle (a + b) / 2 of the step's segment [a, b), so (1 - q) p at the start, (1 + q) p
+  at the end, and the mean over the stage's `steps` steps is p (the same replay tokens).
+  """
+  if not q:
+    return p
+  a = step // every * every
+  b = min(a + every, steps)
+  return p * (1.0 + q * ((a + b) / steps - 1.0))
+
+
 def replay_weights(plan_: dict, weights: Mapping[str, float], roles: Mapping[str, str],
-                   buffer_rows: Mapping[str, int]) -> dict[str, float]:
+                   buffer_rows: Mapping[str, int], share: float | None = None
+                   ) -> dict[str, float]:
   """Mixture weights: non-replay domains keep relative weights (share 1-p), replay ones
-  share p in proportion to their buffer rows."""
-  p = plan_["replay_share"]
+  share p (the plan's, or `share`) in proportion to their buffer rows."""
+  p = plan_["replay_share"] if share is None else share
   nonrep = {d: float(w) for d, w in weights.items() if roles[d] in ("new", "distill")}
   tot = sum(nonrep.values()) or 1.0
   out = {d: (1 - p) * w / tot for d, w in nonrep.items()}

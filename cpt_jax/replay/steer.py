@@ -31,7 +31,6 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from cpt_jax.replay import planner as planner_lib
 from cpt_jax.replay import quota as quota_lib
 
 
@@ -135,8 +134,7 @@ class SteeredBuffer:
     self.refreshes += 1
     sizes = {d: int(v.size) for d, v in new_rows.items()}
     # Each buffer row still replayed equally often: replay weights follow the sizes.
-    self.m.pipeline.set_replay_rows(new_rows, planner_lib.replay_weights(
-        self.m.plan, self.m.configured_weights(), self.m.roles, sizes))
+    self.m.pipeline.set_replay_rows(new_rows, self.m.weights_at(step, sizes))
     self.log(f"replay steered refresh at step {step}: {self.swaps} swaps so far; "
              f"buffer rows per domain {sizes}; loss rise {self.rise}")
 

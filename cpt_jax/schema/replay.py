@@ -40,6 +40,9 @@ def default_replay_config() -> ml_collections.ConfigDict:
       budget=deprecated.UNSET,  # Deprecated (removed in the next release): fraction (<= 1)
       # or tokens (> 1); validation moves it there. -1: not set.
       epochs=1.0,  # Mean passes over the buffer: buffer rows = replay tokens / (L * epochs).
+      ramp=0.0,  # q in [-1, 1]: the replay share moves linearly over the stage, (1 - q) p ->
+      # (1 + q) p (mean p, the same replay tokens); 1 replays late, -1 early (replay/planner.py).
+      ramp_every=50,  # ramp != 0: steps between the share's changes (piecewise constant).
       # Hard caps on the whole stage (selection + replay + teacher + T); 0 = none. The
       # planner sizes the stage to fit; training stops at the log boundary before a cap
       # would be passed (cpt_jax/train/budget.py). Both apply with or without a strategy.
@@ -108,6 +111,14 @@ def validate_replay_config(c: ml_collections.ConfigDict) -> None:
                      "set; set one (fraction: of T's tokens; tokens: a count)")
   if not c.epochs > 0:
     raise ValueError(f"replay.epochs={c.epochs} must be > 0")
+  ramp = c.get("ramp", 0.0)
+  if not (math.isfinite(ramp) and -1.0 <= ramp <= 1.0):
+    raise ValueError(f"replay.ramp={ramp} must be in [-1, 1]")
+  if ramp and not c.strategy:
+    raise ValueError(f"replay.ramp={ramp} moves the share of a replay selection, which "
+                     "replay.strategy='' turns off: set a strategy or the ramp to 0")
+  if not (isinstance(c.get("ramp_every", 50), int) and c.get("ramp_every", 50) >= 1):
+    raise ValueError(f"replay.ramp_every={c.get('ramp_every')!r} must be an int >= 1")
   if c.max_tflops < 0 or c.max_seconds < 0:
     raise ValueError("replay.max_tflops / replay.max_seconds must be >= 0")
   if not 0 <= c.selection_fraction <= 1:
