@@ -14,7 +14,7 @@ from cpt_jax.train import hooks as hooks_lib
 class ReplayRefresh(hooks_lib.Hook):
   """Fresh start: plan, select, write; resume: reuse. Online: re-score and swap buffer
   rows every `replay.online_every` steps; steered: the same from the log records' replay
-  losses (no forward)."""
+  losses (no forward). `replay.ramp`: the replay share set every `ramp_every` steps."""
 
   name, summary_key = "replay", "selection"
 

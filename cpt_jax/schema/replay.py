@@ -10,7 +10,8 @@ tokens / T tokens) and q_T the share of T among the stage's non-replay domains
 p = r*q_T / (1 + r*q_T); with `replay.tokens` R > 0 instead, p = R / (the
 stage's tokens). p is split over the replay domains in proportion to their
 selected rows (each buffer row equally often); the other domains keep their
-configured relative weights and share 1 - p. The
+configured relative weights and share 1 - p. With `ramp` q, p moves linearly over the
+stage, mean p (replay/planner.py `ramp_share`). The
 buffer holds replay_tokens / (seq_len * epochs) rows and is cycled epoch
 after epoch by the mixer.
 """
