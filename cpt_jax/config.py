@@ -252,7 +252,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     data_schema.validate_data_config(cfg.data)
   mixing_schema.validate_mixing_config(cfg.mixing, log_every=t.log_every)
   replay_schema.validate_replay_config(cfg.replay)
-  if cfg.replay.get("ramp", 0.0) and cfg.mixing.controller != "static":
+  if cfg.replay.ramp and cfg.mixing.controller != "static":
     raise ValueError(f"replay.ramp={cfg.replay.ramp} sets the replay share over the stage, and "
                      f"mixing.controller={cfg.mixing.controller!r} sets the weights too: use one "
                      "(the ramp needs controller 'static')")

@@ -95,12 +95,15 @@ class ReplayManager:
     w = self.pipeline.weights
     return {d: float(x) for d, x in zip(self.pipeline.domains, w)}
 
-  def weights_at(self, step: int, buffer_rows: dict[str, int]) -> dict[str, float]:
+  def weights_at(self, step: int, buffer_rows: dict[str, int] | None = None
+                 ) -> dict[str, float]:
     """Mixture weights for the batches from `step` on: the replay share (the plan's, or
-    its `replay.ramp` value at `step`) split over the replay domains by buffer rows."""
-    share = planner_lib.ramp_share(self.plan["replay_share"], self.rcfg.get("ramp", 0.0),
-                                   step, self.config.train.steps,
-                                   self.rcfg.get("ramp_every", 50))
+    its `replay.ramp` value at `step`) split over the replay domains by buffer rows (the
+    pipeline's current buffer when None)."""
+    if buffer_rows is None:
+      buffer_rows = {d: int(np.size(v)) for d, v in self.pipeline.replay_rows.items()}
+    share = planner_lib.ramp_share(self.plan["replay_share"], self.rcfg.ramp, step,
+                                   self.config.train.steps, self.rcfg.ramp_every)
     return planner_lib.replay_weights(self.plan, self.configured_weights(), self.roles,
                                       buffer_rows, share)
 
@@ -143,7 +146,7 @@ class ReplayManager:
     params = self.model_params(state.params)
     self.plan = self._make_plan(params)
     _log(planner_lib.format_plan(self.plan))
-    ramp = self.rcfg.get("ramp", 0.0)
+    ramp = self.rcfg.ramp
     if ramp and self.plan["replay_share"] * (1 + abs(ramp)) >= 1:
       raise ValueError(f"replay.ramp={ramp}: the replay share {self.plan['replay_share']:.3g} "
                        f"would reach {self.plan['replay_share'] * (1 + abs(ramp)):.3g} of the "
@@ -210,11 +213,9 @@ class ReplayManager:
       t0 = time.perf_counter()
       self.refresher.refresh(done, state)
       self.seconds += time.perf_counter() - t0
-    every = self.rcfg.get("ramp_every", 50)
-    if self.rcfg.get("ramp", 0.0) and done % every == 0 and done < self.config.train.steps:
-      rows = self.pipeline.replay_rows
-      self.pipeline.set_weights(self.weights_at(done, {d: int(np.size(v))
-                                                       for d, v in rows.items()}))
+    if (self.rcfg.ramp and done % self.rcfg.ramp_every == 0
+        and done < self.config.train.steps):
+      self.pipeline.set_weights(self.weights_at(done))
 
   def observe(self, record: dict) -> None:
     """A log window's record: the steered refresh reads the replay domains' training loss."""

@@ -112,14 +112,13 @@ def validate_replay_config(c: ml_collections.ConfigDict) -> None:
                      "set; set one (fraction: of T's tokens; tokens: a count)")
   if not c.epochs > 0:
     raise ValueError(f"replay.epochs={c.epochs} must be > 0")
-  ramp = c.get("ramp", 0.0)
-  if not (math.isfinite(ramp) and -1.0 <= ramp <= 1.0):
-    raise ValueError(f"replay.ramp={ramp} must be in [-1, 1]")
-  if ramp and not c.strategy:
-    raise ValueError(f"replay.ramp={ramp} moves the share of a replay selection, which "
+  if not (math.isfinite(c.ramp) and -1.0 <= c.ramp <= 1.0):
+    raise ValueError(f"replay.ramp={c.ramp} must be in [-1, 1]")
+  if c.ramp and not c.strategy:
+    raise ValueError(f"replay.ramp={c.ramp} moves the share of a replay selection, which "
                      "replay.strategy='' turns off: set a strategy or the ramp to 0")
-  if not (isinstance(c.get("ramp_every", 50), int) and c.get("ramp_every", 50) >= 1):
-    raise ValueError(f"replay.ramp_every={c.get('ramp_every')!r} must be an int >= 1")
+  if not (isinstance(c.ramp_every, int) and c.ramp_every >= 1):
+    raise ValueError(f"replay.ramp_every={c.ramp_every!r} must be an int >= 1")
   if c.max_tflops < 0 or c.max_seconds < 0:
     raise ValueError("replay.max_tflops / replay.max_seconds must be >= 0")
   if not 0 <= c.selection_fraction <= 1:
