@@ -95,13 +95,13 @@ class ReplayManager:
     w = self.pipeline.weights
     return {d: float(x) for d, x in zip(self.pipeline.domains, w)}
 
-  def weights_at(self, step: int, buffer_rows: dict[str, int] | None = None
+  def weights_at(self, step: int, rows: Mapping[str, np.ndarray] | None = None
                  ) -> dict[str, float]:
     """Mixture weights for the batches from `step` on: the replay share (the plan's, or
-    its `replay.ramp` value at `step`) split over the replay domains by buffer rows (the
-    pipeline's current buffer when None)."""
-    if buffer_rows is None:
-      buffer_rows = {d: int(np.size(v)) for d, v in self.pipeline.replay_rows.items()}
+    its `replay.ramp` value at `step`) split over the replay domains by their buffer's
+    row count. `rows`: {domain: row ids [n_d]}; the pipeline's current buffer when None."""
+    rows = self.pipeline.replay_rows if rows is None else rows
+    buffer_rows = {d: int(np.size(v)) for d, v in rows.items()}
     share = planner_lib.ramp_share(self.plan["replay_share"], self.rcfg.ramp, step,
                                    self.config.train.steps, self.rcfg.ramp_every)
     return planner_lib.replay_weights(self.plan, self.configured_weights(), self.roles,
@@ -179,8 +179,7 @@ class ReplayManager:
            f"{self.selection.candidates} candidates; {self.scorer.flops / 1e12:.4g} TFLOPs, "
            f"{self.seconds:.1f}s; written to {self.dir}")
     rows = self.selection.rows
-    weights = self.weights_at(int(jax.device_get(state.step)),
-                              {d: int(np.size(v)) for d, v in rows.items()})
+    weights = self.weights_at(int(jax.device_get(state.step)), rows)
     # On resume the pipeline's restore brings back the checkpointed weights.
     self.pipeline.set_replay_rows(rows, None if self.reused and resume else weights)
     if self.strategy.name == "online" and self.plan.get("online_refreshes"):
@@ -410,7 +409,7 @@ class OnlineBuffer:
     self.refreshes += 1
     weights = None
     if self.m.rcfg.online_quota > 0:  # each buffer row still replayed equally often
-      weights = self.m.weights_at(step, sizes)
+      weights = self.m.weights_at(step, new_rows)
     self.m.pipeline.set_replay_rows(new_rows, weights)
     self._timed[0] += self.m.scorer.rows_run - r0
     self._timed[1] += time.perf_counter() - t0

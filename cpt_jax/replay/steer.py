@@ -134,7 +134,7 @@ class SteeredBuffer:
     self.refreshes += 1
     sizes = {d: int(v.size) for d, v in new_rows.items()}
     # Each buffer row still replayed equally often: replay weights follow the sizes.
-    self.m.pipeline.set_replay_rows(new_rows, self.m.weights_at(step, sizes))
+    self.m.pipeline.set_replay_rows(new_rows, self.m.weights_at(step, new_rows))
     self.log(f"replay steered refresh at step {step}: {self.swaps} swaps so far; "
              f"buffer rows per domain {sizes}; loss rise {self.rise}")
 
