@@ -89,7 +89,8 @@ def _compile(ctx: context_lib.RunContext, config: ml_collections.ConfigDict, sta
   ShapeDtypeStructs with shardings; seconds it took)."""
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, num_domains=1,
                                    z_loss=config.train.z_loss, layout=ctx.layout,
-                                   total_steps=config.train.steps)
+                                   total_steps=config.train.steps,
+                                   features_fn=ctx.features_fn)
   step = step_lib.make_train_step(loss_fn, ctx.layout, config.train.grad_accum_steps)
   jitted = step_lib.jit_train_step(step, ctx.state_sh, ctx.mesh, ctx.rules, tuple(batch))
   t0 = time.perf_counter()

@@ -129,6 +129,11 @@ def default_config() -> ml_collections.ConfigDict:
       # 0: every row weighs 1 (train/objective.py).
       replay_kd_focus=0.0,
       replay_kd_focus_center=0.0,  # g0 (nats per token): the forgetting that weighs 1.
+      # w > 0 (needs replay_kd > 0): also hold every block's output on the replay rows near
+      # the teacher's, w x mean over blocks of max(0, relative squared error - margin) per
+      # token (train/objective.py, residual_gap).
+      replay_features=0.0,
+      replay_features_margin=0.0,  # m >= 0: the relative error each block may drift freely.
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
       # Which tokens of the teacher's rows the KL covers: 'all', or 'forgotten' (only where
@@ -305,6 +310,17 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if o.get("replay_kd_focus_center", 0.0) and not focus:
     raise ValueError(f"objective.replay_kd_focus_center={o.replay_kd_focus_center} centres "
                      "the focus's row weights, which objective.replay_kd_focus=0 turns off")
+  features = o.get("replay_features", 0.0)
+  if features < 0 or o.get("replay_features_margin", 0.0) < 0:
+    raise ValueError(f"objective.replay_features={features} and objective."
+                     f"replay_features_margin={o.get('replay_features_margin', 0.0)} must be >= 0")
+  if features and o.replay_kd <= 0:
+    raise ValueError(f"objective.replay_features={features} compares the replay rows' block "
+                     "outputs with the teacher's, which runs on them only under "
+                     "objective.replay_kd > 0: set replay_kd > 0 or replay_features to 0")
+  if o.get("replay_features_margin", 0.0) and not features:
+    raise ValueError(f"objective.replay_features_margin={o.replay_features_margin} is the "
+                     "margin of objective.replay_features=0, which is off")
   if o.get("kd_tokens", "all") not in KD_TOKENS:
     raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
   if o.kd_temperature <= 0:

@@ -78,7 +78,7 @@ def _grads_and_loss(config, grad_accum, decomp_mode=""):
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params), frozen=frozen)
   loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, 3, config.train.z_loss,
-                                   layout=layout)
+                                   layout=layout, features_fn=ctx.features_fn)
   step = step_lib.make_train_step(loss_fn, layout, grad_accum)
   b = _batch(config)
   batch = {k: jnp.asarray(v) for k, v in b.items()}
@@ -89,13 +89,19 @@ def _grads_and_loss(config, grad_accum, decomp_mode=""):
   return jax.device_get(grads), jax.device_get(m)
 
 
-@pytest.mark.parametrize("topk,focus", [(0, 0.0), (5, 0.0), (0, 3.0)])
-def test_accumulated_loss_and_grads_equal_the_full_batch(topk, focus):
-  config = _config(kd_topk=topk, replay_kd_focus=focus)
+@pytest.mark.parametrize("topk,focus,features", [(0, 0.0, 0.0), (5, 0.0, 0.0), (0, 3.0, 0.0),
+                                                  (0, 0.0, 2.0)])
+def test_accumulated_loss_and_grads_equal_the_full_batch(topk, focus, features):
+  config = _config(kd_topk=topk, replay_kd_focus=focus, replay_features=features,
+                   replay_features_margin=0.001 if features else 0.0)
   g1, m1 = _grads_and_loss(config, 1)
+  keys = ("loss", "ce_term", "z_term", "kd_term", "replay_kd_term", "ewc_term") + \
+      (("replay_features_term",) if features else ())
+  if features:
+    assert m1["replay_features_term"] > 0
   for a in (2, 4):
     ga, ma = _grads_and_loss(config, a)
-    for key in ("loss", "ce_term", "z_term", "kd_term", "replay_kd_term", "ewc_term"):
+    for key in keys:
       np.testing.assert_allclose(ma[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=f"A={a} {key}")
     np.testing.assert_allclose(ma["kd_tokens"], m1["kd_tokens"])
     np.testing.assert_allclose(ma["role_tokens"], m1["role_tokens"])

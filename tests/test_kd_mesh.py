@@ -34,14 +34,14 @@ _COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-reduce|all-gather|reduce-scatter|all-
                          r"collective-permute)(-start)?\(")
 
 
-def _config(topk):
+def _config(topk, features=0.0):
   c = tiny_config()
   c.model.vocab_size = V
   c.data.seq_len = L
   c.train.global_batch_size = B
   c.sharding.mesh_shape = (1, -1, 1)
   c.objective.update(lambda_replay=0.5, lambda_kd=1.5, replay_kd=0.7, kd_temperature=2.0,
-                     kd_topk=topk)
+                     kd_topk=topk, replay_features=features)
   c.train.init_checkpoint = "teacher"  # only satisfies validation: the test builds the teacher
   return c
 
@@ -81,7 +81,8 @@ def _step(config, devices, grad_accum, host):
   layout = layout_lib.Plain(optax.sgd(1.0), lambda s: 1.0)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=layout.tx.init(params), frozen={"teacher": teacher})
-  loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, 3, layout=layout)
+  loss_fn = objective.make_loss_fn(ctx.apply_fn, config.objective, 3, layout=layout,
+                                   features_fn=ctx.features_fn)
   step = step_lib.make_train_step(loss_fn, layout, grad_accum)
   batch = shd.global_batch(b, ctx.mesh)
   idx = step_lib.distill_index(b["roles"], grad_accum, with_replay=True,
@@ -94,9 +95,10 @@ def _step(config, devices, grad_accum, host):
   return jax.device_get(grads), jax.device_get(metrics), compiled.as_text()
 
 
-@pytest.fixture(scope="module", params=[0, 5], ids=["full", "top5"])
+@pytest.fixture(scope="module", params=[(0, 0.0), (5, 0.0), (0, 2.0)],
+                ids=["full", "top5", "full+features"])
 def one_device(request):
-  config = _config(request.param)
+  config = _config(*request.param)
   host = _host_inputs(config)
   return config, host, _step(config, jax.devices()[:1], 1, host)
 
@@ -107,13 +109,19 @@ def test_fsdp8_kd_step_equals_one_device_without_moving_logits(one_device, grad_
   assert len(jax.devices()) >= 8
   g8, m8, hlo = _step(config, jax.devices()[:8], grad_accum, host)
   assert m8["kd_tokens"] > 0 and m8["replay_kd_term"] > 0
-  for key in ("loss", "ce_term", "kd_term", "replay_kd_term", "kd_tokens"):
+  features = config.objective.replay_features > 0
+  for key in ("loss", "ce_term", "kd_term", "replay_kd_term", "kd_tokens") + \
+      (("replay_features_term",) if features else ()):
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4), g8, g1)
   shapes = _collective_shapes(hlo)
   assert shapes, "the 8-device step has no collectives: the HLO pattern is stale"
   moved = [s for s in shapes if any(s[i:i + 2] == (L, V) for i in range(len(s)))]
   assert not moved, f"collectives carry rows' logits [..., L, V]: {moved}"
+  if features:  # nor the rows' block outputs [..., L, D]
+    d = config.model.d_model
+    moved = [s for s in shapes if any(s[i:i + 2] == (L, d) for i in range(len(s)))]
+    assert not moved, f"collectives carry rows' block outputs [..., L, D]: {moved}"
   # Slots as run, padding included: 2 per block at A = 1 (block 0 has two rows), 1 per
   # block and microbatch at A = 2 (5 rows in all).
   assert int(m8["teacher_rows"]) == 8 * grad_accum * (2 if grad_accum == 1 else 1)

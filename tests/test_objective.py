@@ -326,3 +326,92 @@ def test_bad_kd_tokens_is_named():
   c.objective.kd_tokens = "some"
   with pytest.raises(ValueError, match=r"objective.kd_tokens='some'"):
     config_lib.validate_config(c)
+
+
+def test_residual_gap_is_scale_free_and_free_inside_its_margin():
+  k0, k1 = jax.random.split(jax.random.key(0))
+  t = jax.random.normal(k0, (3, 2, 5, 8))  # [N, K, L, D]
+  s = t + 0.3 * jax.random.normal(k1, t.shape)
+  assert float(jnp.abs(objective.residual_gap(t, t, 0.0)).max()) == 0.0
+  gap = objective.residual_gap(s, t, 0.0)
+  assert gap.shape == (3, 5) and float(gap.min()) > 0
+  # One weight for every width: scaling both streams leaves the gap as it is.
+  np.testing.assert_allclose(objective.residual_gap(10 * s, 10 * t, 0.0), gap, rtol=1e-5)
+  # A margin above every block's error costs nothing; one below all of them only
+  # lowers the gap by itself (the hinge's linear side).
+  assert float(objective.residual_gap(s, t, 1e3).max()) == 0.0
+  np.testing.assert_allclose(objective.residual_gap(s, t, 1e-4), gap - 1e-4, rtol=1e-5)
+
+
+def _model_case(**objective_kw):
+  """(ctx, student params, teacher params, batch with replay rows 1 and 3, objective)."""
+  from cpt_jax.train import context as context_lib
+  from cpt_jax.train import state as state_lib
+  c = tiny_config()
+  c.train.init_checkpoint = "teacher"  # only satisfies validation: the test builds the teacher
+  c.objective.update({"lambda_kd": 0.0, "replay_kd": 1.0, "kd_temperature": 2.0,
+                      **objective_kw})
+  config_lib.validate_config(c)
+  ctx = context_lib.build_context(c, jax.devices()[:1])
+  params = state_lib.init_state(ctx.model, ctx.layout, ctx.state_sh, c.seed,
+                                c.data.seq_len).params
+  keys = iter(jax.random.split(jax.random.key(9), 64))
+  teacher = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params)
+  roles = [batch_lib.NEW, batch_lib.REPLAY, batch_lib.NEW, batch_lib.REPLAY]
+  b = batch_lib.synthetic_batch(np.random.default_rng(0), len(roles), c.data.seq_len,
+                                c.model.vocab_size, roles=tuple(roles))
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+  batch["distill_index"] = jnp.asarray(step_lib.distill_index(b["roles"], 1,
+                                                              with_replay=True)[0])
+  return ctx, params, teacher, batch, c.objective
+
+
+def test_replay_features_hold_the_replay_rows_block_outputs_near_the_teachers():
+  ctx, student, teacher, batch, obj = _model_case(replay_features=2.0)
+  fn = objective.make_loss_fn(ctx.apply_fn, obj, 1, features_fn=ctx.features_fn)
+  plain = objective.make_loss_fn(ctx.apply_fn, _model_case()[4], 1)
+  frozen = {"teacher": teacher}
+  loss, aux = fn(student, batch, frozen)
+  loss0, aux0 = plain(student, batch, frozen)
+  assert float(aux["replay_features_term"]) > 0 and "replay_features_term" not in aux0
+  for key in ("ce_term", "replay_kd_term"):  # the other terms are the plain objective's
+    np.testing.assert_allclose(aux[key], aux0[key], rtol=1e-6)
+  assert float(loss) > float(loss0)
+  # A student equal to its teacher has nothing to hold.
+  _, aux_same = fn(teacher, batch, frozen)
+  assert abs(float(aux_same["replay_features_term"])) < 1e-9
+  # Only the replay rows count: new text in a new row leaves the term alone, in a
+  # replay row it does not.
+  def with_row(i):
+    b = dict(batch)
+    b["inputs"] = batch["inputs"].at[i].set((batch["inputs"][i] + 1) % 7)
+    return fn(student, b, frozen)[1]["replay_features_term"]
+  np.testing.assert_allclose(with_row(0), aux["replay_features_term"], rtol=1e-6)
+  assert abs(float(with_row(1)) - float(aux["replay_features_term"])) > 1e-6
+  # The term's gradient reaches every block and never the teacher.
+  g = jax.grad(lambda p: fn(p, batch, frozen)[0] - plain(p, batch, frozen)[0])(student)
+  blocks = [v for k, v in g.items() if k.startswith("layers")]
+  assert blocks and all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(blocks))
+  g_t = jax.grad(lambda t: fn(student, batch, {"teacher": t})[0])(teacher)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g_t))
+  # A margin above every block's drift turns the term off.
+  wide = objective.make_loss_fn(ctx.apply_fn, _model_case(
+      replay_features=2.0, replay_features_margin=1e3)[4], 1, features_fn=ctx.features_fn)
+  loss_wide, aux_wide = wide(student, batch, frozen)
+  assert float(aux_wide["replay_features_term"]) == 0.0
+  np.testing.assert_allclose(loss_wide, loss0, rtol=1e-6)
+  with pytest.raises(ValueError, match="objective.replay_features needs the model's block"):
+    objective.make_loss_fn(ctx.apply_fn, obj, 1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"replay_features": 1.0}, r"objective.replay_features=1.0 compares .* replay_kd > 0"),
+    ({"replay_kd": 1.0, "replay_features": -1.0}, r"objective.replay_features=-1.0 and"),
+    ({"replay_kd": 1.0, "replay_features_margin": 0.1},
+     r"objective.replay_features_margin=0.1 is the margin")])
+def test_bad_replay_features_are_named(kw, match):
+  c = tiny_config()
+  c.train.init_checkpoint = "teacher"
+  c.objective.update(kw)
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(c)

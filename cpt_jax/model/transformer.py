@@ -397,6 +397,9 @@ class DecoderLayer(nn.Module):
     x_BxLxD = x_BxLxD + Attention(c, name="attn")(h, segment_ids_BxL, positions_BxL, rows)
     h = RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x_BxLxD, rows)
     x_BxLxD = x_BxLxD + MLP(c, name="mlp")(h, rows)
+    # The block's output (the residual stream), kept only when the caller makes
+    # 'intermediates' mutable (`residual_streams`); otherwise a no-op.
+    self.sow("intermediates", "residual", x_BxLxD)
     if c.scan_layers:
       return x_BxLxD, None
     return x_BxLxD
@@ -440,7 +443,8 @@ class Transformer(nn.Module):
                            prevent_cse=not c.scan_layers)
     if c.scan_layers:
       stack = nn.scan(
-          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+          layer_cls, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(c, name="layers")
       x_BxLxD, _ = stack(x_BxLxD, segment_ids_BxL, positions_BxL, rows_B)
@@ -465,6 +469,14 @@ class Transformer(nn.Module):
     if return_hidden:
       return logits_BxLxV, hidden_BxLxD
     return logits_BxLxV
+
+
+def residual_streams(intermediates: dict, num_layers: int) -> Array:
+  """Every block's output [K, B, L, D] from `apply(..., mutable=["intermediates"])`'s
+  'intermediates' collection (K = num_layers; scanned or unrolled layers)."""
+  if "layers" in intermediates:  # scan_layers: one sown value stacked over K
+    return intermediates["layers"]["residual"][0]
+  return jnp.stack([intermediates[f"layers_{i}"]["residual"][0] for i in range(num_layers)])
 
 
 def matmul_params(cfg: ModelConfig) -> int:

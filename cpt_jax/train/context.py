@@ -17,7 +17,7 @@ import ml_collections
 
 from cpt_jax import config as config_lib
 from cpt_jax.model import hf
-from cpt_jax.model.transformer import ModelConfig, Transformer
+from cpt_jax.model.transformer import ModelConfig, Transformer, residual_streams
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import decomposition as decomp_lib
@@ -42,6 +42,12 @@ class RunContext:
   def apply_fn(self, model_params, inputs, segment_ids, positions):
     """logits [B, L, V] of the model on model-shaped params."""
     return self.model.apply({"params": model_params}, inputs, segment_ids, positions)
+
+  def features_fn(self, model_params, inputs, segment_ids, positions):
+    """(logits [B, L, V], every block's output [K, B, L, D]) of the model."""
+    logits, state = self.model.apply({"params": model_params}, inputs, segment_ids,
+                                     positions, mutable=["intermediates"])
+    return logits, residual_streams(state["intermediates"], self.model_cfg.num_layers)
 
   def model_params(self, params):
     """The model's params from the trained ones (sigma + tau merged when decomposed)."""

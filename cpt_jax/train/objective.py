@@ -3,6 +3,8 @@
   loss = [sum_new CE + lambda_replay * sum_replay CE] / N_ce
        + replay_kd * r(t) * T^2 * [sum_replay w_row KL(teacher || student)] / N_ce
                   (T: kd_temperature, r(t): the ramp, w_row: replay_kd_focus's row weight)
+       + replay_features * [sum_replay mean_k max(0, e_k - m)] / N_ce
+                  (e_k: `residual_gap`'s relative error on block k's output, m its margin)
        + lambda_kd * T^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
@@ -20,7 +22,9 @@ both KL terms to the tokens whose CE under the student exceeds the teacher's
 its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (T - 1)
 (mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls);
 replay_kd_focus = p != 0 weighs each replay row's KL by 2 sigmoid(p (g - g0)), g the
-row's forgetting, g0 = replay_kd_focus_center (`row_focus_weights`). The
+row's forgetting, g0 = replay_kd_focus_center (`row_focus_weights`);
+replay_features > 0 (with replay_kd > 0) also holds every block's output on the
+replay rows near the teacher's, beyond a relative margin (`residual_gap`). The
 teacher is a frozen copy of the stage's starting model; it runs only on the rows
 gathered by `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
@@ -48,6 +52,7 @@ Array = jax.Array
 # Logical axis names (parallel/sharding.py) of a field's axes after its row axis.
 _TOKENS = ("activation_length",)
 _LOGITS = ("activation_length", "activation_vocab")
+_RESIDUAL = (None, "activation_length", "activation_embed")  # [K, L, D] after the row axis
 
 
 def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
@@ -56,6 +61,19 @@ def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
   t = jax.nn.log_softmax(teacher_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   s = jax.nn.log_softmax(student_logits_NxLxV.astype(jnp.float32) / temperature, axis=-1)
   return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+def residual_gap(teacher_NxKxLxD: Array, student_NxKxLxD: Array, margin: float) -> Array:
+  """How far the student's residual stream has left the teacher's, per token: [N, L].
+
+  e_k = mean_D (student - teacher)^2 / mean_D teacher^2 on block k's output (a
+  relative squared error, so one weight fits every width and depth); the gap is
+  mean_k max(0, e_k - margin): drift inside the margin costs nothing.
+  """
+  t = teacher_NxKxLxD.astype(jnp.float32)
+  s = student_NxKxLxD.astype(jnp.float32)
+  err_NxKxL = jnp.mean(jnp.square(s - t), axis=-1) / (jnp.mean(jnp.square(t), axis=-1) + 1e-6)
+  return jnp.mean(jax.nn.relu(err_NxKxL - margin), axis=1)
 
 
 def forgotten_mask(student_ce_NxL: Array, teacher_ce_NxL: Array) -> Array:
@@ -188,7 +206,7 @@ def normalisers(batch: dict) -> dict[str, Array]:
 
 
 def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: float = 0.0,
-                 layout: Any = None, total_steps: int = 0):
+                 layout: Any = None, total_steps: int = 0, features_fn: Callable | None = None):
   """Returns loss_fn(params, batch, frozen, norms=None) -> (loss, aux).
 
   apply_fn(model_params, inputs, segment_ids, positions) -> logits [B, L, V].
@@ -202,6 +220,9 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     microbatches (default: `batch`'s own); with replay_kd_ramp != 0 also
     'step', the step's index in the stage (the train step adds it).
   total_steps: the stage's steps (train.steps), needed by replay_kd_ramp.
+  features_fn(model_params, inputs, segment_ids, positions) -> (logits [B, L, V],
+    every block's output [K, B, L, D]) (RunContext.features_fn), needed by
+    replay_features; the student and the teacher then run through it instead.
   layout: the parameter layout (train/layout.py; default: params are the
     model's): the model runs on `layout.merge(params)`, L2-SP / EWC act on
     `layout.regularized(params)`.
@@ -219,6 +240,11 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   forgotten_only = obj_cfg.get("kd_tokens", "all") == "forgotten"
   focus = float(obj_cfg.get("replay_kd_focus", 0.0)) if replay_kd > 0 else 0.0  # p
   focus_center = float(obj_cfg.get("replay_kd_focus_center", 0.0))
+  replay_features = float(obj_cfg.get("replay_features", 0.0)) if replay_kd > 0 else 0.0
+  features_margin = float(obj_cfg.get("replay_features_margin", 0.0))
+  if replay_features and features_fn is None:
+    raise ValueError("objective.replay_features needs the model's block outputs: pass "
+                     "make_loss_fn(features_fn=RunContext.features_fn)")
   l2sp = float(obj_cfg.l2sp)
   ewc = float(obj_cfg.ewc)
   nroles = len(batch_lib.ROLES)
@@ -229,8 +255,12 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
     norms = normalisers(batch) if norms is None else norms
     ce_den, kd_den = norms["ce_tokens"], norms["kd_tokens"]
     param_share = norms["param_share"]
-    logits_BxLxV = apply_fn(merge(params), batch["inputs"], batch["segment_ids"],
-                            batch["positions"])
+    if replay_features:
+      logits_BxLxV, res_KxBxLxD = features_fn(merge(params), batch["inputs"],
+                                              batch["segment_ids"], batch["positions"])
+    else:
+      logits_BxLxV = apply_fn(merge(params), batch["inputs"], batch["segment_ids"],
+                              batch["positions"])
     ce_BxL, log_z_BxL = loss_lib.cross_entropy(logits_BxLxV, batch["targets"])
     weights_BxL = batch["loss_weights"].astype(jnp.float32)
     roles_B = batch["roles"]
@@ -263,9 +293,13 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
       idx_DxN = batch["distill_index"]
       take = lambda x, axes: take_rows(x, idx_DxN, axes)
       role_N = jnp.where(idx_DxN.reshape(-1) >= 0, take(roles_B, ()), -1)
-      teacher_logits = apply_fn(frozen["teacher"], take(batch["inputs"], _TOKENS),
-                                take(batch["segment_ids"], _TOKENS),
-                                take(batch["positions"], _TOKENS))
+      teacher_in = (take(batch["inputs"], _TOKENS), take(batch["segment_ids"], _TOKENS),
+                    take(batch["positions"], _TOKENS))
+      if replay_features:
+        teacher_logits, t_res_KxNxLxD = features_fn(frozen["teacher"], *teacher_in)
+        t_res_KxNxLxD = jax.lax.stop_gradient(t_res_KxNxLxD)
+      else:
+        teacher_logits = apply_fn(frozen["teacher"], *teacher_in)
       teacher_logits = jax.lax.stop_gradient(teacher_logits)
       student_logits = take(logits_BxLxV, _LOGITS)
       if topk > 0:
@@ -306,6 +340,14 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
           weight = replay_kd * (1.0 - ramp + 2.0 * ramp * t)
           aux["replay_kd_weight"] = weight * param_share  # adds up to weight over microbatches
         loss = loss + weight * temperature ** 2 * rkd_term
+        if replay_features:
+          s_res_NxKxLxD = take(jnp.moveaxis(res_KxBxLxD, 0, 1), _RESIDUAL)
+          gap_NxL = residual_gap(jnp.moveaxis(t_res_KxNxLxD, 0, 1), s_res_NxKxLxD,
+                                 features_margin)
+          feat_term = loss_lib.safe_div(jnp.sum(gap_NxL * tok_w_NxL * is_replay_N[:, None]),
+                                        ce_den)
+          aux["replay_features_term"] = feat_term
+          loss = loss + replay_features * feat_term
       teacher_rows = idx_DxN.size
     aux["teacher_rows"] = jnp.asarray(teacher_rows, jnp.int32)
 

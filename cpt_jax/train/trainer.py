@@ -129,7 +129,7 @@ class Trainer:
     obj = config.objective
     self.loss_fn = objective_lib.make_loss_fn(
         self.ctx.apply_fn, obj, pipeline.num_domains, config.train.z_loss, layout=self.ctx.layout,
-        total_steps=config.train.steps)
+        total_steps=config.train.steps, features_fn=self.ctx.features_fn)
     self._step_fn = step_lib.make_train_step(self.loss_fn, self.ctx.layout,
                                              config.train.grad_accum_steps)
     self._jitted: dict[bool, Callable] = {}
