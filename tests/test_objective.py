@@ -333,14 +333,14 @@ def test_residual_gap_is_scale_free_and_free_inside_its_margin():
   t = jax.random.normal(k0, (3, 2, 5, 8))  # [N, K, L, D]
   s = t + 0.3 * jax.random.normal(k1, t.shape)
   assert float(jnp.abs(objective.residual_gap(t, t, 0.0)).max()) == 0.0
-  gap = objective.residual_gap(s, t, 0.0)
+  gap = objective.residual_gap(t, s, 0.0)
   assert gap.shape == (3, 5) and float(gap.min()) > 0
   # One weight for every width: scaling both streams leaves the gap as it is.
-  np.testing.assert_allclose(objective.residual_gap(10 * s, 10 * t, 0.0), gap, rtol=1e-5)
+  np.testing.assert_allclose(objective.residual_gap(10 * t, 10 * s, 0.0), gap, rtol=1e-5)
   # A margin above every block's error costs nothing; one below all of them only
   # lowers the gap by itself (the hinge's linear side).
-  assert float(objective.residual_gap(s, t, 1e3).max()) == 0.0
-  np.testing.assert_allclose(objective.residual_gap(s, t, 1e-4), gap - 1e-4, rtol=1e-5)
+  assert float(objective.residual_gap(t, s, 1e3).max()) == 0.0
+  np.testing.assert_allclose(objective.residual_gap(t, s, 1e-4), gap - 1e-4, rtol=1e-5)
 
 
 def _model_case(**objective_kw):
@@ -366,10 +366,17 @@ def _model_case(**objective_kw):
   return ctx, params, teacher, batch, c.objective
 
 
+def _with(obj, **kw):
+  """A copy of the objective config `obj` with `kw` set."""
+  c = obj.copy_and_resolve_references()
+  c.update(kw)
+  return c
+
+
 def test_replay_features_hold_the_replay_rows_block_outputs_near_the_teachers():
   ctx, student, teacher, batch, obj = _model_case(replay_features=2.0)
   fn = objective.make_loss_fn(ctx.apply_fn, obj, 1, features_fn=ctx.features_fn)
-  plain = objective.make_loss_fn(ctx.apply_fn, _model_case()[4], 1)
+  plain = objective.make_loss_fn(ctx.apply_fn, _with(obj, replay_features=0.0), 1)
   frozen = {"teacher": teacher}
   loss, aux = fn(student, batch, frozen)
   loss0, aux0 = plain(student, batch, frozen)
@@ -395,8 +402,8 @@ def test_replay_features_hold_the_replay_rows_block_outputs_near_the_teachers():
   g_t = jax.grad(lambda t: fn(student, batch, {"teacher": t})[0])(teacher)
   assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g_t))
   # A margin above every block's drift turns the term off.
-  wide = objective.make_loss_fn(ctx.apply_fn, _model_case(
-      replay_features=2.0, replay_features_margin=1e3)[4], 1, features_fn=ctx.features_fn)
+  wide = objective.make_loss_fn(ctx.apply_fn, _with(obj, replay_features_margin=1e3), 1,
+                                features_fn=ctx.features_fn)
   loss_wide, aux_wide = wide(student, batch, frozen)
   assert float(aux_wide["replay_features_term"]) == 0.0
   np.testing.assert_allclose(loss_wide, loss0, rtol=1e-6)
