@@ -123,8 +123,16 @@ def split_documents(lines: list[str], dev_share: float) -> tuple[list[str], list
                                                          if i not in dev]
 
 
+def file_digest(path: str) -> str:
+  """sha256 of a file's bytes: a cache key that survives a fresh copy of the same corpus."""
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def split_corpus(s: Settings) -> str:
-  """The suite's corpus with dev / test parts (built once under <cache>); s.corpora if none.
+  """The suite's corpus with dev / test parts (built once under <cache>, keyed by the source
+  files' paths and contents, so that a fresh copy of the same corpus finds it); s.corpora if
+  none.
 
   <d>/train.jsonl links to the original; <d>/validation.jsonl is the test part and
   <d>__dev/validation.jsonl the dev part (eval-only: no train file).
@@ -139,8 +147,7 @@ def split_corpus(s: Settings) -> str:
       if not os.path.isfile(path):
         raise FileNotFoundError(f"cpt_suite: domain {d!r} has no {path}: the dev / test "
                                 "split reads JSONL corpora (--dev-share 0 turns it off)")
-      st = os.stat(path)
-      stamp.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+      stamp.append([os.path.abspath(path), file_digest(path)])
   key = hashlib.sha256(json.dumps([stamp, s.dev_share]).encode()).hexdigest()[:12]
   out = os.path.join(s.cache, f"corpus-devtest-{key}")
   if os.path.isdir(out):

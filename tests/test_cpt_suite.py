@@ -1,6 +1,7 @@
 """benchmarks/cpt_suite.py --quick runs end to end (on a synthetic corpus, tiny steps)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -218,6 +219,18 @@ def test_split_corpus_writes_dev_and_test_parts(tmp_path):
         (corpus / d / "train.jsonl").read_text()
     assert not (tmp_path / out / f"{d}__dev" / "train.jsonl").exists()  # eval-only
   assert suite.split_corpus(suite.dataclasses.replace(s, dev_share=0)) == str(corpus)
+  # The cache follows the files' contents: a fresh copy (new mtimes) finds it, an edit not.
+  for d in ("a", "b", "t"):
+    for split in ("train", "validation"):
+      path = corpus / d / f"{split}.jsonl"
+      text = path.read_text()
+      path.unlink()
+      path.write_text(text)
+      os.utime(path, ns=(1, 1))
+  assert suite.split_corpus(s) == out
+  with open(corpus / "t" / "validation.jsonl", "a") as f:
+    f.write('{"text": "one more document"}\n')
+  assert suite.split_corpus(s) != out
 
 
 # ------------------------------------------------------------------ dev search
