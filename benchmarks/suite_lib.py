@@ -125,8 +125,11 @@ def split_documents(lines: list[str], dev_share: float) -> tuple[list[str], list
 
 def file_digest(path: str) -> str:
   """sha256 of a file's bytes: a cache key that survives a fresh copy of the same corpus."""
+  h = hashlib.sha256()  # chunked: hashlib.file_digest is Python 3.11+, the package 3.10+
   with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def split_corpus(s: Settings) -> str:
