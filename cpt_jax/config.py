@@ -310,16 +310,16 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if o.get("replay_kd_focus_center", 0.0) and not focus:
     raise ValueError(f"objective.replay_kd_focus_center={o.replay_kd_focus_center} centres "
                      "the focus's row weights, which objective.replay_kd_focus=0 turns off")
-  features = o.get("replay_features", 0.0)
-  if features < 0 or o.get("replay_features_margin", 0.0) < 0:
+  features, margin = o.get("replay_features", 0.0), o.get("replay_features_margin", 0.0)
+  if features < 0 or margin < 0:
     raise ValueError(f"objective.replay_features={features} and objective."
-                     f"replay_features_margin={o.get('replay_features_margin', 0.0)} must be >= 0")
+                     f"replay_features_margin={margin} must be >= 0")
   if features and o.replay_kd <= 0:
     raise ValueError(f"objective.replay_features={features} compares the replay rows' block "
                      "outputs with the teacher's, which runs on them only under "
                      "objective.replay_kd > 0: set replay_kd > 0 or replay_features to 0")
-  if o.get("replay_features_margin", 0.0) and not features:
-    raise ValueError(f"objective.replay_features_margin={o.replay_features_margin} is the "
+  if margin and not features:
+    raise ValueError(f"objective.replay_features_margin={margin} is the "
                      "margin of objective.replay_features=0, which is off")
   if o.get("kd_tokens", "all") not in KD_TOKENS:
     raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
