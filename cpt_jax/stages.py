@@ -25,7 +25,9 @@ in this invocation is an error: it was trained from the parent's old final model
 (move its folder aside to retrain it). The run holds the workdir's lock
 (`run.lock`), each stage its own folder's.
 
-Before the first stage, the seed's random init of the run's model is evaluated
+Before the baseline or any stage trains, every stage's config is checked as its trainer
+will get it (`validate_config`, the error naming the stage) and so are its data splits.
+Then the seed's random init of the run's model is evaluated
 on every domain once (the forward-transfer baseline b_d, eval/transfer.py) and
 cached in `<workdir>/baseline.json`. Shared files (summaries, baseline, report)
 are written by process 0 only; every process returns the same results.
@@ -103,6 +105,8 @@ def _default_rewarm(config, name: str, init: str, cfg, parent_summary: dict | No
   """
   own = config.stages[name].get("optimizer", {})
   parent = config_lib.stage_config(config, init).optimizer
+  ended = float(parent.lr) * (1.0 if _schedule_of(config, init) == "constant"
+                              else float(parent.final_lr_fraction))
   summary = parent_summary or {}
   stopped = (summary.get("budget") or {}).get("stopped_at") is not None
   last_lr = (summary.get("last") or {}).get("learning_rate")
@@ -110,9 +114,19 @@ def _default_rewarm(config, name: str, init: str, cfg, parent_summary: dict | No
     if "schedule" not in own:
       cfg.optimizer.schedule = "rewarm_cosine"
     if "init_lr" not in own:
-      cfg.optimizer.init_lr = (float(last_lr) if stopped and last_lr is not None
-                               else float(parent.lr) * float(parent.final_lr_fraction))
+      cfg.optimizer.init_lr = float(last_lr) if stopped and last_lr is not None else ended
   return cfg
+
+
+def _schedule_of(config, name: str) -> str:
+  """The LR schedule stage `name` trains with: its own, else a re-warm when it continues
+  another stage (`_default_rewarm`), else the base config's."""
+  own = config.stages[name].get("optimizer", {})
+  if "schedule" in own:
+    return own["schedule"]
+  if config_lib.init_stage_of(config, name) is not None:
+    return "rewarm_cosine"
+  return config_lib.stage_config(config, name).optimizer.schedule
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -194,6 +208,16 @@ def _stage_config(config, name: str, all_domains: list[str], workdir: str,
   return cfg
 
 
+def _validate_stage(cfg, name: str, num_devices: int) -> None:
+  """`validate_config` on stage `name`'s config as its trainer will get it; the error names
+  the stage."""
+  try:
+    config_lib.validate_config(hf.apply_hf_config(cfg), num_devices, jax.process_count())
+  except ValueError as e:
+    raise ValueError(f"stages.{name} (the base config with the stage laid over it): "
+                     f"{e}") from None
+
+
 def _stage_identity(cfg, stage_dir: str) -> workdir_lib.RunIdentity:
   """The stage folder's recorded settings against `cfg` (as the trainer will see it)."""
   return workdir_lib.RunIdentity(stage_dir, hf.apply_hf_config(cfg))
@@ -247,7 +271,9 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwarg
   all_domains = run_domains(config)
   finished = _finished(workdir, names)
   _check_finished(config, workdir, all_domains, finished)
-  for name in names:  # every stage's data splits, before the baseline or any stage runs
+  devices = trainer_kwargs.get("devices") or jax.devices()
+  for name in names:  # every stage's settings and data, before the baseline or any stage runs
+    _validate_stage(_stage_config(config, name, all_domains, workdir, {}), name, len(devices))
     domain_stores.check_splits(_with_all_domains_evaluated(
         config_lib.stage_config(config, name), all_domains).data)
   baseline = baseline_evals(config, all_domains, workdir, trainer_kwargs.get("devices"))

@@ -90,3 +90,22 @@ def test_a_cap_below_the_first_log_window_fails_before_training(corpus, tmp_path
   with pytest.raises(ValueError, match=r"replay\.max_tflops=\S+ is below"):
     _train(config, tmp_path / "run")
   _nothing_trained(tmp_path / "run")
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"objective": {"kd_tokens": "forgoten"}}, "objective.kd_tokens='forgoten'"),
+    ({"optimizer": {"schedule": "cosin"}}, "optimizer.schedule='cosin'"),
+    ({"objective": {"replay_kd_ramp": 2.0}}, "objective.replay_kd_ramp=2.0")])
+def test_a_later_stage_s_bad_setting_fails_before_the_first_stage(corpus, tmp_path, bad, key):
+  """A staged run checks every stage's settings before the baseline or the first stage
+  trains; the code before this check trained stage one to the end and then failed."""
+  from cpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  config = _config(corpus, **{"train.steps": 2})
+  config.stage_order = "one,two"
+  config.stages.one = {"data": {"new": "alpha", "replay": ""}}
+  config.stages.two = {"data": {"new": "beta", "replay": "alpha"}, **bad}
+  with pytest.raises(ValueError) as err:
+    run_lib.run(config, str(tmp_path / "staged"), devices=jax.devices()[:1])
+  assert "stages.two" in str(err.value) and key in str(err.value)
+  assert not (tmp_path / "staged" / "stages").exists()
+  assert not (tmp_path / "staged" / "baseline.json").exists()

@@ -105,6 +105,22 @@ def test_continued_stage_rewarms_from_parent_floor_by_default():
   assert cfg.optimizer.schedule == "wsd"
 
 
+def test_a_stage_after_a_constant_schedule_rewarms_from_its_peak():
+  """A constant parent ended at its peak LR, not at peak x final_lr_fraction (the decaying
+  schedules' floor); the code before this read every parent as decayed."""
+  c = staged_config("/nonexistent")
+  c.stages.pretrain.optimizer = {"schedule": "constant", "lr": 2e-3}
+  cfg = stages._default_rewarm(c, "cpt", "pretrain", config_lib.stage_config(c, "cpt"))  # pylint: disable=protected-access
+  assert cfg.optimizer.schedule == "rewarm_cosine"
+  assert cfg.optimizer.init_lr == pytest.approx(2e-3)
+  # A continued stage that sets no schedule re-warms and decays: its child starts at the floor.
+  c.stage_order = "pretrain,cpt,cpt2"
+  c.stages.cpt2 = {"init_from": "cpt"}
+  cfg = stages._default_rewarm(c, "cpt2", "cpt", config_lib.stage_config(c, "cpt2"))  # pylint: disable=protected-access
+  floor = config_lib.stage_config(c, "cpt").optimizer
+  assert cfg.optimizer.init_lr == pytest.approx(floor.lr * floor.final_lr_fraction)
+
+
 def test_stage_validation_errors():
   c = staged_config("/nonexistent")
   c.stages.cpt.init_from = "later"
