@@ -47,7 +47,8 @@ POSITIVE_INTS = {"model": ("vocab_size", "vocab_pad_multiple", "d_model", "num_l
                            "num_heads", "num_kv_heads", "mlp_dim"),
                  "train": ("global_batch_size", "log_every", "checkpoint_every",
                            "keep_checkpoints")}
-NON_NEGATIVE_INTS = {"model": ("head_dim",), "train": ("eval_every", "eval_batches")}
+NON_NEGATIVE_INTS = {"model": ("head_dim",), "train": ("eval_every", "eval_batches"),
+                     "objective": ("kd_topk",), "replay": ("score_batch",)}
 # Groups a stage may override (the model, mesh and runtime are per run).
 STAGE_GROUPS = ("data", "train", "optimizer", "objective", "mixing", "replay",
                 "decomposition")  # decomposition: each stage may add its own tau
@@ -61,7 +62,7 @@ REPLACED_TOGETHER = {"replay": ("fraction", "tokens", "budget"),
 def default_config() -> ml_collections.ConfigDict:
   """All keys with defaults; a tiny byte-level model that trains on CPU."""
   c = ml_collections.ConfigDict()
-  c.seed = 0  # Seeds parameter init and data order.
+  c.seed = 0  # Parameter init and the rows of the Fisher / reference losses; data order: data.seed.
   c.run_name = ""  # Free-form label written into metrics and reports.
 
   c.model = config_dict.create(
@@ -244,6 +245,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
       raise ValueError(
           f"train.global_batch_size={t.global_batch_size} (microbatch {micro}) is not divisible "
           f"by the data-parallel size {dp} = data x fsdp of sharding.mesh_shape={shape}")
+    score = cfg.replay.get("score_batch", 0)
+    if score % dp:
+      raise ValueError(f"replay.score_batch={score} is not divisible by the data-parallel "
+                       f"size {dp} = data x fsdp of sharding.mesh_shape={shape}")
     tp = shape[2]
     for key in ("num_heads", "num_kv_heads", "mlp_dim"):
       if m[key] % tp:
@@ -269,7 +274,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
       and not is_staged(cfg):
     raise ValueError("objective.lambda_kd / replay_kd / l2sp / ewc need a starting model (the "
                      "teacher): "
-                     "set train.init_checkpoint, or run them as a stage with init_from")
+                     "set train.init_checkpoint or train.init_from_hf, or run them as a "
+                     "stage that continues another (stages.<name>.init_from)")
   if o.get("ewc_fisher", "true") not in ("true", "empirical"):
     raise ValueError(f"objective.ewc_fisher={o.ewc_fisher!r}: expected 'true' (labels sampled "
                      "from the model) or 'empirical' (the data's labels)")
@@ -291,6 +297,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if every and not 0.0 < cfg.optimizer.get("lookahead_alpha", 0.5) <= 1.0:
     raise ValueError(f"optimizer.lookahead_alpha={cfg.optimizer.lookahead_alpha} must be in "
                      "(0, 1]")
+  if not every and cfg.optimizer.get("lookahead_alpha", 0.5) != 0.5:
+    raise ValueError(f"optimizer.lookahead_alpha={cfg.optimizer.lookahead_alpha} is the step "
+                     "of Lookahead's slow weights, which optimizer.lookahead_every=0 turns "
+                     "off: set lookahead_every > 0 or leave the alpha at 0.5")
   if every and old_moments == "separate":
     raise ValueError("optimizer.lookahead_every needs optimizer.old_moments='shared': the "
                      "separate moments' two updates are summed after their optimizers")
@@ -299,10 +309,25 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      f"{cfg.decomposition.mode!r} needs decomposition.skip_idle_updates=False: "
                      "a zeroed idle step would drop Lookahead's pull-back but keep its slow "
                      "weights")
-  if cfg.optimizer.get("old_lr_scale", 1.0) < 0:
-    raise ValueError(f"optimizer.old_lr_scale={cfg.optimizer.old_lr_scale} must be >= 0")
-  if not -1.0 <= o.get("replay_kd_ramp", 0.0) <= 1.0:
-    raise ValueError(f"objective.replay_kd_ramp={o.replay_kd_ramp} must be in [-1, 1]")
+  old_lr_scale = cfg.optimizer.get("old_lr_scale", 1.0)
+  if old_lr_scale < 0:
+    raise ValueError(f"optimizer.old_lr_scale={old_lr_scale} must be >= 0")
+  if old_lr_scale != 1.0 and old_moments != "separate":
+    raise ValueError(f"optimizer.old_lr_scale={old_lr_scale} scales the old signal's own "
+                     "optimizer, which only optimizer.old_moments='separate' has (it is "
+                     f"{old_moments!r}): set old_moments='separate' or old_lr_scale=1")
+  ramp = o.get("replay_kd_ramp", 0.0)
+  if not -1.0 <= ramp <= 1.0:
+    raise ValueError(f"objective.replay_kd_ramp={ramp} must be in [-1, 1]")
+  if ramp and o.replay_kd <= 0:
+    raise ValueError(f"objective.replay_kd_ramp={ramp} shapes the replay rows' KL over the "
+                     "stage, which objective.replay_kd=0 turns off: set replay_kd > 0 or "
+                     "the ramp to 0")
+  if o.lambda_kd <= 0 and o.ewc <= 0 and data_schema.split_list(cfg.data.distill):
+    raise ValueError(f"data.distill={cfg.data.distill!r}: distill rows are trained by their "
+                     "KL to the teacher alone, which objective.lambda_kd=0 turns off (and "
+                     "objective.ewc=0 takes no Fisher from them): set lambda_kd > 0, or move "
+                     "the domains to data.replay or data.eval")
   focus = o.get("replay_kd_focus", 0.0)
   if focus and o.replay_kd <= 0:
     raise ValueError(f"objective.replay_kd_focus={focus} weighs the replay rows' KL, which "
@@ -323,6 +348,13 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
                      "margin of objective.replay_features=0, which is off")
   if o.get("kd_tokens", "all") not in KD_TOKENS:
     raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
+  if o.lambda_kd <= 0 and o.replay_kd <= 0:
+    if o.get("kd_tokens", "all") != "all":
+      raise ValueError(f"objective.kd_tokens={o.kd_tokens!r} picks the tokens of a KL term, "
+                       "and objective.lambda_kd = replay_kd = 0 turn both off")
+    if o.kd_topk:
+      raise ValueError(f"objective.kd_topk={o.kd_topk} restricts a KL term to the teacher's "
+                       "top tokens, and objective.lambda_kd = replay_kd = 0 turn both off")
   if o.kd_temperature <= 0:
     raise ValueError(f"objective.kd_temperature={o.kd_temperature} must be > 0")
   decomposition_schema.validate_decomposition_config(cfg.decomposition, "decomposition",

@@ -50,6 +50,13 @@ def test_batch_not_divisible_by_data_parallel_size():
   c = tiny_config(**{"train.global_batch_size": 8, "train.grad_accum_steps": 3})
   with pytest.raises(ValueError, match="grad_accum_steps"):
     config_lib.validate_config(c)
+  # The scoring batch is sharded the same way (it failed inside JAX without naming a key).
+  c = tiny_config(**{"replay.score_batch": 12})
+  c.sharding.mesh_shape = (-1, 1, 1)
+  with pytest.raises(ValueError, match=r"replay.score_batch=12 .* data-parallel size 8"):
+    config_lib.validate_config(c, num_devices=8)
+  with pytest.raises(ValueError, match=r"replay.score_batch=-8 must be >= 0"):
+    config_lib.validate_config(tiny_config(**{"replay.score_batch": -8}), num_devices=8)
 
 
 def test_heads_not_divisible_by_tensor_axis():
@@ -138,6 +145,43 @@ def test_bad_divergence_keys_are_named(train, match):
     config_lib.validate_config(c, num_devices=8)
 
 
+@pytest.mark.parametrize("update,match", [
+    ({"objective.kd_topk": -1}, r"objective.kd_topk=-1 must be >= 0"),
+    ({"optimizer.old_lr_scale": 0.5},
+     r"optimizer.old_lr_scale=0.5 scales .*optimizer.old_moments='separate'.*'shared'"),
+    ({"objective.replay_kd_ramp": 0.5}, r"objective.replay_kd_ramp=0.5 shapes .*replay_kd=0"),
+    ({"objective.kd_tokens": "forgotten"},
+     r"objective.kd_tokens='forgotten' picks .*lambda_kd = replay_kd = 0"),
+    ({"data.distill": "beta"}, r"data.distill='beta': .*objective.lambda_kd=0"),
+    ({"objective.kd_topk": 64}, r"objective.kd_topk=64 restricts .*lambda_kd = replay_kd = 0"),
+    ({"optimizer.lookahead_alpha": 0.3},
+     r"optimizer.lookahead_alpha=0.3 .*optimizer.lookahead_every=0"),
+])
+def test_settings_that_would_do_nothing_are_named(update, match):
+  """Each of these was accepted and then had no effect on training."""
+  c = tiny_config()
+  for key, value in update.items():
+    group, leaf = key.split(".")
+    c[group][leaf] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_config(c, num_devices=8)
+
+
+def test_the_settings_above_pass_with_what_they_need():
+  c = tiny_config()
+  c.train.init_checkpoint = "/unused"
+  c.optimizer.update(old_moments="separate", old_lr_scale=0.5)
+  c.objective.update(replay_kd=1.0, replay_kd_ramp=0.5, kd_tokens="forgotten", kd_topk=8)
+  config_lib.validate_config(c, num_devices=8)
+  config_lib.validate_config(tiny_config(**{"optimizer.lookahead_every": 5,
+                                            "optimizer.lookahead_alpha": 0.3}), num_devices=8)
+  c = tiny_config()
+  c.train.init_checkpoint = "/unused"
+  c.data.distill = "beta"
+  c.objective.ewc = 1.0  # EWC takes its Fisher from the distill rows
+  config_lib.validate_config(c, num_devices=8)
+
+
 def test_a_stage_s_divergence_keys_are_checked():
   c = tiny_config()
   c.stage_order = "a"
@@ -162,7 +206,7 @@ def test_config_reference_is_current_and_complete():
 def test_config_reference_needs_a_comment_per_key(monkeypatch):
   source = config_lib._group_sources()  # pylint: disable=protected-access
   monkeypatch.setattr(config_lib, "_group_sources",
-                      lambda: [source[0].replace("# Seeds parameter init and data order.", "")]
+                      lambda: [source[0].replace("# Parameter init and the rows of the Fisher", "")]
                       + source[1:])
   with pytest.raises(ValueError, match="config key seed has no comment"):
     config_lib.reference_markdown()

@@ -32,6 +32,7 @@ def start(tmp_path_factory):
   c = _config(corpus, root, mesh=(1, 1, 1))
   c.data.update(new="beta,gamma,delta", replay="", distill="")
   c.replay.strategy = ""
+  c.data.distill = ""  # no teacher: its rows would train nothing (validate_config refuses)
   c.objective.update(lambda_kd=0.0, replay_kd=0.0)
   c.train.update(steps=2, checkpoint_every=2, grad_accum_steps=1, init_checkpoint="")
   stages.train(c, str(root / "m"), devices=jax.devices()[:1])
@@ -91,6 +92,7 @@ def test_mfu_divides_by_the_peak_of_every_device(start, tmp_path):
   corpus, root = start
   c = _config(corpus, root, (-1, 1, 1))
   c.replay.strategy = ""
+  c.data.distill = ""  # no teacher: its rows would train nothing (validate_config refuses)
   c.objective.update(lambda_kd=0.0, replay_kd=0.0)
   c.train.update(steps=2, grad_accum_steps=1, init_checkpoint="")
   summary = stages.train(c, str(tmp_path / "run"))
