@@ -169,18 +169,22 @@ def test_log_window_means_a_term_over_the_steps_that_computed_it():
   assert "teacher_rows" not in out
 
 
-def test_a_loop_without_the_features_refuses_a_config_that_asks_for_one(corpus, tmp_path):
-  """The bare loop (no hooks_fn) has no replay selection or controller: a config that sets
-  one fails before the first step instead of silently training without it."""
-  config = _config(corpus, **{"train.steps": 2})
-  config.replay.strategy = "random"
+@pytest.mark.parametrize("key, value", [("replay.strategy", "random"),
+                                        ("train.profile_steps", "1:2")])
+def test_a_loop_without_the_features_refuses_a_config_that_asks_for_one(corpus, tmp_path,
+                                                                        key, value):
+  """The bare loop (no hooks_fn) has no replay selection, controller or profiler: a config
+  that sets one fails before the first step instead of silently training without it (the
+  profile window was dropped without a word before)."""
+  config = _config(corpus, **{"train.steps": 2, key: value})
   bare = trainer_lib.Trainer(config, str(tmp_path / "bare"), devices=jax.devices()[:1])
   try:
-    with pytest.raises(ValueError, match=r"\['replay'\].*features.make_hooks"):
+    with pytest.raises(ValueError, match=rf"\['{key}'\].*features.make_hooks"):
       bare.run()
     assert not (tmp_path / "bare" / "metrics.jsonl").exists() or \
         not (tmp_path / "bare" / "metrics.jsonl").read_text()
   finally:
     bare.close()
-  summary = _train(config, tmp_path / "with")  # stages.train: the features' hooks
-  assert summary["selection"]["strategy"] == "random" and summary["step"] == 2
+  if key == "replay.strategy":
+    summary = _train(config, tmp_path / "with")  # stages.train: the features' hooks
+    assert summary["selection"]["strategy"] == "random" and summary["step"] == 2

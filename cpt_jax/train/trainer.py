@@ -56,6 +56,7 @@ from cpt_jax.model.transformer import flops_per_token
 from cpt_jax.parallel import distributed
 from cpt_jax.parallel import sharding as shd
 from cpt_jax.schema import mixing as mixing_schema
+from cpt_jax.schema import train as train_schema
 from cpt_jax.train import budget as budget_lib
 from cpt_jax.train import checkpoint as ckpt_lib
 from cpt_jax.train import context as context_lib
@@ -84,7 +85,7 @@ class Trainer:
   """Runs `config.train.steps` steps of one stage in `workdir`.
 
   hooks_fn(env: hooks.Env) -> [Hook]: the run's hooks in order (`features.make_hooks`;
-  default `hooks.loop_hooks`, which refuses configs that ask for a feature);
+  default `hooks.loop_hooks`; a config that sets a feature no hook runs is refused);
   `frozen_fn(ctx, params, pipeline) -> dict` builds the frozen trees (teacher,
   Fisher) at a fresh start; `on_metrics(step, metrics, pipeline)` sees every
   logged record.
@@ -196,12 +197,19 @@ class Trainer:
         start_params=self.reference_params, reference_losses=self.reference_losses,
         evaluate=self.evaluate, on_metrics=self.on_metrics)
     self.hooks = self.hooks_fn(env)
-    names = {h.name for h in self.hooks}
-    wanted = {"replay": bool(self.config.replay.strategy),
-              "mixing": self.config.mixing.controller != "static"}
-    missing = [k for k, on in wanted.items() if on and k not in names]
+    names = {h.name for h in self.hooks} | {type(h).__name__ for h in self.hooks}
+    c = self.config
+    wanted = {  # config key: (whether it is on, the hook that runs it)
+        "replay.strategy": (bool(c.replay.strategy), "replay"),
+        "mixing.controller": (c.mixing.controller != "static", "mixing"),
+        "train.profile_steps": (train_schema.parse_profile_steps(c.train.profile_steps)
+                                is not None, "Profile"),
+        "decomposition.eval_without_tau": (self.ctx.layout.has_delta
+                                           and bool(c.decomposition.eval_without_tau),
+                                           "EvalWithoutTau")}
+    missing = [k for k, (on, hook) in wanted.items() if on and hook not in names]
     if missing:
-      raise ValueError(f"the config asks for {missing} but the run has no such hook; run it "
+      raise ValueError(f"the config sets {missing} but the run has no hook for it; run it "
                        "with cpt_jax.run.train (hooks_fn=features.make_hooks)")
     for h in self.hooks:
       h.start(self.state, None if host is None else host.get(h.name))
