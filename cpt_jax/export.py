@@ -49,7 +49,8 @@ def restore_for_export(checkpoint: str, model_cfg: ModelConfig, step: int | None
   # A run with sigma / tau decomposition is exported merged (sigma + tau).
   return ckpt_lib.restore_merged_params(
       checkpoint, abstract, state_lib.abstract_boxed_params(Transformer(model_cfg), 1),
-      shd.make_mesh((1, 1, 1), jax.local_devices()[:1]), shd.DEFAULT_RULES, step)
+      shd.make_mesh((1, 1, 1), jax.local_devices()[:1]), shd.DEFAULT_RULES, step,
+      source="--checkpoint")
 
 
 def main(argv=None) -> None:

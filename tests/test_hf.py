@@ -240,6 +240,12 @@ def test_cli_exports_an_orbax_checkpoint(tmp_path):
   _assert_trees_equal(loaded["layers_1"], params["layers_1"])
   assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [
       "Qwen2ForCausalLM"]
+  # A missing or empty folder names the flag it came from, not a training config key.
+  with pytest.raises(FileNotFoundError, match=r"^--checkpoint: no checkpoint folder"):
+    export_lib.restore_for_export(str(tmp_path / "missing"), cfg)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"^--checkpoint: .* holds no finished checkpoint"):
+    export_lib.restore_for_export(str(tmp_path / "empty"), cfg)
 
 
 # ---------------------------------------------------------------- parity with transformers

@@ -176,7 +176,7 @@ class Checkpointer:
 
 
 def restore_params(directory: str, abstract_params: Any, step: int | None = None,
-                   model_config: Any = None) -> Any:
+                   model_config: Any = None, source: str = "train.init_checkpoint") -> Any:
   """Reads only the params of another run's checkpoint (warm start).
 
   `directory` is that run's checkpoint folder (`<workdir>/checkpoints`) or its
@@ -188,15 +188,15 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   if paths.as_path(directory, "checkpoints").is_dir():
     directory = os.path.join(directory, "checkpoints")
   if not paths.as_path(directory).is_dir():
-    raise FileNotFoundError(f"train.init_checkpoint: no checkpoint folder at {directory}")
+    raise FileNotFoundError(f"{source}: no checkpoint folder at {directory}")
   mngr = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(
           read_only=True, create=False, save_interval_steps=0),
       item_names=("state", "host"))
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"train.init_checkpoint: {directory} holds no finished checkpoint")
-  check_params_fit(os.path.join(directory, str(step)), abstract_params, model_config)
+    raise FileNotFoundError(f"{source}: {directory} holds no finished checkpoint")
+  check_params_fit(os.path.join(directory, str(step)), abstract_params, model_config, source)
   restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
       abstract_params)
@@ -267,7 +267,8 @@ def _keys_behind(model_config: Any, source: dict | None, dims: set[int]) -> list
   return out
 
 
-def check_params_fit(step_dir: str, abstract_params: Any, model_config: Any = None) -> None:
+def check_params_fit(step_dir: str, abstract_params: Any, model_config: Any = None,
+                     source: str = "train.init_checkpoint") -> None:
   """ParamsMismatchError when the params stored in `step_dir` are not the tree and shapes of
   `abstract_params` (the model config's): names each parameter path with both shapes (up to
   five), what is missing or extra, and the model config keys that disagree."""
@@ -293,7 +294,7 @@ def check_params_fit(step_dir: str, abstract_params: Any, model_config: Any = No
       {d for _, g, w in bad if len(g) != len(w) for d in w})
   keys = _keys_behind(model_config, _source_config(os.path.dirname(step_dir)), dims)
   raise ParamsMismatchError(
-      f"train.init_checkpoint: the params of {step_dir} do not fit the model config: "
+      f"{source}: the params of {step_dir} do not fit the model config: "
       + "; ".join(parts)
       + (f". Config keys that disagree: {', '.join(keys)}" if keys else
          ". Set config.model as in the run that wrote the checkpoint"))
@@ -308,8 +309,11 @@ def source_decomposition(directory: str) -> dict | None:
 
 def restore_merged_params(directory: str, abstract_model_params: Any, model_boxed: Any,
                           mesh: Any, rules: Any, step: int | None = None,
-                          model_config: Any = None) -> Any:
+                          model_config: Any = None,
+                          source: str = "train.init_checkpoint") -> Any:
   """Model params of another run's checkpoint, with its tau (if any) merged into sigma.
+
+  `source`: the config key or flag that named `directory`, for errors.
 
   A plain checkpoint is read exactly as `restore_params` does; a decomposed
   one (its run's config.json has `decomposition.mode`) is read as {'sigma', 'tau'} and
@@ -317,7 +321,7 @@ def restore_merged_params(directory: str, abstract_model_params: Any, model_boxe
   """
   group = source_decomposition(directory)
   if group is None:
-    return restore_params(directory, abstract_model_params, step, model_config)
+    return restore_params(directory, abstract_model_params, step, model_config, source)
   dc = config_lib.default_config().decomposition
   dc.update({k: v for k, v in group.items() if k in dc})
   src = tau_lib.build(dc, model_boxed)
@@ -325,6 +329,6 @@ def restore_merged_params(directory: str, abstract_model_params: Any, model_boxe
   tau_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                          nn.unbox(src.boxed()), tau_sh)
   both = restore_params(directory, {"sigma": abstract_model_params, "tau": tau_abs}, step,
-                        model_config)
+                        model_config, source)
   out_sh = jax.tree.map(lambda s: s.sharding, abstract_model_params)
   return jax.jit(src.merge, out_shardings=out_sh)(both)
