@@ -1,8 +1,9 @@
 """Online mixture-weight controllers: pure functions of (config, state, losses).
 
 Every `mixing.update_every` steps a controller turns the per-domain training
-loss of the last window (and the teacher's held-out loss per domain, measured
-once at the stage start) into new mixture weights for the data pipeline:
+loss of the last window (and the reference: the stage's starting model's loss per
+domain on that domain's training rows, measured once at the stage start) into new
+mixture weights for the data pipeline:
 
   static      the configured `data.weights`, never changed.
   schedule    piecewise-constant stages (levanter's staged mixtures); see
@@ -204,8 +205,8 @@ def update(cfg: ml_collections.ConfigDict, state: Mapping, step: int,
   """One controller update; returns (new state, weights for the batches from `step` on).
 
   Pure: `state` is not modified. `domain_loss` is the mean training CE per
-  domain over the window since the last update; `reference_loss` the teacher's
-  held-out CE per domain.
+  domain over the window since the last update; `reference_loss` the starting
+  model's CE per domain on its training rows (`Trainer.reference_losses`).
   """
   state = dict(state)  # values are replaced, never mutated, so a shallow copy is pure
   if state.get("version") != STATE_VERSION:
