@@ -169,14 +169,16 @@ def test_log_window_means_a_term_over_the_steps_that_computed_it():
   assert "teacher_rows" not in out
 
 
-@pytest.mark.parametrize("key, value", [("replay.strategy", "random"),
-                                        ("train.profile_steps", "1:2")])
+@pytest.mark.parametrize("key, overrides", [
+    ("replay.strategy", {"replay.strategy": "random"}),
+    ("train.profile_steps", {"train.profile_steps": "1:2"}),
+    ("decomposition.eval_without_tau", {"decomposition.mode": "lora"})])
 def test_a_loop_without_the_features_refuses_a_config_that_asks_for_one(corpus, tmp_path,
-                                                                        key, value):
-  """The bare loop (no hooks_fn) has no replay selection, controller or profiler: a config
-  that sets one fails before the first step instead of silently training without it (the
-  profile window was dropped without a word before)."""
-  config = _config(corpus, **{"train.steps": 2, key: value})
+                                                                        key, overrides):
+  """The bare loop (no hooks_fn) has no replay selection, controller, profiler or
+  sigma-only evaluation: a config that sets one fails before the first step instead of
+  silently training without it (the last two were dropped without a word before)."""
+  config = _config(corpus, **{"train.steps": 2, **overrides})
   bare = trainer_lib.Trainer(config, str(tmp_path / "bare"), devices=jax.devices()[:1])
   try:
     with pytest.raises(ValueError, match=rf"\['{key}'\].*features.make_hooks"):
