@@ -273,9 +273,9 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, **trainer_kwarg
   _check_finished(config, workdir, all_domains, finished)
   devices = trainer_kwargs.get("devices") or jax.devices()
   for name in names:  # every stage's settings and data, before the baseline or any stage runs
-    _validate_stage(_stage_config(config, name, all_domains, workdir, {}), name, len(devices))
-    domain_stores.check_splits(_with_all_domains_evaluated(
-        config_lib.stage_config(config, name), all_domains).data)
+    cfg = _stage_config(config, name, all_domains, workdir, {})
+    _validate_stage(cfg, name, len(devices))
+    domain_stores.check_splits(cfg.data)
   baseline = baseline_evals(config, all_domains, workdir, trainer_kwargs.get("devices"))
   summaries: dict[str, dict] = {}
   trained: set[str] = set()  # stages that trained steps in this invocation
