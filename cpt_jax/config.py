@@ -135,6 +135,9 @@ def default_config() -> ml_collections.ConfigDict:
       # token (train/objective.py, residual_gap).
       replay_features=0.0,
       replay_features_margin=0.0,  # m >= 0: the relative error each block may drift freely.
+      # Which blocks' outputs replay_features holds: '' every block, else comma-separated
+      # indices (0 the first block, -1 the last), e.g. '0,1' the lower two of four.
+      replay_features_blocks="",
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
       # Which tokens of the teacher's rows the KL covers: 'all', or 'forgotten' (only where
@@ -198,6 +201,29 @@ def upgrade_deprecated(cfg: ml_collections.ConfigDict, where: str = "") -> None:
   """
   replay_schema.upgrade_replay_config(cfg.replay, f"{where}replay")
   mixing_schema.upgrade_mixing_config(cfg.mixing, f"{where}mixing")
+
+
+def feature_blocks(spec: str, num_layers: int) -> tuple[int, ...]:
+  """The blocks `objective.replay_features_blocks` = `spec` names, as indices in [0, K).
+
+  '' is every block; otherwise comma-separated indices, negative ones from the top
+  (-1 the last block). Repeated or out-of-range indices are a ValueError naming the key.
+  """
+  if not spec:
+    return tuple(range(num_layers))
+  try:
+    raw = [int(x) for x in str(spec).split(",")]
+  except ValueError:
+    raise ValueError(f"objective.replay_features_blocks={spec!r}: expected comma-separated "
+                     "block indices such as '0,1' or '-1'") from None
+  if any(not -num_layers <= i < num_layers for i in raw):
+    raise ValueError(f"objective.replay_features_blocks={spec!r}: the model has "
+                     f"{num_layers} blocks (model.num_layers), indices {-num_layers}.."
+                     f"{num_layers - 1}")
+  blocks = tuple(i % num_layers for i in raw)
+  if len(set(blocks)) != len(blocks):
+    raise ValueError(f"objective.replay_features_blocks={spec!r} names a block twice")
+  return blocks
 
 
 def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -346,6 +372,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
   if margin and not features:
     raise ValueError(f"objective.replay_features_margin={margin} is the "
                      "margin of objective.replay_features=0, which is off")
+  blocks = o.get("replay_features_blocks", "")
+  if blocks and not features:
+    raise ValueError(f"objective.replay_features_blocks={blocks!r} picks the blocks of "
+                     "objective.replay_features=0, which is off")
+  feature_blocks(blocks, cfg.model.num_layers)
   if o.get("kd_tokens", "all") not in KD_TOKENS:
     raise ValueError(f"objective.kd_tokens={o.kd_tokens!r}: expected one of {KD_TOKENS}")
   if o.lambda_kd <= 0 and o.replay_kd <= 0:

@@ -411,7 +411,40 @@ def test_replay_features_hold_the_replay_rows_block_outputs_near_the_teachers():
     objective.make_loss_fn(ctx.apply_fn, obj, 1)
 
 
+def test_replay_features_blocks_hold_only_the_named_blocks():
+  ctx, student, teacher, batch, obj = _model_case(replay_features=2.0)
+  frozen = {"teacher": teacher}
+  def fn(blocks):
+    return objective.make_loss_fn(ctx.apply_fn, _with(obj, replay_features_blocks=blocks), 1,
+                                  features_fn=ctx.features_fn)
+  def term(blocks, params=student):
+    return float(fn(blocks)(params, batch, frozen)[1]["replay_features_term"])
+  # A student that differs from its teacher above block 0 only: block 0's output is
+  # the teacher's, block 1's is not.
+  upper_only = dict(teacher, layers_1=student["layers_1"])
+  assert abs(term("0", upper_only)) < 1e-9
+  assert term("1", upper_only) > 1e-4 and term("-1", upper_only) == term("1", upper_only)
+  # Every block (the default) is the mean over the blocks' terms.
+  np.testing.assert_allclose(term(""), (term("0") + term("1")) / 2, rtol=1e-5)
+  np.testing.assert_allclose(term("0,1"), term(""), rtol=1e-6)
+  # Holding block 0 alone puts no pull on block 1's weights.
+  plain = objective.make_loss_fn(ctx.apply_fn, _with(obj, replay_features=0.0), 1)
+  g = jax.grad(lambda p: fn("0")(p, batch, frozen)[0] - plain(p, batch, frozen)[0])(student)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g["layers_1"]))
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g["layers_0"]))
+
+
 @pytest.mark.parametrize("kw,match", [
+    ({"replay_kd": 1.0, "replay_features_blocks": "0"},
+     r"objective.replay_features_blocks='0' picks the blocks of objective.replay_features=0"),
+    ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "0,2"},
+     r"replay_features_blocks='0,2': the model has 2 blocks \(model.num_layers\)"),
+    ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "-3"},
+     r"the model has 2 blocks"),
+    ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "1,-1"},
+     r"replay_features_blocks='1,-1' names a block twice"),
+    ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "lower"},
+     r"replay_features_blocks='lower': expected comma-separated block indices"),
     ({"replay_features": 1.0}, r"objective.replay_features=1.0 compares .* replay_kd > 0"),
     ({"replay_kd": 1.0, "replay_features": -1.0}, r"objective.replay_features=-1.0 and"),
     ({"replay_kd": 1.0, "replay_features_margin": 0.1},

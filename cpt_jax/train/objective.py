@@ -4,7 +4,8 @@
        + replay_kd * r(t) * T^2 * [sum_replay w_row KL(teacher || student)] / N_ce
                   (T: kd_temperature, r(t): the ramp, w_row: replay_kd_focus's row weight)
        + replay_features * [sum_replay mean_k max(0, e_k - m)] / N_ce
-                  (e_k: `residual_gap`'s relative error on block k's output, m its margin)
+                  (e_k: `residual_gap`'s relative error on block k's output, m its margin,
+                   k over replay_features_blocks)
        + lambda_kd * T^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
@@ -23,8 +24,9 @@ its weight linear in the step t of the stage's T steps, r(t) = 1 - q + 2 q t / (
 (mean 1 over the stage: q = 1 rises from 0 to 2 replay_kd, q = -1 falls);
 replay_kd_focus = p != 0 weighs each replay row's KL by 2 sigmoid(p (g - g0)), g the
 row's forgetting, g0 = replay_kd_focus_center (`row_focus_weights`);
-replay_features > 0 (with replay_kd > 0) also holds every block's output on the
-replay rows near the teacher's, beyond a relative margin (`residual_gap`). The
+replay_features > 0 (with replay_kd > 0) also holds every block's output (or the
+blocks replay_features_blocks names) on the replay rows near the teacher's, beyond a
+relative margin (`residual_gap`). The
 teacher is a frozen copy of the stage's starting model; it runs only on the rows
 gathered by `distill_index` (distill rows when lambda_kd > 0, replay rows when
 replay_kd > 0). Every term is returned on its own in `aux`; every aux entry
@@ -43,9 +45,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from cpt_jax import batch as batch_lib
+from cpt_jax import config as config_lib
 from cpt_jax.train import loss as loss_lib
 
 Array = jax.Array
@@ -242,6 +246,7 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
   focus_center = float(obj_cfg.get("replay_kd_focus_center", 0.0))
   replay_features = float(obj_cfg.get("replay_features", 0.0)) if replay_kd > 0 else 0.0
   features_margin = float(obj_cfg.get("replay_features_margin", 0.0))
+  features_blocks = str(obj_cfg.get("replay_features_blocks", ""))
   if replay_features and features_fn is None:
     raise ValueError("objective.replay_features needs the model's block outputs: pass "
                      "make_loss_fn(features_fn=RunContext.features_fn)")
@@ -341,9 +346,12 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
           aux["replay_kd_weight"] = weight * param_share  # adds up to weight over microbatches
         loss = loss + weight * temperature ** 2 * rkd_term
         if replay_features:
-          s_res_NxKxLxD = take(jnp.moveaxis(res_KxBxLxD, 0, 1), _RESIDUAL)
-          gap_NxL = residual_gap(jnp.moveaxis(t_res_KxNxLxD, 0, 1), s_res_NxKxLxD,
-                                 features_margin)
+          s_res, t_res = res_KxBxLxD, t_res_KxNxLxD
+          held = config_lib.feature_blocks(features_blocks, s_res.shape[0])
+          if held != tuple(range(s_res.shape[0])):  # a static subset of the K blocks
+            s_res, t_res = s_res[np.asarray(held)], t_res[np.asarray(held)]
+          s_res_NxKxLxD = take(jnp.moveaxis(s_res, 0, 1), _RESIDUAL)
+          gap_NxL = residual_gap(jnp.moveaxis(t_res, 0, 1), s_res_NxKxLxD, features_margin)
           feat_term = loss_lib.safe_div(jnp.sum(gap_NxL * tok_w_NxL * is_replay_N[:, None]),
                                         ce_den)
           aux["replay_features_term"] = feat_term
