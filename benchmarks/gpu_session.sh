@@ -14,9 +14,10 @@
 #      shape, where all the variants fit together (features_gpt2.json);
 #   3. the replay suite at --preset gpu (34M parameters), 2 seeds, on the GPU in
 #      SUITE_WORKERS (3) processes at once: a dev search (successive halving, 10 runs) over
-#      search_grid_gpu_kd.json (replay KD weight 3 / 6 / 10 on random 1%, `online` under
-#      KD 6, and the same under Lookahead 5 / 0.5 at 2.5x the preset's lr, the 0.6M
-#      model's best) on the default split, then its choice beside random 5% on the
+#      SUITE_GRID (default search_grid_gpu_features.json: the 4.39M model's family,
+#      `online` 1% with replay KD 1 / 2 and the residual-stream term 15 / 30, beside
+#      `online` under KD 6 without it; search_grid_gpu_kd.json holds the earlier KD-only
+#      grid) on the default split, then its choice beside random 5% on the
 #      second split (M on man_fr, man_es, man_pl, legal; T = code_py), then no replay and
 #      random 1% on the default split; its caches stay in $STATE, so running the script
 #      again on the same machine continues it; 3b. every finished default-split run merged
@@ -62,7 +63,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --f
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())" || exit 1
 
-# SHAPE, FEATURES (part 2b's rows), SUITE_EXTRA, SPLIT2 and SUITE_SEEDS change the sizes (the
+# SHAPE, FEATURES (part 2b's rows), SUITE_EXTRA, SPLIT2, SUITE_GRID and SUITE_SEEDS change
+# what runs (the
 # CPU smoke test: SHAPE="--quick", FEATURES=replay_25, SUITE_EXTRA="--quick --pretrain-steps 6
 # --cpt-steps 12 --old ... --new ...", SPLIT2="--old ... --new ...", SUITE_SEEDS=1).
 read -r -a LLAMA <<< "${SHAPE:---llama_1b --attention cudnn --batch 4 --peak_n 8192} --no_baseline --nanodo no"
@@ -102,7 +104,7 @@ suite() {
 }
 if [ -d "$CORPORA" ]; then
   suite search --cache "$STATE/suite_cache" --search 10 \
-    --search-grid benchmarks/search_grid_gpu_kd.json
+    --search-grid "${SUITE_GRID:-benchmarks/search_grid_gpu_features.json}"
   [ -s "$STATE/search.chosen.json" ] && suite split2 --cache "$STATE/suite_cache2" \
     --only random_0.05 --add-rows "$STATE/search.chosen.json" "${SPLIT2[@]}"
   # The rest of the preset's rows on the default split: does 0.6M's ranking hold at 34M?

@@ -140,7 +140,7 @@ def test_gpu_session_script_runs_each_part_at_a_tiny_shape(tmp_path):
   # The dev search (the grid's 5 rows and random 5% on seed 0), then its choice and random
   # 5% on the second split, then no replay and random 1% on the default split.
   grid = [r["name"] for r in json.loads(
-      (REPO / "benchmarks" / "search_grid_gpu_kd.json").read_text())]
+      (REPO / "benchmarks" / "search_grid_gpu_features.json").read_text())]
   chosen = json.loads((out / "search.chosen.json").read_text())["name"]
   assert chosen in grid
   rows = json.loads((out / "suite_rows.json").read_text())["rows"]
