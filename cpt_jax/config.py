@@ -135,8 +135,10 @@ def default_config() -> ml_collections.ConfigDict:
       # token (train/objective.py, residual_gap).
       replay_features=0.0,
       replay_features_margin=0.0,  # m >= 0: the relative error each block may drift freely.
-      # Which blocks' outputs replay_features holds: '' every block, else comma-separated
-      # indices (0 the first block, -1 the last), e.g. '0,1' the lower two of four.
+      # Which blocks' outputs replay_features holds, and how much each: '' every block
+      # alike, else comma-separated indices (0 the first block, -1 the last), each with an
+      # optional relative weight: '0,1' the lower two of four, '0:2,1:2,2,3' all four with
+      # the lower two counted twice (the term is the weighted mean over the named blocks).
       replay_features_blocks="",
       kd_temperature=1.0,  # Distillation temperature tau (term scaled by tau^2).
       kd_topk=0,  # >0: KL over the teacher's top-k tokens plus a tail bucket.
@@ -203,27 +205,34 @@ def upgrade_deprecated(cfg: ml_collections.ConfigDict, where: str = "") -> None:
   mixing_schema.upgrade_mixing_config(cfg.mixing, f"{where}mixing")
 
 
-def feature_blocks(spec: str, num_layers: int) -> tuple[int, ...]:
-  """The blocks `objective.replay_features_blocks` = `spec` names, as indices in [0, K).
+def feature_blocks(spec: str, num_layers: int) -> dict[int, float]:
+  """{block index in [0, K): relative weight} that `objective.replay_features_blocks` =
+  `spec` names.
 
-  '' is every block; otherwise comma-separated indices, negative ones from the top
-  (-1 the last block). Repeated or out-of-range indices are a ValueError naming the key.
+  '' is every block at weight 1; otherwise comma-separated entries `i` (weight 1) or
+  `i:w` (weight w > 0), negative indices from the top (-1 the last block). Repeated or
+  out-of-range indices and weights <= 0 are a ValueError naming the key.
   """
   if not spec:
-    return tuple(range(num_layers))
-  try:
-    raw = [int(x) for x in str(spec).split(",")]
-  except ValueError:
-    raise ValueError(f"objective.replay_features_blocks={spec!r}: expected comma-separated "
-                     "block indices such as '0,1' or '-1'") from None
-  if any(not -num_layers <= i < num_layers for i in raw):
-    raise ValueError(f"objective.replay_features_blocks={spec!r}: the model has "
-                     f"{num_layers} blocks (model.num_layers), indices {-num_layers}.."
-                     f"{num_layers - 1}")
-  blocks = tuple(i % num_layers for i in raw)
-  if len(set(blocks)) != len(blocks):
-    raise ValueError(f"objective.replay_features_blocks={spec!r} names a block twice")
-  return blocks
+    return {k: 1.0 for k in range(num_layers)}
+  key = f"objective.replay_features_blocks={spec!r}"
+  out: dict[int, float] = {}
+  for entry in str(spec).split(","):
+    index, _, weight = entry.partition(":")
+    try:
+      i, w = int(index), float(weight) if weight else 1.0
+    except ValueError:
+      raise ValueError(f"{key}: expected comma-separated block indices, each with an "
+                       "optional weight, such as '0,1', '-1' or '0:2,1:2,2,3'") from None
+    if not -num_layers <= i < num_layers:
+      raise ValueError(f"{key}: the model has {num_layers} blocks (model.num_layers), "
+                       f"indices {-num_layers}..{num_layers - 1}")
+    if not w > 0:
+      raise ValueError(f"{key}: block {i}'s weight {w} must be > 0")
+    if i % num_layers in out:
+      raise ValueError(f"{key} names a block twice")
+    out[i % num_layers] = w
+  return out
 
 
 def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = None,

@@ -427,6 +427,9 @@ def test_replay_features_blocks_hold_only_the_named_blocks():
   # Every block (the default) is the mean over the blocks' terms.
   np.testing.assert_allclose(term(""), (term("0") + term("1")) / 2, rtol=1e-5)
   np.testing.assert_allclose(term("0,1"), term(""), rtol=1e-6)
+  # Weights make it a weighted mean: block 0 counted three times.
+  np.testing.assert_allclose(term("0:3,1"), (3 * term("0") + term("1")) / 4, rtol=1e-5)
+  np.testing.assert_allclose(term("1:2,0:2"), term(""), rtol=1e-5)
   # Holding block 0 alone puts no pull on block 1's weights.
   plain = objective.make_loss_fn(ctx.apply_fn, _with(obj, replay_features=0.0), 1)
   g = jax.grad(lambda p: fn("0")(p, batch, frozen)[0] - plain(p, batch, frozen)[0])(student)
@@ -445,6 +448,10 @@ def test_replay_features_blocks_hold_only_the_named_blocks():
      r"replay_features_blocks='1,-1' names a block twice"),
     ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "lower"},
      r"replay_features_blocks='lower': expected comma-separated block indices"),
+    ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "0:x"},
+     r"replay_features_blocks='0:x': expected comma-separated block indices"),
+    ({"replay_kd": 1.0, "replay_features": 1.0, "replay_features_blocks": "0:0,1"},
+     r"replay_features_blocks='0:0,1': block 0's weight 0.0 must be > 0"),
     ({"replay_features": 1.0}, r"objective.replay_features=1.0 compares .* replay_kd > 0"),
     ({"replay_kd": 1.0, "replay_features": -1.0}, r"objective.replay_features=-1.0 and"),
     ({"replay_kd": 1.0, "replay_features_margin": 0.1},

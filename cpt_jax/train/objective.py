@@ -5,7 +5,7 @@
                   (T: kd_temperature, r(t): the ramp, w_row: replay_kd_focus's row weight)
        + replay_features * [sum_replay mean_k max(0, e_k - m)] / N_ce
                   (e_k: `residual_gap`'s relative error on block k's output, m its margin,
-                   k over replay_features_blocks)
+                   k over replay_features_blocks, a weighted mean where it gives weights)
        + lambda_kd * T^2 * [sum_distill KL(teacher || student)] / N_kd
        + l2sp / 2 * |theta - theta_0|^2 + ewc / 2 * sum F (theta - theta_0)^2
        + z_loss * [sum_new log(Z)^2 + lambda_replay * sum_replay log(Z)^2] / N_ce
@@ -67,17 +67,23 @@ def kl_full(teacher_logits_NxLxV: Array, student_logits_NxLxV: Array,
   return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
-def residual_gap(teacher_NxKxLxD: Array, student_NxKxLxD: Array, margin: float) -> Array:
+def residual_gap(teacher_NxKxLxD: Array, student_NxKxLxD: Array, margin: float,
+                 block_weights_K=None) -> Array:
   """How far the student's residual stream has left the teacher's, per token: [N, L].
 
   e_k = mean_D (student - teacher)^2 / mean_D teacher^2 on block k's output (a
   relative squared error, so one weight fits every width and depth); the gap is
-  mean_k max(0, e_k - margin): drift inside the margin costs nothing.
+  mean_k max(0, e_k - margin) (drift inside the margin costs nothing), weighted by
+  `block_weights_K` [K] when given (sum_k w_k max(...) / sum_k w_k).
   """
   t = teacher_NxKxLxD.astype(jnp.float32)
   s = student_NxKxLxD.astype(jnp.float32)
   err_NxKxL = jnp.mean(jnp.square(s - t), axis=-1) / (jnp.mean(jnp.square(t), axis=-1) + 1e-6)
-  return jnp.mean(jax.nn.relu(err_NxKxL - margin), axis=1)
+  over_NxKxL = jax.nn.relu(err_NxKxL - margin)
+  if block_weights_K is None:
+    return jnp.mean(over_NxKxL, axis=1)
+  w_K = jnp.asarray(block_weights_K, jnp.float32)
+  return jnp.einsum("nkl,k->nl", over_NxKxL, w_K / jnp.sum(w_K))
 
 
 def forgotten_mask(student_ce_NxL: Array, teacher_ce_NxL: Array) -> Array:
@@ -348,10 +354,14 @@ def make_loss_fn(apply_fn: Callable, obj_cfg: Any, num_domains: int, z_loss: flo
         if replay_features:
           s_res, t_res = res_KxBxLxD, t_res_KxNxLxD
           held = config_lib.feature_blocks(features_blocks, s_res.shape[0])
-          if held != tuple(range(s_res.shape[0])):  # a static subset of the K blocks
-            s_res, t_res = s_res[np.asarray(held)], t_res[np.asarray(held)]
+          block_w = None
+          if list(held) != list(range(s_res.shape[0])):  # a static subset of the K blocks
+            s_res, t_res = s_res[np.asarray(list(held))], t_res[np.asarray(list(held))]
+          if len(set(held.values())) > 1:
+            block_w = np.asarray(list(held.values()), np.float32)
           s_res_NxKxLxD = take(jnp.moveaxis(s_res, 0, 1), _RESIDUAL)
-          gap_NxL = residual_gap(jnp.moveaxis(t_res, 0, 1), s_res_NxKxLxD, features_margin)
+          gap_NxL = residual_gap(jnp.moveaxis(t_res, 0, 1), s_res_NxKxLxD, features_margin,
+                                 block_w)
           feat_term = loss_lib.safe_div(jnp.sum(gap_NxL * tok_w_NxL * is_replay_N[:, None]),
                                         ce_den)
           aux["replay_features_term"] = feat_term
