@@ -130,9 +130,10 @@ def default_config() -> ml_collections.ConfigDict:
       # 0: every row weighs 1 (train/objective.py).
       replay_kd_focus=0.0,
       replay_kd_focus_center=0.0,  # g0 (nats per token): the forgetting that weighs 1.
-      # w > 0 (needs replay_kd > 0): also hold every block's output on the replay rows near
-      # the teacher's, w x mean over blocks of max(0, relative squared error - margin) per
-      # token (train/objective.py, residual_gap).
+      # w > 0 (needs replay_kd > 0): also hold the blocks' outputs on the replay rows near
+      # the teacher's, w x mean over the held blocks (replay_features_blocks; default every
+      # block) of max(0, relative squared error - margin) per token (train/objective.py,
+      # residual_gap).
       replay_features=0.0,
       replay_features_margin=0.0,  # m >= 0: the relative error each block may drift freely.
       # Which blocks' outputs replay_features holds, and how much each: '' every block
